@@ -1,0 +1,156 @@
+"""The whole backend contract: a `Queue` (rows in lanes, leases) and a `Store`
+(small per-key records updated atomically). Domain logic lives in reader.py,
+writer.py and schedule.py; backends know nothing of rates or messages.
+
+Times cross this boundary as float seconds since the epoch (wall clock); SQL
+backends store them as integer microseconds.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+__all__ = [
+    "Lane",
+    "Lease",
+    "Queue",
+    "QueueStats",
+    "Row",
+    "Store",
+]
+
+R = TypeVar("R")
+
+
+class Lane(enum.StrEnum):
+    """Readers serve emergency first, then timed rows that are due, then normal."""
+
+    EMERGENCY = "emergency"
+    TIMED = "timed"
+    NORMAL = "normal"
+
+
+@dataclass(slots=True)
+class Row:
+    """A row to insert. `ready` is used (and required) in the timed lane only."""
+
+    destination: str
+    blob: bytes
+    ready: float | None = None
+    reserved: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """A claimed row, invisible to other readers until acked, released or expired."""
+
+    lane: Lane
+    table: str
+    id: int
+    destination: str
+    blob: bytes
+    deliveries: int  # deliveries including this one
+    ready: float | None = None  # timed lane
+    reserved: bool = False  # timed lane: its slot was reserved by the valve
+    token: int = 0  # innodb/sqlite: the claim's lease token
+    handle: Any = field(default=None, repr=False)  # backend-private (q4m: its connection)
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """Depth per lane and destination. `leased` counts rows claimed, not yet settled."""
+
+    queued: dict[Lane, int]
+    leased: dict[Lane, int]
+    dead: int
+    by_destination: dict[str, dict[str, int]]  # destination -> {"normal": n, "timed": n, ...}
+    next_due: float | None = None
+
+
+@runtime_checkable
+class Queue(Protocol):
+    """Rows in three lanes (each one or more tables), claimed under leases.
+
+    Every method is cancellation-safe in the sense of the delivery guarantees:
+    a cancelled `claim` may leave rows leased, but the lease always expires
+    (or, for q4m, ends with the connection), so nothing is stranded.
+    """
+
+    name: str  # dialect name: "innodb", "q4m", "sqlite", "memory"
+
+    async def connect(self) -> None:
+        """Open pools/files. Idempotent."""
+
+    async def close(self) -> None:
+        """Release every connection; rows still leased come back by expiry or abort."""
+
+    async def create_schema(self) -> None: ...
+
+    async def drop_schema(self) -> None: ...
+
+    def schema_sql(self) -> str:
+        """The DDL `create_schema` runs, for `mvalve create --print`."""
+
+    async def insert(self, lane: Lane, rows: Sequence[Row]) -> None:
+        """Insert rows into one table of `lane` (writers spread over tables)."""
+
+    async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
+        """Lease up to `limit` rows: emergency, then timed with ready <= now, then
+        normal; FIFO within a table (timed: by ready, then insertion)."""
+
+    async def ack(self, leases: Sequence[Lease]) -> None:
+        """Delete the rows (only if still held under the same lease)."""
+
+    async def release(self, lease: Lease, delay: float = 0.0) -> None:
+        """Return the row to its queue, visible again after `delay` seconds."""
+
+    async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
+        """Atomically move the row into the timed lane with `ready`, settling the lease.
+        The delivery count is kept only for a retry (`reserved=False`) from the same row."""
+
+    async def dead(self, leases: Sequence[Lease], reason: str) -> None:
+        """Atomically move rows to the dead-letter table with `reason`."""
+
+    async def poll(self, now: float) -> tuple[bool, float | None]:
+        """Cheap, lock-free: (is a row claimable now?, earliest future ready in timed)."""
+
+    async def stats(self, now: float) -> QueueStats: ...
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Rows of the dead-letter table: id, lane, destination, reason, deliveries,
+        died_at, blob."""
+
+    async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Move dead letters back to their lane (all when `ids` is None)."""
+
+    async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
+        """Delete queued rows (not dead letters); returns how many."""
+
+    async def purge_dead(self) -> int: ...
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Small records shared by every reader; `update` is atomic per key."""
+
+    name: str
+    ops: int  # round trips to the server so far (for metrics and benchmarks)
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def update(
+        self,
+        key: str,
+        fn: Callable[[bytes | None], tuple[bytes | None, R]],
+        ttl: int = 0,
+    ) -> R:
+        """Atomic read-modify-write. `fn(old)` returns (new value or None to leave the
+        record unchanged, result). `fn` may run several times (optimistic retries)
+        and must be pure. Raises `StoreError` when the server cannot be reached."""
+
+    async def delete(self, key: str) -> None: ...
+
+    async def close(self) -> None: ...

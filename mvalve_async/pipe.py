@@ -1,0 +1,121 @@
+"""`open()`: one queue (one pool) and one store, shared by the pipe's writers and readers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+from .interfaces import Queue, Store
+from .message import Message
+from .notify import Notifier
+from .reader import Reader
+from .schedule import EmergencyPolicy, Rate
+from .urls import QueueSettings, StoreSettings, make_queue, make_store
+from .writer import Writer
+
+__all__ = ["Pipe", "open"]
+
+log = logging.getLogger(__name__)
+
+
+class Pipe:
+    """A queue and a store. Use as `async with mvalve_async.open(...) as pipe`."""
+
+    def __init__(self, queue: Queue, store: Store, *, create: bool | None = None) -> None:
+        self.queue = queue
+        self.store = store
+        self.notifier = Notifier()
+        self._create = create if create is not None else queue.name in ("sqlite", "memory")
+        self._readers: list[Reader] = []
+        self._connected = False
+
+    async def connect(self) -> Pipe:
+        if not self._connected:
+            await self.queue.connect()
+            if self._create:
+                await self.queue.create_schema()
+            self._connected = True
+        return self
+
+    def writer(self, **options: Any) -> Writer:
+        return Writer(self.queue, notifier=self.notifier, **options)
+
+    def reader(
+        self,
+        *,
+        rate: Rate | None = None,
+        rates: Mapping[str, Rate | None] | None = None,
+        emergency_policy: EmergencyPolicy | str = EmergencyPolicy.DROP,
+        **options: Any,
+    ) -> Reader:
+        reader = Reader(
+            self.queue, self.store, rate=rate, rates=rates,
+            emergency_policy=emergency_policy, notifier=self.notifier, **options,
+        )  # fmt: skip
+        self._readers.append(reader)
+        return reader
+
+    async def serve(
+        self,
+        handler: Callable[[Message], Awaitable[object]],
+        *,
+        concurrency: int = 1,
+        retry_delay: float = 1.0,
+        stop: asyncio.Event | None = None,
+        **reader_options: Any,
+    ) -> None:
+        """Run `handler` on every message with `concurrency` workers, each with its
+        own reader. A handler that raises gets its message retried after
+        `retry_delay`. Returns when `stop` is set (leased messages finish or go
+        back); cancelling it returns the messages being handled to the queue."""
+        from .serve import serve
+
+        await serve(self, handler, concurrency=concurrency, retry_delay=retry_delay,
+                    stop=stop, **reader_options)  # fmt: skip
+
+    async def close(self) -> None:
+        for reader in self._readers:
+            with contextlib.suppress(Exception):
+                await reader.close()
+        self._readers.clear()
+        await self.queue.close()
+        await self.store.close()
+        self._connected = False
+
+    async def __aenter__(self) -> Pipe:
+        try:
+            return await self.connect()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"Pipe(queue={self.queue!r}, store={self.store!r})"
+
+
+def open(  # noqa: A001 - the library's entry point, like builtins.open for files
+    url: str | QueueSettings | None = None,
+    store: str | StoreSettings | None = None,
+    *,
+    create: bool | None = None,
+) -> Pipe:
+    """A pipe on `url` (or `MVALVE_URL`, or an embedded SQLite file) with the state
+    store `store` (or `MVALVE_STORE_URL`, or memory). Tables are created
+    automatically for the embedded dialects; pass `create=True` for MySQL (or
+    run `mvalve create`, which needs DDL rights that readers and writers do not)."""
+    import os
+
+    if url is None and not os.environ.get("MVALVE_URL"):
+        log.info("no queue URL given: using the embedded SQLite default (mvalve.sqlite3)")
+    if store is None and not os.environ.get("MVALVE_STORE_URL"):
+        log.info("no store URL given: throttle state is kept in memory, for this process only")
+    return Pipe(make_queue(url), make_store(store), create=create)

@@ -1,0 +1,1 @@
+"""Queue dialects: innodb, q4m, sqlite, memory. Each implements `interfaces.Queue`."""

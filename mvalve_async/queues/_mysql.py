@@ -1,0 +1,144 @@
+"""The aiomysql pool shared by a pipe's readers and writers, and error translation.
+
+Every connection runs with autocommit on and READ COMMITTED isolation: a
+REPEATABLE READ poller would read an old snapshot, and its empty SKIP LOCKED
+polls would take gap locks that block writers' INSERTs. Transactions are
+always ended with an explicit COMMIT/ROLLBACK; a connection whose state is
+unknown (an error or a cancellation mid-statement) is closed, never returned
+to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiomysql
+import pymysql
+
+from ..errors import QueueError, QueueUnavailable, SchemaError
+from ..urls import QueueSettings
+
+__all__ = ["MySQLPool", "translate"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Server/client error codes that mean "this connection is unusable".
+_CONNECTION_LOST = {2003, 2006, 2013, 2055, 1927, 4031}
+_NOT_SENT = {2006}  # the request never reached the server: safe to resend anything
+_ACCESS = {1044, 1045, 1698}
+_NO_TABLE = {1146}
+
+
+def _code(exc: BaseException) -> int | None:
+    args = getattr(exc, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def translate(exc: BaseException, where: str) -> QueueError:
+    """Driver error -> library error. Never includes a password (drivers don't echo
+    it, and `where` is a masked URL)."""
+    code = _code(exc)
+    if code in _ACCESS:
+        return QueueUnavailable(f"access denied by {where} (check the user and password)")
+    if code in _NO_TABLE:
+        return SchemaError(f"{where}: {exc.args[1]} (run `mvalve create` first)")
+    if code in _CONNECTION_LOST or isinstance(exc, OSError | asyncio.TimeoutError):
+        return QueueUnavailable(f"cannot reach {where}: {type(exc).__name__} {code or ''}".strip())
+    detail = exc.args[1] if len(getattr(exc, "args", ())) > 1 else exc
+    return QueueError(f"{where}: {detail}")
+
+
+def _lost(exc: BaseException) -> bool:
+    return _code(exc) in _CONNECTION_LOST or isinstance(exc, OSError | asyncio.TimeoutError)
+
+
+class MySQLPool:
+    def __init__(self, settings: QueueSettings) -> None:
+        self.settings = settings
+        self.where = settings.safe_url()
+        self._pool: Any = None
+        self._lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        async with self._lock:
+            if self._pool is not None:
+                return
+            s = self.settings
+            try:
+                self._pool = await aiomysql.create_pool(
+                    host=s.host, port=s.port, user=s.user, password=s.password,
+                    db=s.database, autocommit=True, minsize=0, maxsize=s.pool_size,
+                    charset="utf8mb4", connect_timeout=s.connect_timeout,
+                    init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                    pool_recycle=3600,
+                )  # fmt: skip
+                async with self.connection() as conn:  # fail fast on bad credentials
+                    await conn.ping(reconnect=False)
+            except QueueError:
+                await self.close()
+                raise
+            except (pymysql.err.MySQLError, OSError, asyncio.TimeoutError) as exc:
+                await self.close()
+                raise translate(exc, self.where) from None
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.wait_closed(), 5)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; closed instead of released if anything went wrong."""
+        if self._pool is None:
+            await self.connect()
+        try:
+            conn = await asyncio.wait_for(self._pool.acquire(), self.settings.connect_timeout)
+        except (pymysql.err.MySQLError, OSError, asyncio.TimeoutError) as exc:
+            raise translate(exc, self.where) from None
+        try:
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            if self._pool is not None:
+                self._pool.release(conn)
+            else:
+                conn.close()
+
+    async def run(
+        self, fn: Callable[[Any], Awaitable[T]], *, idempotent: bool = True, attempts: int = 0
+    ) -> T:
+        """Run `fn(conn)`; on a lost connection retry with another one (all errors
+        for idempotent work, only "not sent" errors otherwise)."""
+        tries = attempts or self.settings.pool_size + 1
+        for attempt in range(tries):
+            try:
+                async with self.connection() as conn:
+                    return await fn(conn)
+            except (pymysql.err.MySQLError, OSError, asyncio.TimeoutError) as exc:
+                retry = _lost(exc) and (idempotent or _code(exc) in _NOT_SENT)
+                if not retry or attempt == tries - 1:
+                    raise translate(exc, self.where) from None
+                log.info("connection to %s lost (%s); retrying", self.where, _code(exc))
+        raise AssertionError("unreachable")
+
+    async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """`fn(cursor)` inside BEGIN ... COMMIT, retried on a lost connection (the
+        work done by `fn` must be safe to repeat, e.g. guarded by lease tokens)."""
+
+        async def body(conn: Any) -> T:
+            await conn.begin()
+            async with conn.cursor() as cur:
+                result = await fn(cur)
+            await conn.commit()
+            return result
+
+        return await self.run(body)

@@ -1,0 +1,339 @@
+"""The innodb dialect: plain InnoDB tables, leases claimed with SKIP LOCKED.
+
+A claim is one short READ COMMITTED transaction: `SELECT ... FOR UPDATE SKIP
+LOCKED` per lane, then one `UPDATE` setting the lease; nothing is held while
+user code runs. Acks are one `DELETE ... WHERE lease_token = ? AND id IN (...)`
+per table and claim. Moves and dead letters are `INSERT ... SELECT` + `DELETE`
+guarded by the lease token, so repeating them after a lost connection is safe.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..interfaces import Lane, Lease, QueueStats, Row
+from ..schema import render
+from ..urls import QueueSettings
+from ._mysql import MySQLPool
+
+__all__ = ["InnoDBQueue"]
+
+US = 1_000_000
+
+
+def _us(t: float) -> int:
+    return int(t * US)
+
+
+def _ids(leases: Sequence[Lease]) -> str:
+    return ",".join(str(int(lease.id)) for lease in leases)
+
+
+def _groups(leases: Sequence[Lease]) -> dict[tuple[str, int], list[Lease]]:
+    out: dict[tuple[str, int], list[Lease]] = {}
+    for lease in leases:
+        out.setdefault((lease.table, lease.token), []).append(lease)
+    return out
+
+
+class InnoDBQueue:
+    name = "innodb"
+    dialect = "innodb"
+
+    def __init__(self, settings: QueueSettings) -> None:
+        self.settings = settings
+        self.tables = settings.tables
+        self.db = MySQLPool(settings)
+        self._lane_of = {table: lane for lane, table in self.tables.all()}
+        self._poll_sql = self._build_poll()
+
+    def __repr__(self) -> str:
+        return f"InnoDBQueue({self.settings.safe_url()!r})"
+
+    async def connect(self) -> None:
+        await self.db.connect()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    def schema_sql(self) -> str:
+        return ";\n\n".join(render(self.dialect, self.tables)) + ";\n"
+
+    async def create_schema(self) -> None:
+        async def run(conn: Any) -> None:
+            async with conn.cursor() as cur:
+                for statement in render(self.dialect, self.tables):
+                    await cur.execute(statement)
+
+        await self.db.run(run)
+
+    async def drop_schema(self) -> None:
+        names = [t for _, t in self.tables.all()] + [self.tables.dead]
+        await self._execute("DROP TABLE IF EXISTS " + ", ".join(f"`{t}`" for t in names))
+
+    async def _execute(self, sql: str, args: Any = None, *, idempotent: bool = True) -> int:
+        async def run(conn: Any) -> int:
+            async with conn.cursor() as cur:
+                return int(await cur.execute(sql, args))
+
+        return await self.db.run(run, idempotent=idempotent)
+
+    async def _fetch(self, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+        async def run(conn: Any) -> list[tuple[Any, ...]]:
+            async with conn.cursor() as cur:
+                await cur.execute(sql, args)
+                return list(await cur.fetchall())
+
+        return await self.db.run(run)
+
+    # -- writing --------------------------------------------------------------
+
+    async def insert(self, lane: Lane, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        table = random.choice(self.tables.lane(lane))
+        created = _us(time.time())
+        if lane is Lane.TIMED:
+            sql = (
+                f"INSERT INTO `{table}` (destination, ready, reserved, message, created) "
+                "VALUES (%s, %s, %s, %s, %s)"
+            )
+            args: list[tuple[Any, ...]] = []
+            for r in rows:
+                if r.ready is None:
+                    raise ValueError("a timed row needs ready")
+                args.append((r.destination, _us(r.ready), int(r.reserved), r.blob, created))
+        else:
+            sql = f"INSERT INTO `{table}` (destination, message, created) VALUES (%s, %s, %s)"
+            args = [(r.destination, r.blob, created) for r in rows]
+
+        async def run(conn: Any) -> None:
+            async with conn.cursor() as cur:
+                if len(args) == 1:
+                    await cur.execute(sql, args[0])
+                else:
+                    await cur.executemany(sql, args)
+
+        await self.db.run(run, idempotent=False)
+
+    # -- claiming -------------------------------------------------------------
+
+    async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
+        now_us, until = _us(now), _us(now + lease_seconds)
+
+        async def work(cur: Any) -> list[Lease]:
+            token = secrets.randbits(62) + 1
+            leases: list[Lease] = []
+            for lane in Lane:
+                tables = list(self.tables.lane(lane))
+                random.shuffle(tables)  # several tables: serve them fairly
+                for table in tables:
+                    want = limit - len(leases)
+                    if want <= 0:
+                        return leases
+                    if lane is Lane.TIMED:
+                        await cur.execute(
+                            "SELECT id, destination, message, deliveries, ready, reserved "
+                            f"FROM `{table}` WHERE ready <= %s AND lease_until <= %s "
+                            "ORDER BY ready, id LIMIT %s FOR UPDATE SKIP LOCKED",
+                            (now_us, now_us, want),
+                        )
+                    else:
+                        await cur.execute(
+                            f"SELECT id, destination, message, deliveries FROM `{table}` "
+                            "WHERE lease_until <= %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+                            (now_us, want),
+                        )
+                    rows = await cur.fetchall()
+                    if not rows:
+                        continue
+                    ids = ",".join(str(int(r[0])) for r in rows)
+                    await cur.execute(
+                        f"UPDATE `{table}` SET lease_until = %s, lease_token = %s, "
+                        f"deliveries = deliveries + 1 WHERE id IN ({ids})",
+                        (until, token),
+                    )
+                    for r in rows:
+                        timed = lane is Lane.TIMED
+                        leases.append(
+                            Lease(
+                                lane, table, int(r[0]), r[1], bytes(r[2]), int(r[3]) + 1,
+                                r[4] / US if timed else None, bool(r[5]) if timed else False,
+                                token,
+                            )  # fmt: skip
+                        )
+            return leases
+
+        return await self.db.transaction(work)
+
+    async def ack(self, leases: Sequence[Lease]) -> None:
+        groups = _groups(leases)
+        if not groups:
+            return
+
+        async def run(conn: Any) -> None:
+            async with conn.cursor() as cur:
+                for (table, token), items in groups.items():
+                    await cur.execute(
+                        f"DELETE FROM `{table}` WHERE lease_token = %s AND id IN ({_ids(items)})",
+                        (token,),
+                    )
+
+        await self.db.run(run)
+
+    async def release(self, lease: Lease, delay: float = 0.0) -> None:
+        until = _us(time.time() + delay) if delay > 0 else 0
+        await self._execute(
+            f"UPDATE `{lease.table}` SET lease_until = %s, lease_token = 0 "
+            "WHERE id = %s AND lease_token = %s",
+            (until, lease.id, lease.token),
+        )
+
+    async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
+        deliveries = 0 if reserved else lease.deliveries
+        if lease.lane is Lane.TIMED:  # stays in its table: keeps its id, hence its place
+            await self._execute(
+                f"UPDATE `{lease.table}` SET ready = %s, reserved = %s, deliveries = %s, "
+                "lease_until = 0, lease_token = 0 WHERE id = %s AND lease_token = %s",
+                (_us(ready), int(reserved), deliveries, lease.id, lease.token),
+            )
+            return
+        target = random.choice(self.tables.timed)
+
+        async def work(cur: Any) -> None:
+            moved = await cur.execute(
+                f"INSERT INTO `{target}` (destination, ready, reserved, message, created, "
+                f"deliveries) SELECT destination, %s, %s, message, created, %s "
+                f"FROM `{lease.table}` WHERE id = %s AND lease_token = %s",
+                (_us(ready), int(reserved), deliveries, lease.id, lease.token),
+            )
+            if moved:
+                await cur.execute(
+                    f"DELETE FROM `{lease.table}` WHERE id = %s AND lease_token = %s",
+                    (lease.id, lease.token),
+                )
+
+        await self.db.transaction(work)
+
+    async def dead(self, leases: Sequence[Lease], reason: str) -> None:
+        groups = _groups(leases)
+        if not groups:
+            return
+        died = _us(time.time())
+
+        async def work(cur: Any) -> None:
+            for (table, token), items in groups.items():
+                ids = _ids(items)
+                await cur.execute(
+                    f"INSERT INTO `{self.tables.dead}` (lane, destination, message, reason, "
+                    f"deliveries, died_at) SELECT %s, destination, message, %s, deliveries, %s "
+                    f"FROM `{table}` WHERE lease_token = %s AND id IN ({ids})",
+                    (str(self._lane_of[table]), reason[:255], died, token),
+                )
+                await cur.execute(
+                    f"DELETE FROM `{table}` WHERE lease_token = %s AND id IN ({ids})", (token,)
+                )
+
+        await self.db.transaction(work)
+
+    # -- looking --------------------------------------------------------------
+
+    def _build_poll(self) -> str:
+        exists = []
+        for lane, table in self.tables.all():
+            due = "ready <= %(now)s AND " if lane is Lane.TIMED else ""
+            exists.append(
+                f"EXISTS(SELECT 1 FROM `{table}` WHERE {due}lease_until <= %(now)s)"
+            )
+        mins = [f"(SELECT MIN(ready) FROM `{t}` WHERE ready > %(now)s)" for t in self.tables.timed]
+        return f"SELECT {' OR '.join(exists)}, {', '.join(mins)}"
+
+    async def poll(self, now: float) -> tuple[bool, float | None]:
+        rows = await self._fetch(self._poll_sql, {"now": _us(now)})
+        ready, *mins = rows[0]
+        future = [m for m in mins if m is not None]
+        return bool(ready), (min(future) / US if future else None)
+
+    async def stats(self, now: float) -> QueueStats:
+        now_us = _us(now)
+        queued = {lane: 0 for lane in Lane}
+        leased = {lane: 0 for lane in Lane}
+        by_dest: dict[str, dict[str, int]] = {}
+        for lane, table in self.tables.all():
+            rows = await self._fetch(
+                f"SELECT destination, SUM(lease_until > %s), COUNT(*) FROM `{table}` "
+                "GROUP BY destination",
+                (now_us,),
+            )
+            for dest, n_leased, total in rows:
+                n_leased, total = int(n_leased or 0), int(total)
+                leased[lane] += n_leased
+                queued[lane] += total - n_leased
+                d = by_dest.setdefault(dest, {})
+                d[str(lane)] = d.get(str(lane), 0) + total - n_leased
+                d["leased"] = d.get("leased", 0) + n_leased
+        dead = 0
+        for dest, count in await self._fetch(
+            f"SELECT destination, COUNT(*) FROM `{self.tables.dead}` GROUP BY destination"
+        ):
+            dead += int(count)
+            by_dest.setdefault(dest, {})["dead"] = int(count)
+        _, next_due = await self.poll(now)
+        return QueueStats(queued, leased, dead, by_dest, next_due)
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT id, lane, destination, reason, deliveries, died_at, message "
+            f"FROM `{self.tables.dead}` ORDER BY id LIMIT %s",
+            (int(limit),),
+        )
+        keys = ("id", "lane", "destination", "reason", "deliveries", "died_at", "blob")
+        out = [dict(zip(keys, row, strict=True)) for row in rows]
+        for item in out:
+            item["died_at"] /= US
+            item["blob"] = bytes(item["blob"])
+        return out
+
+    async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
+        dead = self.tables.dead
+        where = "" if ids is None else f" AND id IN ({','.join(str(int(i)) for i in ids) or 0})"
+        now_us = _us(time.time())
+
+        async def work(cur: Any) -> int:
+            total = 0
+            for lane in Lane:
+                table = random.choice(self.tables.lane(lane))
+                ready = ("ready, ", "%s, ") if lane is Lane.TIMED else ("", "")
+                args: tuple[Any, ...] = (now_us, str(lane))
+                if lane is Lane.TIMED:
+                    args = (now_us, now_us, str(lane))
+                total += await cur.execute(
+                    f"INSERT INTO `{table}` ({ready[0]}destination, message, created) "
+                    f"SELECT {ready[1]}destination, message, %s FROM `{dead}` "
+                    f"WHERE lane = %s{where} ORDER BY id",
+                    args,
+                )
+            await cur.execute(f"DELETE FROM `{dead}` WHERE 1=1{where}")
+            return int(total)
+
+        return await self.db.transaction(work)
+
+    async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
+        total = 0
+        for row_lane, table in self.tables.all():
+            if lane is not None and row_lane is not lane:
+                continue
+            if destination is None:
+                total += await self._execute(f"DELETE FROM `{table}`")
+            else:
+                total += await self._execute(
+                    f"DELETE FROM `{table}` WHERE destination = %s", (destination,)
+                )
+        return total
+
+    async def purge_dead(self) -> int:
+        return await self._execute(f"DELETE FROM `{self.tables.dead}`")

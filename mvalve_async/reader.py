@@ -1,0 +1,326 @@
+"""Readers: lease rows in batches, pass each through the valve, hand out messages.
+
+Settling follows Q4M's rule: the message a reader handed out is acknowledged
+when the same reader is asked for the next one (or by `ack()`); acks are
+batched into one DELETE per table. No connection or transaction is held while
+user code runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+
+from .errors import CodecError, InvalidMessage, ReaderBusy
+from .interfaces import Lane, Lease, Queue, Store
+from .message import DEFAULT_MAX_DESTINATION, Message, decode, validate_destination
+from .notify import Notifier
+from .schedule import Action, EmergencyPolicy, Rate
+from .valve import Valve
+
+__all__ = ["Reader"]
+
+log = logging.getLogger(__name__)
+
+
+class Reader:
+    """Takes messages out, never more than each destination's rate.
+
+    `rate` is the default per destination (None: unlimited), `rates` overrides it
+    per destination. `batch` rows are leased per claim; `lease` seconds is how
+    long a claimed row stays invisible if its consumer dies.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        store: Store,
+        *,
+        rate: Rate | None = None,
+        rates: Mapping[str, Rate | None] | None = None,
+        emergency_policy: EmergencyPolicy | str = EmergencyPolicy.DROP,
+        lease: float = 30.0,
+        batch: int = 16,
+        ack_batch: int = 64,
+        max_deliveries: int = 10,
+        max_destination: int = DEFAULT_MAX_DESTINATION,
+        idle_interval: float = 0.05,
+        notifier: Notifier | None = None,
+    ) -> None:
+        if lease <= 0 or batch < 1 or max_deliveries < 1:
+            raise ValueError("lease, batch and max_deliveries must be positive")
+        self.queue = queue
+        self.valve = Valve(store, rate=rate, rates=rates, policy=emergency_policy)
+        self.lease = lease
+        self.batch = batch
+        self.ack_batch = ack_batch
+        self.max_deliveries = max_deliveries
+        self.max_destination = max_destination
+        self.idle_interval = idle_interval
+        self._notifier = notifier
+        self._wake = notifier.subscribe() if notifier else asyncio.Event()
+        self._buffer: collections.deque[tuple[Lease, float]] = collections.deque()
+        self._current: tuple[Lease, Message] | None = None
+        self._acks: list[Lease] = []
+        self._local_due: float | None = None
+        self._busy = False
+        self._closed = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- the consumer's API -------------------------------------------------
+
+    async def next(self, timeout: float | None = None) -> Message | None:
+        """The next deliverable message, or None after `timeout` seconds
+        (None: wait for ever). Settles the previously handed-out message as done."""
+        if self._busy:
+            raise ReaderBusy("this reader is already awaited by another task")
+        if self._closed:
+            raise RuntimeError("reader is closed")
+        self._busy = True
+        try:
+            self._settle_current()
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout is None else loop.time() + timeout
+            while True:
+                lease = await self._take()
+                if lease is None:
+                    await self._flush_acks()
+                    if not await self._idle(deadline):
+                        return None
+                    continue
+                msg = await self._process(lease, deadline)
+                if msg is not None:
+                    self._current = (lease, msg)
+                    return msg
+                if deadline is not None and loop.time() >= deadline:
+                    return None
+        finally:
+            self._busy = False
+
+    def __aiter__(self) -> Reader:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self._closed:
+            raise StopAsyncIteration
+        msg = await self.next()
+        assert msg is not None  # no timeout
+        return msg
+
+    @contextlib.asynccontextmanager
+    async def receive(self, timeout: float | None = None) -> AsyncIterator[Message | None]:
+        """`async with reader.receive() as msg`: acked when the body succeeds,
+        returned to the queue when it raises (or is cancelled)."""
+        msg = await self.next(timeout)
+        try:
+            yield msg
+        except BaseException:
+            if msg is not None and self._owns(msg):
+                await _shielded(self.retry(msg))
+            raise
+        if msg is not None and self._owns(msg):
+            self._settle_current()
+
+    async def ack(self, msg: Message | None = None) -> None:
+        """Acknowledge the handed-out message now (one DELETE)."""
+        lease = self._take_current(msg)
+        if lease is not None:
+            await self.queue.ack([lease])
+
+    async def retry(self, msg: Message | None = None, delay: float = 0.0) -> None:
+        """Return the handed-out message to its queue, visible again after `delay`."""
+        lease = self._take_current(msg)
+        if lease is not None:
+            await self.queue.release(lease, delay)
+
+    async def reject(self, msg: Message | None = None, reason: str = "rejected") -> None:
+        """Move the handed-out message to the dead letters with `reason`."""
+        lease = self._take_current(msg)
+        if lease is not None:
+            await self.queue.dead([lease], reason)
+
+    async def pause(self, destination: str, seconds: float) -> None:
+        """Deliver nothing to `destination` for `seconds` (e.g. a 429 Retry-After);
+        shared by every reader of the store."""
+        validate_destination(destination, self.max_destination)
+        await self.valve.pause(destination, seconds)
+
+    async def resume(self, destination: str) -> None:
+        await self.valve.resume(destination)
+
+    async def close(self) -> None:
+        """Ack the handed-out message, flush acks, return prefetched leases."""
+        if self._closed:
+            return
+        self._closed = True
+        self._settle_current()
+        with contextlib.suppress(Exception):
+            await _shielded(self._flush_acks())
+        buffered = [lease for lease, _ in self._buffer]
+        self._buffer.clear()
+        for lease in buffered:
+            with contextlib.suppress(Exception):
+                await _shielded(self.queue.release(lease))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._notifier is not None:
+            self._notifier.unsubscribe(self._wake)
+
+    async def __aenter__(self) -> Reader:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is not None and self._current is not None:
+            lease = self._take_current(None)
+            if lease is not None:
+                with contextlib.suppress(Exception):
+                    await _shielded(self.queue.release(lease))
+        await self.close()
+
+    # -- internals ------------------------------------------------------------
+
+    def _owns(self, msg: Message) -> bool:
+        return self._current is not None and self._current[1] is msg
+
+    def _take_current(self, msg: Message | None) -> Lease | None:
+        if self._current is None:
+            return None
+        if msg is not None and self._current[1] is not msg:
+            raise ValueError("that message is not the one this reader handed out last")
+        lease = self._current[0]
+        self._current = None
+        return lease
+
+    def _settle_current(self) -> None:
+        if self._current is not None:
+            self._acks.append(self._current[0])
+            self._current = None
+
+    async def _flush_acks(self) -> None:
+        if self._acks:
+            acks, self._acks = self._acks, []
+            try:
+                await self.queue.ack(acks)
+            except BaseException:
+                self._acks[:0] = acks  # keep them: retried on the next flush
+                raise
+
+    async def _take(self) -> Lease | None:
+        now = time.time()
+        while self._buffer:
+            lease, claimed = self._buffer.popleft()
+            if now - claimed < self.lease * 0.8:
+                return lease
+            log.warning("dropping a prefetched lease near expiry (%s)", lease.destination)
+        if len(self._acks) >= self.ack_batch or self._acks:
+            await self._flush_acks()
+        leases = await self.queue.claim(self.batch, now, self.lease)
+        if not leases:
+            return None
+        self._buffer.extend((lease, now) for lease in leases[1:])
+        return leases[0]
+
+    async def _idle(self, deadline: float | None) -> bool:
+        """Wait until a row may be claimable. False when the deadline passed."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = time.time()
+            ready, next_due = await self.queue.poll(now)
+            if ready:
+                return True
+            due = [t for t in (next_due, self._local_due) if t is not None]
+            wait = self.idle_interval
+            if due:
+                wait = min(wait, max(0.0, min(due) - now))
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return False
+                wait = min(wait, left)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            if self._wake.is_set():
+                return True
+            if self._local_due is not None and time.time() >= self._local_due:
+                self._local_due = None
+                return True
+
+    async def _process(self, lease: Lease, deadline: float | None) -> Message | None:
+        try:
+            return await self._process_inner(lease, deadline)
+        except asyncio.CancelledError:
+            # Any queue operation may or may not have committed: release under the
+            # lease token (a no-op if the row moved), never hand this lease out again.
+            self._spawn(self.queue.release(lease))
+            raise
+
+    async def _process_inner(self, lease: Lease, deadline: float | None) -> Message | None:
+        try:
+            msg = decode(lease.blob)
+            if msg.destination != lease.destination:
+                raise CodecError("the blob's destination differs from the row's")
+            validate_destination(msg.destination, self.max_destination)
+        except (CodecError, InvalidMessage) as exc:
+            log.error("dead letter: unreadable row %s in %s: %s", lease.id, lease.table, exc)
+            await self.queue.dead([lease], f"unreadable: {exc}")
+            return None
+        if lease.deliveries > self.max_deliveries:
+            log.error("dead letter: %s delivered %d times", msg.id, lease.deliveries - 1)
+            await self.queue.dead([lease], "too many deliveries")
+            return None
+        decision = await self.valve.decide(
+            msg.destination,
+            duration=msg.duration,
+            emergency=lease.lane is Lane.EMERGENCY,
+            reserved=lease.reserved,
+            deadline=deadline,
+        )
+        if decision is None:  # store down past the caller's deadline: keep the lease
+            self._buffer.appendleft((lease, time.time()))
+            return None
+        if decision.action is Action.DEFER:
+            await self.queue.move(lease, decision.at, decision.reserved)
+            if self._local_due is None or decision.at < self._local_due:
+                self._local_due = decision.at
+            log.debug("deferred %s to %.3f", msg.id, decision.at, extra={"message_id": msg.id})
+            return None
+        if decision.action is Action.DEAD:
+            log.warning(
+                "dead letter: %s for %s (%s)", msg.id, msg.destination, decision.reason,
+                extra={"destination": msg.destination, "message_id": msg.id},
+            )  # fmt: skip
+            await self.queue.dead([lease], decision.reason)
+            return None
+        wait = decision.at - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        msg.deliveries = lease.deliveries
+        msg.delivered_at = decision.at
+        msg.lane = str(lease.lane)
+        return msg
+
+    def _spawn(self, coro: collections.abc.Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def __repr__(self) -> str:
+        return f"Reader(queue={self.queue!r}, rate={self.valve.rate!r})"
+
+
+async def _shielded(coro: collections.abc.Coroutine[object, object, None]) -> None:
+    """Run a settling operation to completion even if the caller is cancelled."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.gather(task, return_exceptions=True)
+        raise

@@ -1,0 +1,249 @@
+"""Per-destination schedule: the valve's one mechanism.
+
+`Rate(n, per)` promises that a destination receives at most `n` messages in
+any half-open window of `per` seconds, counted over every reader of every
+process (emergencies excepted). Per destination the store keeps one small
+record, updated atomically (see `Store.update`):
+
+    slots      the last n *reserved* slots (non-decreasing): what admissions
+               have promised, including future slots of deferred messages
+    sent       the last n *hand-out* times (non-decreasing): the valve's own
+               timestamps of deliveries, the times the promise is about
+    busy       a message with a duration occupies the destination until then
+    horizon    the end of the last reserved duration
+    paused     nothing but emergencies before this (`Reader.pause`)
+    emergency  end of the emergency window opened by an emergency message
+    deferred   the last slot given to a deferred message (keeps FIFO: while a
+               backlog drains, new messages queue behind it)
+
+A normal message is admitted at `slot = max(now, constraints)`. If the slot
+is now, it is handed out and recorded in both logs. Otherwise the slot is
+reserved and the message moves to the timed lane with `ready = slot`; when
+due it is handed out without a second rate check, only confirmed against the
+hand-out log: if an earlier reserved message was handed out late, the hand-out
+waits those few milliseconds, so a late delivery can never bunch with the next.
+
+Plain GCRA with a burst of n lets up to 2n-1 through some windows; a sliding
+log of n timestamps cannot: for a non-decreasing sequence, `x[k] >= x[k-n] + per`
+for every k is exactly "at most n in any window of `per`".
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import orjson
+
+from .errors import ConfigError, CodecError
+
+__all__ = [
+    "Action",
+    "Decision",
+    "EmergencyPolicy",
+    "Rate",
+    "Record",
+    "admit",
+    "pause",
+    "resume",
+]
+
+# Above this many messages per window the logs would make the record large:
+# such rates are enforced as paced (per/n spacing), which keeps the promise.
+MAX_EXACT_LOG = 256
+
+
+class EmergencyPolicy(enum.StrEnum):
+    DROP = "drop"  # other messages during the window go to dead letters ("emergency")
+    HOLD = "hold"  # ... are rescheduled to the window's end
+    IGNORE = "ignore"  # emergencies open no window
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most `n` deliveries in any window of `per` seconds, per destination.
+
+    `pace=True` spaces deliveries `per / n` apart instead of allowing bursts
+    (same promise, constant-size state). Rates with `n > 256` are always paced.
+    """
+
+    n: int
+    per: float = 1.0
+    pace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"Rate n must be a positive integer, got {self.n!r}")
+        per = self.per
+        if isinstance(per, bool) or not isinstance(per, int | float):
+            raise ConfigError(f"Rate per must be a number of seconds, got {per!r}")
+        if not math.isfinite(per) or per <= 0:
+            raise ConfigError(f"Rate per must be positive and finite, got {per!r}")
+
+    @property
+    def paced(self) -> bool:
+        return self.pace or self.n > MAX_EXACT_LOG
+
+    @property
+    def spacing(self) -> float:
+        return self.per / self.n
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """'10/1', '10/1s', '2/0.5', '10/1:pace' (used by the CLI)."""
+        body, _, flag = text.partition(":")
+        n, sep, per = body.partition("/")
+        try:
+            return cls(int(n), float(per.rstrip("s")) if sep else 1.0, pace=flag == "pace")
+        except ValueError:
+            raise ConfigError(f"rate {text!r} is not of the form N/SECONDS") from None
+
+
+class Action(enum.Enum):
+    DELIVER = "deliver"  # hand out at `at` (the reader waits if `at` is a few ms ahead)
+    DEFER = "defer"  # move to the timed lane with ready = `at`
+    DEAD = "dead"  # move to dead letters with `reason`
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    at: float
+    reserved: bool = False
+    reason: str = ""
+
+
+def _r(t: float) -> float:
+    return round(t, 6)
+
+
+@dataclass(slots=True)
+class Record:
+    slots: list[float] = field(default_factory=list)
+    sent: list[float] = field(default_factory=list)
+    busy: float = 0.0
+    horizon: float = 0.0
+    paused: float = 0.0
+    emergency: float = 0.0
+    deferred: float = 0.0
+
+    def dumps(self) -> bytes:
+        return orjson.dumps(
+            [1, self.slots, self.sent, self.busy, self.horizon, self.paused,
+             self.emergency, self.deferred]
+        )  # fmt: skip
+
+    @classmethod
+    def loads(cls, raw: bytes | None) -> Record:
+        if raw is None:
+            return cls()
+        try:
+            v, slots, sent, busy, horizon, paused, emergency, deferred = orjson.loads(raw)
+            if v != 1:
+                raise ValueError(f"version {v}")
+            return cls(
+                [float(x) for x in slots], [float(x) for x in sent], float(busy),
+                float(horizon), float(paused), float(emergency), float(deferred),
+            )  # fmt: skip
+        except (ValueError, TypeError) as exc:
+            raise CodecError(f"schedule record is not valid: {exc}") from None
+
+
+def _window_floor(log: list[float], rate: Rate | None) -> float:
+    """Earliest time the next entry of a non-decreasing log may take."""
+    if rate is None or not log:
+        return 0.0
+    if rate.paced:
+        return log[-1] + rate.spacing
+    if len(log) >= rate.n:
+        return log[-rate.n] + rate.per
+    return 0.0
+
+
+def _append(log: list[float], t: float, rate: Rate | None) -> None:
+    if log and t < log[-1]:  # only emergencies arrive out of order
+        i = len(log)
+        while i and log[i - 1] > t:
+            i -= 1
+        log.insert(i, t)
+    else:
+        log.append(t)
+    keep = 1 if rate is None or rate.paced else rate.n
+    del log[:-keep]
+
+
+def admit(
+    rec: Record,
+    now: float,
+    rate: Rate | None,
+    *,
+    duration: float | None = None,
+    emergency: bool = False,
+    reserved: bool = False,
+    policy: EmergencyPolicy = EmergencyPolicy.DROP,
+    fifo_grace: float = 1.0,
+) -> Decision:
+    """Decide what happens to one claimed message; updates `rec` in place.
+
+    `reserved` is true for a timed row whose slot the valve reserved earlier.
+    `rate` None means unlimited (durations, pauses and emergencies still apply).
+    """
+    per = rate.per if rate is not None else 1.0
+    if emergency:
+        _append(rec.slots, now, rate)
+        _append(rec.sent, now, rate)
+        if duration:
+            rec.busy = max(rec.busy, now + duration)
+        if policy is not EmergencyPolicy.IGNORE:
+            rec.emergency = max(rec.emergency, now + (duration or per))
+        return Decision(Action.DELIVER, now)
+
+    if now < rec.emergency and policy is EmergencyPolicy.DROP:
+        return Decision(Action.DEAD, now, reason="emergency")
+    if now < rec.emergency and policy is EmergencyPolicy.HOLD:
+        return Decision(Action.DEFER, _r(rec.emergency))
+    if now < rec.paused:
+        # Reserved or not, it goes through the rate again after the pause, in order.
+        return Decision(Action.DEFER, _r(rec.paused))
+
+    sent_floor = max(_window_floor(rec.sent, rate), rec.sent[-1] if rec.sent else 0.0, rec.busy)
+    if reserved:
+        # Its slot is already reserved: confirm against actual hand-outs only.
+        at = _r(max(now, sent_floor))
+        _append(rec.sent, at, rate)
+        if duration:
+            rec.busy = max(rec.busy, at + duration)
+        return Decision(Action.DELIVER, at)
+
+    slot = max(now, sent_floor, _window_floor(rec.slots, rate), rec.horizon)
+    if rec.slots:
+        slot = max(slot, rec.slots[-1])
+    # While a backlog drains, a new message queues behind it in the timed lane
+    # even when its slot is already due: that keeps per-destination FIFO.
+    backlog = rec.deferred > now - fifo_grace
+    if backlog:
+        slot = max(slot, rec.deferred)
+    if slot <= now and not backlog:
+        at = _r(now)
+        _append(rec.slots, at, rate)
+        _append(rec.sent, at, rate)
+        if duration:
+            rec.busy = max(rec.busy, at + duration)
+            rec.horizon = max(rec.horizon, at + duration)
+        return Decision(Action.DELIVER, at)
+    slot = _r(slot)
+    _append(rec.slots, slot, rate)
+    if slot > now:
+        rec.deferred = slot
+    if duration:
+        rec.horizon = max(rec.horizon, slot + duration)
+    return Decision(Action.DEFER, slot, reserved=True)
+
+
+def pause(rec: Record, now: float, seconds: float) -> None:
+    rec.paused = max(rec.paused, _r(now + seconds))
+
+
+def resume(rec: Record) -> None:
+    rec.paused = 0.0

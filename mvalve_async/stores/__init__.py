@@ -1,0 +1,1 @@
+"""State stores: `memory` (one process) and `memcached` (shared by every reader)."""

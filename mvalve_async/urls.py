@@ -1,0 +1,294 @@
+"""URLs choose backends: settings dataclasses, parsing, and one explicit registry.
+
+Queues:  mysql+innodb://user:pass@host:3306/db?tables=...   (also mysql://)
+         mysql+q4m://user:pass@host/db
+         sqlite:///relative/path.db  sqlite:////absolute/path.db
+         memory://
+Stores:  memcached://h1:11211,h2:11211?namespace=mvalve
+         memory://
+
+Query options: emergency=, timed=, normal= (comma-separated table names),
+dead=, pool_size=, namespace=. Passwords never appear in a repr or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .errors import ConfigError
+from .interfaces import Lane
+
+if TYPE_CHECKING:
+    from .interfaces import Queue, Store
+
+__all__ = [
+    "DEFAULT_SQLITE_PATH",
+    "QUEUES",
+    "STORES",
+    "QueueSettings",
+    "StoreSettings",
+    "Tables",
+    "make_queue",
+    "make_store",
+    "parse_queue_url",
+    "parse_store_url",
+    "validate_identifier",
+]
+
+DEFAULT_SQLITE_PATH = "mvalve.sqlite3"
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+
+
+def validate_identifier(name: str) -> str:
+    if not isinstance(name, str) or not _IDENT.match(name):
+        raise ConfigError(
+            f"table name {name!r} is not a plain identifier (letters, digits, _; max 64)"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """Table names per lane (each lane one or more tables) and the dead letters."""
+
+    emergency: tuple[str, ...] = ("q_emerg",)
+    timed: tuple[str, ...] = ("q_timed",)
+    normal: tuple[str, ...] = ("q_incoming",)
+    dead: str = "q_dead"
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for lane in Lane:
+            names = self.lane(lane)
+            if not names:
+                raise ConfigError(f"lane {lane} needs at least one table")
+            for name in names:
+                validate_identifier(name)
+                if name in seen:
+                    raise ConfigError(f"table {name!r} is named twice")
+                seen.add(name)
+        validate_identifier(self.dead)
+        if self.dead in seen:
+            raise ConfigError(f"table {self.dead!r} is named twice")
+
+    def lane(self, lane: Lane) -> tuple[str, ...]:
+        if lane is Lane.EMERGENCY:
+            return self.emergency
+        if lane is Lane.TIMED:
+            return self.timed
+        return self.normal
+
+    def all(self) -> list[tuple[Lane, str]]:
+        return [(lane, name) for lane in Lane for name in self.lane(lane)]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    dialect: str
+    host: str = "127.0.0.1"
+    port: int = 3306
+    user: str = "root"
+    password: str = field(default="", repr=False)
+    database: str = "test"
+    path: str = DEFAULT_SQLITE_PATH  # sqlite
+    tables: Tables = Tables()
+    pool_size: int = 10
+    max_destination: int = 40
+    connect_timeout: float = 5.0
+
+    @classmethod
+    def from_url(cls, url: str) -> QueueSettings:
+        return parse_queue_url(url)
+
+    def safe_url(self) -> str:
+        """The URL with the password masked, for logs and errors."""
+        if self.dialect in ("sqlite",):
+            return f"sqlite:///{self.path}"
+        if self.dialect == "memory":
+            return "memory://"
+        auth = self.user + (":***" if self.password else "")
+        return f"mysql+{self.dialect}://{auth}@{self.host}:{self.port}/{self.database}"
+
+    def __repr__(self) -> str:
+        return f"QueueSettings({self.safe_url()!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    kind: str
+    servers: tuple[tuple[str, int], ...] = ()
+    namespace: str = "mvalve"
+    pool_size: int = 8
+
+    @classmethod
+    def from_url(cls, url: str) -> StoreSettings:
+        return parse_store_url(url)
+
+
+def _query(raw: str) -> dict[str, str]:
+    try:
+        return dict(parse_qsl(raw, keep_blank_values=False, strict_parsing=bool(raw)))
+    except ValueError:
+        raise ConfigError("URL query string is malformed") from None
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(validate_identifier(v.strip()) for v in value.split(",") if v.strip())
+
+
+def _int(opts: dict[str, str], key: str, default: int) -> int:
+    try:
+        value = int(opts.pop(key, default))
+    except ValueError:
+        raise ConfigError(f"URL option {key} must be an integer") from None
+    if value < 1:
+        raise ConfigError(f"URL option {key} must be positive")
+    return value
+
+
+def _scheme(url: str) -> str:
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError("a backend URL looks like scheme://..., e.g. mysql+innodb://root@host/db")
+    return url.split("://", 1)[0].lower()
+
+
+def parse_queue_url(url: str) -> QueueSettings:
+    scheme = _scheme(url)
+    dialect = {"mysql": "innodb", "mysql+innodb": "innodb", "mariadb": "innodb",
+               "mysql+q4m": "q4m", "sqlite": "sqlite", "memory": "memory"}.get(scheme)  # fmt: skip
+    if dialect is None:
+        raise ConfigError(
+            f"unknown queue URL scheme {scheme!r}: use mysql+innodb://, mysql+q4m://, "
+            "sqlite:/// or memory://"
+        )
+    parts = urlsplit(url)
+    opts = _query(parts.query)
+    tables = Tables()
+    kw: dict[str, tuple[str, ...] | str] = {}
+    for lane in ("emergency", "timed", "normal"):
+        if lane in opts:
+            kw[lane] = _names(opts.pop(lane))
+    if "dead" in opts:
+        kw["dead"] = validate_identifier(opts.pop("dead"))
+    if kw:
+        tables = replace(tables, **kw)  # type: ignore[arg-type]
+    pool_size = _int(opts, "pool_size", 10)
+    max_destination = _int(opts, "max_destination", 40)
+    settings = QueueSettings(dialect, tables=tables, pool_size=pool_size,
+                             max_destination=max_destination)  # fmt: skip
+    if dialect == "sqlite":
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        settings = replace(settings, path=unquote(path) or DEFAULT_SQLITE_PATH)
+    elif dialect in ("innodb", "q4m"):
+        try:
+            port = parts.port or 3306
+        except ValueError:
+            raise ConfigError("the URL's port is not a number") from None
+        settings = replace(
+            settings,
+            host=parts.hostname or "127.0.0.1",
+            port=port,
+            user=unquote(parts.username or "root"),
+            password=unquote(parts.password or ""),
+            database=unquote(parts.path.lstrip("/")) or "test",
+        )
+    if opts:
+        raise ConfigError(f"unknown URL option(s): {', '.join(sorted(opts))}")
+    return settings
+
+
+def parse_store_url(url: str) -> StoreSettings:
+    scheme = _scheme(url)
+    if scheme == "memory":
+        return StoreSettings("memory")
+    if scheme != "memcached":
+        raise ConfigError(f"unknown store URL scheme {scheme!r}: use memcached:// or memory://")
+    rest = url.split("://", 1)[1]
+    hosts, _, query = rest.partition("?")
+    opts = _query(query)
+    servers: list[tuple[str, int]] = []
+    for item in hosts.strip("/").split(","):
+        if not item:
+            continue
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "11211")
+        try:
+            servers.append((host or "127.0.0.1", int(port)))
+        except ValueError:
+            raise ConfigError(f"memcached server {item!r} has a bad port") from None
+    if not servers:
+        servers = [("127.0.0.1", 11211)]
+    namespace = opts.pop("namespace", "mvalve")
+    pool_size = _int(opts, "pool_size", 8)
+    if opts:
+        raise ConfigError(f"unknown URL option(s): {', '.join(sorted(opts))}")
+    return StoreSettings("memcached", tuple(servers), namespace, pool_size)
+
+
+def _innodb(s: QueueSettings) -> Queue:
+    from .queues.innodb import InnoDBQueue
+
+    return InnoDBQueue(s)
+
+
+def _q4m(s: QueueSettings) -> Queue:
+    from .queues.q4m import Q4MQueue
+
+    return Q4MQueue(s)
+
+
+def _sqlite(s: QueueSettings) -> Queue:
+    from .queues.sqlite import SQLiteQueue
+
+    return SQLiteQueue(s)
+
+
+def _memory_queue(s: QueueSettings) -> Queue:
+    from .queues.memory import MemoryQueue
+
+    return MemoryQueue(s)
+
+
+def _memory_store(s: StoreSettings) -> Store:
+    from .stores.memory import MemoryStore
+
+    return MemoryStore()
+
+
+def _memcached(s: StoreSettings) -> Store:
+    from .stores.memcached import MemcachedStore
+
+    return MemcachedStore(list(s.servers), namespace=s.namespace, pool_size=s.pool_size)
+
+
+# The explicit registries: dialect / store kind -> factory. Imports are lazy so a
+# user of one backend does not pay for the others.
+QUEUES: dict[str, Callable[[QueueSettings], Queue]] = {
+    "innodb": _innodb,
+    "q4m": _q4m,
+    "sqlite": _sqlite,
+    "memory": _memory_queue,
+}
+STORES: dict[str, Callable[[StoreSettings], Store]] = {
+    "memory": _memory_store,
+    "memcached": _memcached,
+}
+
+
+def make_queue(url: str | QueueSettings | None = None) -> Queue:
+    """A queue from a URL, settings, `MVALVE_URL`, or the embedded SQLite default."""
+    if url is None:
+        url = os.environ.get("MVALVE_URL") or f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    settings = url if isinstance(url, QueueSettings) else parse_queue_url(url)
+    return QUEUES[settings.dialect](settings)
+
+
+def make_store(url: str | StoreSettings | None = None) -> Store:
+    if url is None:
+        url = os.environ.get("MVALVE_STORE_URL") or "memory://"
+    settings = url if isinstance(url, StoreSettings) else parse_store_url(url)
+    return STORES[settings.kind](settings)

@@ -1,0 +1,99 @@
+"""Writers validate and encode messages, then insert them into their lane."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from .interfaces import Lane, Queue, Row
+from .message import DEFAULT_MAX_DESTINATION, DEFAULT_MAX_SIZE, Message, encode
+from .message import validate_destination as _validate_destination
+from .notify import Notifier
+
+__all__ = ["Writer"]
+
+log = logging.getLogger(__name__)
+
+
+class Writer:
+    """Inserts messages. Emergency messages take the emergency lane, messages
+    with `deliver_at`/`delay` the timed lane, the rest the normal lane. Every
+    message is validated and encoded before anything is written: a batch with
+    one bad message writes nothing."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        notifier: Notifier | None = None,
+        max_size: int = DEFAULT_MAX_SIZE,
+        max_destination: int = DEFAULT_MAX_DESTINATION,
+    ) -> None:
+        self.queue = queue
+        self.max_size = max_size
+        self.max_destination = max_destination
+        self._notifier = notifier
+
+    def _row(self, message: Message, now: float) -> tuple[Lane, Row]:
+        if not isinstance(message, Message):
+            raise TypeError(f"expected a Message, got {type(message).__name__}")
+        _validate_destination(message.destination, self.max_destination)
+        blob = encode(message, self.max_size)
+        if message.emergency:
+            return Lane.EMERGENCY, Row(message.destination, blob)
+        ready = message.ready_at(now)
+        if ready is not None:
+            return Lane.TIMED, Row(message.destination, blob, ready)
+        return Lane.NORMAL, Row(message.destination, blob)
+
+    async def insert(self, message: Message) -> str:
+        """Insert one message; returns its id."""
+        lane, row = self._row(message, time.time())
+        await self.queue.insert(lane, [row])
+        log.debug(
+            "inserted %s for %s into %s",
+            message.id,
+            message.destination,
+            lane,
+            extra={"destination": message.destination, "message_id": message.id},
+        )
+        if self._notifier is not None:
+            self._notifier.notify()
+        return message.id
+
+    async def insert_many(self, messages: Iterable[Message]) -> list[str]:
+        """Insert many messages in one statement per lane; all are validated first."""
+        now = time.time()
+        batch = list(messages)
+        by_lane: dict[Lane, list[Row]] = {}
+        for message in batch:
+            lane, row = self._row(message, now)
+            by_lane.setdefault(lane, []).append(row)
+        for lane, rows in by_lane.items():
+            await self.queue.insert(lane, rows)
+        if batch and self._notifier is not None:
+            self._notifier.notify()
+        return [m.id for m in batch]
+
+    async def defer(self, message: Message, delay: float) -> str:
+        """The Perl name: insert `message` to be delivered `delay` seconds from now."""
+        message.delay, message.deliver_at = delay, None
+        Message.__post_init__(message)  # validates delay
+        return await self.insert(message)
+
+    async def clear_all(self) -> int:
+        """Delete every queued message (not dead letters); returns how many."""
+        return await self.queue.purge()
+
+    async def close(self) -> None:
+        """Writers hold nothing of their own; the pipe owns the pool."""
+
+    async def __aenter__(self) -> Writer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"Writer(queue={self.queue!r})"
