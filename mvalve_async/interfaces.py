@@ -119,6 +119,13 @@ class Queue(Protocol):
 
     async def stats(self, now: float) -> QueueStats: ...
 
+    async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:
+        """Read-only look at the rows of every lane (or `lane`), claiming and locking
+        nothing: emergency, then timed by (ready, id), then normal by id; at most
+        `limit` rows in all. Leased and not-yet-due rows are included. Keys: id,
+        lane (str), table, destination, ready (timed lane, else None), reserved,
+        deliveries, lease_until (0.0 when not leased; q4m: always 0.0), blob."""
+
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """Rows of the dead-letter table: id, lane, destination, reason, deliveries,
         died_at, blob."""

@@ -102,7 +102,7 @@ class Pipe:
         return f"Pipe(queue={self.queue!r}, store={self.store!r})"
 
 
-def open(  # noqa: A001 - the library's entry point, like builtins.open for files
+def open(
     url: str | QueueSettings | None = None,
     store: str | StoreSettings | None = None,
     *,

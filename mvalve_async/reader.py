@@ -246,7 +246,8 @@ class Reader:
                 wait = min(wait, left)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
             if self._wake.is_set():
                 return True
             if self._local_due is not None and time.time() >= self._local_due:

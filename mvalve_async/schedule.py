@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from .errors import ConfigError, CodecError
+from .errors import CodecError, ConfigError
 
 __all__ = [
     "Action",

@@ -82,7 +82,7 @@ class MySQLPool:
             except QueueError:
                 await self.close()
                 raise
-            except (pymysql.err.MySQLError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, pymysql.err.MySQLError, OSError) as exc:
                 await self.close()
                 raise translate(exc, self.where) from None
 
@@ -99,8 +99,10 @@ class MySQLPool:
         if self._pool is None:
             await self.connect()
         try:
-            conn = await asyncio.wait_for(self._pool.acquire(), self.settings.connect_timeout)
-        except (pymysql.err.MySQLError, OSError, asyncio.TimeoutError) as exc:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+            async with asyncio.timeout(self.settings.connect_timeout):
+                conn = await self._pool.acquire()
+        except (TimeoutError, pymysql.err.MySQLError, OSError) as exc:
             raise translate(exc, self.where) from None
         try:
             yield conn
@@ -123,7 +125,7 @@ class MySQLPool:
             try:
                 async with self.connection() as conn:
                     return await fn(conn)
-            except (pymysql.err.MySQLError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, pymysql.err.MySQLError, OSError) as exc:
                 retry = _lost(exc) and (idempotent or _code(exc) in _NOT_SENT)
                 if not retry or attempt == tries - 1:
                     raise translate(exc, self.where) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import secrets
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,8 +67,10 @@ class InnoDBQueue:
     async def create_schema(self) -> None:
         async def run(conn: Any) -> None:
             async with conn.cursor() as cur:
-                for statement in render(self.dialect, self.tables):
-                    await cur.execute(statement)
+                with warnings.catch_warnings():  # "table already exists" notes
+                    warnings.simplefilter("ignore")
+                    for statement in render(self.dialect, self.tables):
+                        await cur.execute(statement)
 
         await self.db.run(run)
 
@@ -161,10 +164,16 @@ class InnoDBQueue:
                         timed = lane is Lane.TIMED
                         leases.append(
                             Lease(
-                                lane, table, int(r[0]), r[1], bytes(r[2]), int(r[3]) + 1,
-                                r[4] / US if timed else None, bool(r[5]) if timed else False,
+                                lane,
+                                table,
+                                int(r[0]),
+                                r[1],
+                                bytes(r[2]),
+                                int(r[3]) + 1,
+                                r[4] / US if timed else None,
+                                bool(r[5]) if timed else False,
                                 token,
-                            )  # fmt: skip
+                            )
                         )
             return leases
 
@@ -246,9 +255,7 @@ class InnoDBQueue:
         exists = []
         for lane, table in self.tables.all():
             due = "ready <= %(now)s AND " if lane is Lane.TIMED else ""
-            exists.append(
-                f"EXISTS(SELECT 1 FROM `{table}` WHERE {due}lease_until <= %(now)s)"
-            )
+            exists.append(f"EXISTS(SELECT 1 FROM `{table}` WHERE {due}lease_until <= %(now)s)")
         mins = [f"(SELECT MIN(ready) FROM `{t}` WHERE ready > %(now)s)" for t in self.tables.timed]
         return f"SELECT {' OR '.join(exists)}, {', '.join(mins)}"
 
@@ -284,6 +291,36 @@ class InnoDBQueue:
             by_dest.setdefault(dest, {})["dead"] = int(count)
         _, next_due = await self.poll(now)
         return QueueStats(queued, leased, dead, by_dest, next_due)
+
+    async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:
+        """Plain SELECTs (autocommit, READ COMMITTED): no locks, no lease changes."""
+        out: list[dict[str, Any]] = []
+        for row_lane in Lane if lane is None else (lane,):
+            if len(out) >= limit:
+                break
+            timed = row_lane is Lane.TIMED
+            rows: list[tuple[Any, ...]] = []
+            for table in self.tables.lane(row_lane):
+                extra, order = ("ready, reserved", "ready, id") if timed else ("NULL, 0", "id")
+                rows.extend(
+                    (table, *r)
+                    for r in await self._fetch(
+                        f"SELECT id, destination, {extra}, deliveries, lease_until, message "
+                        f"FROM `{table}` ORDER BY {order} LIMIT %s",
+                        (int(limit),),
+                    )
+                )
+            rows.sort(key=lambda r: (r[3] or 0, r[1]))  # (ready, id)
+            for table, rid, dest, ready, reserved, deliveries, until, blob in rows[
+                : limit - len(out)
+            ]:
+                out.append({
+                    "id": int(rid), "lane": str(row_lane), "table": table, "destination": dest,
+                    "ready": ready / US if ready is not None else None,
+                    "reserved": bool(reserved), "deliveries": int(deliveries),
+                    "lease_until": until / US, "blob": bytes(blob),
+                })  # fmt: skip
+        return out
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._fetch(

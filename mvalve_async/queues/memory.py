@@ -95,8 +95,17 @@ class MemoryQueue:
                 r.token = token
                 r.deliveries += 1
                 leases.append(
-                    Lease(lane, r.table, r.id, r.destination, r.blob, r.deliveries,
-                          r.ready, r.reserved, token)  # fmt: skip
+                    Lease(
+                        lane,
+                        r.table,
+                        r.id,
+                        r.destination,
+                        r.blob,
+                        r.deliveries,
+                        r.ready,
+                        r.reserved,
+                        token,
+                    )
                 )
             if len(leases) >= limit:
                 break
@@ -164,6 +173,21 @@ class MemoryQueue:
             d["dead"] = d.get("dead", 0) + 1
         _, next_due = await self.poll(now)
         return QueueStats(queued, leased, len(self._dead), by_dest, next_due)
+
+    async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for row_lane in Lane if lane is None else (lane,):
+            if len(out) >= limit:
+                break
+            rows = [r for t in self.tables.lane(row_lane) for r in self._rows[t].values()]
+            rows.sort(key=lambda r: (r.ready or 0.0, r.id))
+            for r in rows[: limit - len(out)]:
+                out.append({
+                    "id": r.id, "lane": str(r.lane), "table": r.table,
+                    "destination": r.destination, "ready": r.ready, "reserved": r.reserved,
+                    "deliveries": r.deliveries, "lease_until": r.lease_until, "blob": r.blob,
+                })  # fmt: skip
+        return out
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         return [dict(v) for v in list(self._dead.values())[:limit]]

@@ -1,0 +1,458 @@
+"""The sqlite dialect: one embedded file shared by the processes of one host.
+
+The file is opened in WAL mode (readers never block the writer), with a busy
+timeout and `synchronous=NORMAL`. A claim is one `BEGIN IMMEDIATE` transaction
+over the lanes in priority order, leasing rows with the innodb lease columns
+(`lease_until` in epoch microseconds, a random `lease_token` per claim); nothing
+is held while user code runs. Ack, release, move and dead act only on rows still
+held under the claim's token, so a late settle of a lost lease does nothing.
+
+One aiosqlite connection (one worker thread) per queue. Every statement on it
+would join an open transaction, so an asyncio.Lock keeps each operation's
+statements together. Statements queued on the worker thread run even when the
+awaiting task is cancelled; a transaction interrupted by a cancellation is rolled
+back at once, and again (harmlessly) before the connection's next use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import aiosqlite
+
+from ..errors import QueueError, QueueUnavailable, SchemaError
+from ..interfaces import Lane, Lease, QueueStats, Row
+from ..schema import render
+from ..urls import QueueSettings
+
+__all__ = ["HAS_RETURNING", "SQLiteQueue"]
+
+log = logging.getLogger(__name__)
+
+US = 1_000_000
+HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)  # UPDATE ... RETURNING
+_CHUNK = 500  # ids per IN (...) list, far below SQLITE_MAX_VARIABLE_NUMBER (999 before 3.32)
+_LANE_COLUMNS = {"id", "destination", "message", "created", "lease_until", "lease_token",
+                 "deliveries"}  # fmt: skip
+_SHAPES = {
+    "lane": _LANE_COLUMNS,
+    "timed": _LANE_COLUMNS | {"ready", "reserved"},
+    "dead": {"id", "lane", "destination", "message", "reason", "deliveries", "died_at"},
+}
+_SCHEMA_ERRORS = ("no such table", "no such column", "has no column named", "columns but")
+
+
+def _us(t: float) -> int:
+    return round(t * US)
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[tuple[str, list[int]]]:
+    """(placeholders, ids) per slice of at most _CHUNK ids."""
+    for i in range(0, len(ids), _CHUNK):
+        part = [int(x) for x in ids[i : i + _CHUNK]]
+        yield ",".join("?" * len(part)), part
+
+
+class SQLiteQueue:
+    name = "sqlite"
+    dialect = "sqlite"
+
+    def __init__(self, settings: QueueSettings, *, busy_timeout: float = 5.0) -> None:
+        self.settings = settings
+        self.tables = settings.tables
+        self.busy_timeout = busy_timeout
+        self.use_returning = HAS_RETURNING
+        self._lane_of = {table: lane for lane, table in self.tables.all()}
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()  # one operation's statements at a time
+        self._open_lock = asyncio.Lock()
+        self._closed = False
+        self._dirty = False  # a transaction may be open: roll back before the next use
+        self._poll_sql = self._build_poll()
+
+    def __repr__(self) -> str:
+        return f"SQLiteQueue({self.settings.safe_url()!r})"
+
+    # -- connection and transactions ------------------------------------------
+
+    async def connect(self) -> None:
+        async with self._open_lock:
+            if self._db is not None:
+                return
+            path = self.settings.path
+            try:
+                if path != ":memory:":
+                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                db = await aiosqlite.connect(path, isolation_level=None, timeout=self.busy_timeout)
+            except (OSError, sqlite3.Error) as exc:
+                raise QueueUnavailable(f"cannot open {self.settings.safe_url()}: {exc}") from exc
+            try:
+                await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                mode = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))[0][0]
+                await db.execute("PRAGMA synchronous = NORMAL")
+            except sqlite3.Error as exc:
+                await db.close()
+                raise self._translate(exc) from exc
+            if str(mode).lower() != "wal" and path != ":memory:":
+                log.warning("%s: journal_mode is %s, not wal", self.settings.safe_url(), mode)
+            self._db, self._closed, self._dirty = db, False, False
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._db is not None:
+            await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        async with self._lock:  # let the operation in progress finish
+            db, self._db = self._db, None
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await db.close()  # rolls back an open transaction
+
+    def _translate(self, exc: sqlite3.Error) -> QueueError:
+        text, where = str(exc), self.settings.safe_url()
+        if any(hint in text for hint in _SCHEMA_ERRORS):
+            return SchemaError(
+                f"{where}: {text}: the queue tables are missing or malformed; run "
+                "`mvalve create` (or open the pipe with create=True)"
+            )
+        if "locked" in text or "busy" in text:
+            return QueueError(f"{where}: {text} (write lock held over {self.busy_timeout} s)")
+        return QueueError(f"{where}: {text}")
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection, for this task alone; sqlite errors become QueueError."""
+        async with self._lock:
+            try:
+                if self._db is None:
+                    if self._closed:
+                        raise QueueError(f"{self.settings.safe_url()}: the queue is closed")
+                    await self.connect()
+                assert self._db is not None
+                if self._dirty:
+                    await self._rollback(self._db)
+                yield self._db
+            except sqlite3.Error as exc:
+                raise self._translate(exc) from exc
+            except ValueError as exc:  # aiosqlite: "Connection closed"
+                if "onnection" not in str(exc):
+                    raise
+                raise QueueError(f"{self.settings.safe_url()}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A BEGIN IMMEDIATE transaction, committed if the body succeeds."""
+        async with self._session() as db:
+            self._dirty = True
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                yield db
+                await db.execute("COMMIT")
+            except BaseException:
+                # Queued on the worker thread at once, after whatever the body left
+                # there, so it runs even if this task is cancelled again meanwhile.
+                await self._rollback(db)
+                raise
+            self._dirty = False
+
+    async def _rollback(self, db: aiosqlite.Connection) -> None:
+        try:
+            await db.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            if "no transaction" not in str(exc):
+                raise
+        self._dirty = False
+
+    async def _run(self, statements: list[tuple[str, Sequence[Any]]]) -> int:
+        """Run statements (one: autocommit; more: one transaction); rows changed."""
+        if not statements:
+            return 0
+        if len(statements) == 1:
+            async with self._session() as db:
+                return (await db.execute(*statements[0])).rowcount
+        async with self._tx() as db:
+            return sum([(await db.execute(sql, args)).rowcount for sql, args in statements])
+
+    async def _fetch(self, sql: str, args: Any = ()) -> list[Any]:
+        async with self._session() as db:
+            return list(await db.execute_fetchall(sql, args))
+
+    def _table(self, lease: Lease) -> str:
+        if lease.table not in self._lane_of:  # never put a foreign name into SQL
+            raise ValueError(f"lease of an unknown table {lease.table!r}")
+        return lease.table
+
+    def _groups(self, leases: Sequence[Lease]) -> dict[tuple[str, int], list[int]]:
+        out: dict[tuple[str, int], list[int]] = {}
+        for lease in leases:
+            if lease.token:  # token 0 is never a claim's: it would match unleased rows
+                out.setdefault((self._table(lease), lease.token), []).append(lease.id)
+        return out
+
+    # -- schema -----------------------------------------------------------------
+
+    def schema_sql(self) -> str:
+        return ";\n\n".join(render(self.dialect, self.tables)) + ";\n"
+
+    async def create_schema(self) -> None:
+        async with self._tx() as db:
+            for statement in render(self.dialect, self.tables):
+                await db.execute(statement)
+            shapes = [(t, "timed" if lane is Lane.TIMED else "lane") for lane, t in self.tables.all()]
+            for table, shape in [*shapes, (self.tables.dead, "dead")]:
+                rows = await db.execute_fetchall("SELECT name FROM pragma_table_info(?)", (table,))
+                missing = _SHAPES[shape] - {r[0] for r in rows}
+                if missing:
+                    raise SchemaError(
+                        f"{self.settings.safe_url()}: table {table} exists without column(s) "
+                        f"{', '.join(sorted(missing))}: drop it or choose other table names"
+                    )
+
+    async def drop_schema(self) -> None:
+        names = [t for _, t in self.tables.all()] + [self.tables.dead]
+        await self._run([(f"DROP TABLE IF EXISTS {t}", ()) for t in names] + [("SELECT 1", ())])
+
+    # -- writing ----------------------------------------------------------------
+
+    async def insert(self, lane: Lane, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        table = random.choice(self.tables.lane(lane))
+        created = _us(time.time())
+        args: list[tuple[Any, ...]] = []
+        if lane is Lane.TIMED:
+            sql = (f"INSERT INTO {table} (destination, ready, reserved, message, created) "
+                   "VALUES (?, ?, ?, ?, ?)")  # fmt: skip
+            for r in rows:
+                if r.ready is None:
+                    raise ValueError("a timed row needs ready")
+                args.append((r.destination, _us(r.ready), int(r.reserved), r.blob, created))
+        else:
+            sql = f"INSERT INTO {table} (destination, message, created) VALUES (?, ?, ?)"
+            args = [(r.destination, r.blob, created) for r in rows]
+        if len(args) == 1:
+            await self._run([(sql, args[0])])
+            return
+        async with self._tx() as db:
+            await db.executemany(sql, args)
+
+    # -- claiming ---------------------------------------------------------------
+
+    async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
+        if limit < 1:
+            return []
+        params = {"now": _us(now), "until": _us(now + lease_seconds),
+                  "token": secrets.randbits(62) + 1}  # fmt: skip
+        leases: list[Lease] = []
+        async with self._tx() as db:
+            for lane in Lane:
+                want = limit - len(leases)
+                if want <= 0:
+                    break
+                leases += await self._claim_lane(db, lane, {**params, "n": want})
+        return leases
+
+    async def _claim_lane(
+        self, db: aiosqlite.Connection, lane: Lane, p: dict[str, int]
+    ) -> list[Lease]:
+        timed = lane is Lane.TIMED
+        cols = "id, destination, message, deliveries, " + (
+            "ready, reserved, created" if timed else "NULL, 0, created"
+        )
+        where = ("ready <= :now AND " if timed else "") + "lease_until <= :now"
+        order = "ready, id" if timed else "id"
+        tables = self.tables.lane(lane)
+        picked: list[tuple[str, Any]] = []
+        if self.use_returning and len(tables) == 1:
+            rows = await db.execute_fetchall(
+                f"UPDATE {tables[0]} SET lease_until = :until, lease_token = :token, "
+                f"deliveries = deliveries + 1 WHERE id IN (SELECT id FROM {tables[0]} "
+                f"WHERE {where} ORDER BY {order} LIMIT :n) RETURNING {cols}",
+                p,
+            )
+            # RETURNING gives rows in no particular order.
+            picked = sorted(((tables[0], r) for r in rows), key=lambda x: (x[1][4] or 0, x[1][0]))
+            bump = 0  # RETURNING shows the incremented count
+        else:
+            for table in tables:
+                rows = await db.execute_fetchall(
+                    f"SELECT {cols} FROM {table} WHERE {where} ORDER BY {order} LIMIT :n", p
+                )
+                picked += [(table, r) for r in rows]
+            if len(tables) > 1:  # ids are per table: merge by insertion time
+                picked.sort(key=lambda x: (x[1][4] or 0, x[1][6], x[1][0]))
+                picked = picked[: p["n"]]
+            for table in tables:
+                ids = [r[0] for t, r in picked if t == table]
+                for marks, part in _chunks(ids):
+                    await db.execute(
+                        f"UPDATE {table} SET lease_until = ?, lease_token = ?, "
+                        f"deliveries = deliveries + 1 WHERE id IN ({marks})",
+                        [p["until"], p["token"], *part],
+                    )
+            bump = 1
+        return [
+            Lease(lane, t, int(r[0]), r[1], bytes(r[2]), int(r[3]) + bump,
+                  r[4] / US if timed else None, bool(r[5]), p["token"])  # fmt: skip
+            for t, r in picked
+        ]
+
+    # -- settling ---------------------------------------------------------------
+
+    async def ack(self, leases: Sequence[Lease]) -> None:
+        await self._run([
+            (f"DELETE FROM {table} WHERE lease_token = ? AND id IN ({marks})", [token, *part])
+            for (table, token), ids in self._groups(leases).items()
+            for marks, part in _chunks(ids)
+        ])  # fmt: skip
+
+    async def release(self, lease: Lease, delay: float = 0.0) -> None:
+        until = _us(time.time() + delay) if delay > 0 else 0
+        await self._run([(
+            f"UPDATE {self._table(lease)} SET lease_until = ?, lease_token = 0 "
+            "WHERE id = ? AND lease_token = ?", (until, lease.id, lease.token),
+        )])  # fmt: skip
+
+    async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
+        table = self._table(lease)
+        keep = "0" if reserved else "deliveries"
+        guard = "WHERE id = ? AND lease_token = ? AND lease_token <> 0"
+        if lease.lane is Lane.TIMED:  # stays in its table: keeps its id, hence its place
+            await self._run([(
+                f"UPDATE {table} SET ready = ?, reserved = ?, deliveries = {keep}, "
+                f"lease_until = 0, lease_token = 0 {guard}",
+                (_us(ready), int(reserved), lease.id, lease.token),
+            )])  # fmt: skip
+            return
+        target = random.choice(self.tables.timed)
+        async with self._tx() as db:
+            cur = await db.execute(
+                f"INSERT INTO {target} (destination, ready, reserved, message, created, "
+                f"deliveries) SELECT destination, ?, ?, message, created, {keep} "
+                f"FROM {table} {guard}",
+                (_us(ready), int(reserved), lease.id, lease.token),
+            )
+            if cur.rowcount:
+                await db.execute(f"DELETE FROM {table} {guard}", (lease.id, lease.token))
+
+    async def dead(self, leases: Sequence[Lease], reason: str) -> None:
+        groups = self._groups(leases)
+        if not groups:
+            return
+        died = _us(time.time())
+        async with self._tx() as db:
+            for (table, token), ids in groups.items():
+                for marks, part in _chunks(ids):
+                    guard = f"WHERE lease_token = ? AND id IN ({marks})"
+                    await db.execute(
+                        f"INSERT INTO {self.tables.dead} (lane, destination, message, reason, "
+                        "deliveries, died_at) SELECT ?, destination, message, ?, deliveries, ? "
+                        f"FROM {table} {guard} ORDER BY id",
+                        [str(self._lane_of[table]), reason, died, token, *part],
+                    )
+                    await db.execute(f"DELETE FROM {table} {guard}", [token, *part])
+
+    # -- looking ----------------------------------------------------------------
+
+    def _build_poll(self) -> str:
+        exists = [
+            f"EXISTS(SELECT 1 FROM {t} WHERE "
+            + ("ready <= :now AND " if lane is Lane.TIMED else "")
+            + "lease_until <= :now)"
+            for lane, t in self.tables.all()
+        ]
+        mins = " UNION ALL ".join(
+            f"SELECT MIN(ready) AS m FROM {t} WHERE ready > :now" for t in self.tables.timed
+        )
+        return f"SELECT {' OR '.join(exists)}, (SELECT MIN(m) FROM ({mins}))"
+
+    async def poll(self, now: float) -> tuple[bool, float | None]:
+        ((ready, due),) = await self._fetch(self._poll_sql, {"now": _us(now)})
+        return bool(ready), (due / US if due is not None else None)
+
+    async def stats(self, now: float) -> QueueStats:
+        parts = [
+            f"SELECT '{lane}', destination, lease_until > :now, COUNT(*) FROM {t} GROUP BY 2, 3"
+            for lane, t in self.tables.all()
+        ]
+        parts.append(f"SELECT 'dead', destination, 0, COUNT(*) FROM {self.tables.dead} GROUP BY 2")
+        rows = await self._fetch(" UNION ALL ".join(parts), {"now": _us(now)})
+        queued = {lane: 0 for lane in Lane}
+        leased = {lane: 0 for lane in Lane}
+        dead = 0
+        by_dest: dict[str, dict[str, int]] = {}
+        for kind, dest, is_leased, count in rows:
+            if kind == "dead":
+                key, dead = "dead", dead + count
+            else:
+                key = "leased" if is_leased else kind
+                (leased if is_leased else queued)[Lane(kind)] += count
+            d = by_dest.setdefault(dest, {})
+            d[key] = d.get(key, 0) + count
+        _, next_due = await self.poll(now)
+        return QueueStats(queued, leased, dead, by_dest, next_due)
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT id, lane, destination, reason, deliveries, died_at, message "
+            f"FROM {self.tables.dead} ORDER BY id LIMIT ?",
+            (int(limit),),
+        )
+        return [
+            {"id": r[0], "lane": r[1], "destination": r[2], "reason": r[3],
+             "deliveries": r[4], "died_at": r[5] / US, "blob": bytes(r[6])}  # fmt: skip
+            for r in rows
+        ]
+
+    async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
+        dead = self.tables.dead
+        select = f"SELECT id, lane, destination, message FROM {dead}"
+        now_us = _us(time.time())
+        async with self._tx() as db:
+            if ids is None:
+                rows = list(await db.execute_fetchall(f"{select} ORDER BY id"))
+            else:
+                rows = []
+                for marks, part in _chunks(sorted(set(ids))):
+                    rows += await db.execute_fetchall(f"{select} WHERE id IN ({marks})", part)
+            batches: dict[str, list[tuple[Any, ...]]] = {}
+            for _, lane_name, destination, blob in rows:
+                try:
+                    lane = Lane(lane_name)
+                except ValueError:
+                    log.warning("dead letter of unknown lane %r goes to normal", lane_name)
+                    lane = Lane.NORMAL
+                table = random.choice(self.tables.lane(lane))
+                ready = (now_us,) if lane is Lane.TIMED else ()
+                batches.setdefault(table, []).append((*ready, destination, blob, now_us))
+            for table, args in batches.items():
+                timed = self._lane_of[table] is Lane.TIMED
+                await db.executemany(
+                    f"INSERT INTO {table} ({'ready, ' if timed else ''}destination, message, "
+                    f"created) VALUES ({'?, ' if timed else ''}?, ?, ?)",
+                    args,
+                )
+            for marks, part in _chunks([r[0] for r in rows]):
+                await db.execute(f"DELETE FROM {dead} WHERE id IN ({marks})", part)
+        return len(rows)
+
+    async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
+        where, args = ("", ()) if destination is None else (" WHERE destination = ?", (destination,))
+        return await self._run([
+            (f"DELETE FROM {t}{where}", args)
+            for row_lane, t in self.tables.all()
+            if lane is None or row_lane == lane
+        ])  # fmt: skip
+
+    async def purge_dead(self) -> int:
+        return await self._run([(f"DELETE FROM {self.tables.dead}", ())])

@@ -1,0 +1,390 @@
+"""memcached store (aiomcache): records shared by every reader of every process.
+
+`update` is an optimistic `gets` / `cas` loop (`add` when the key is missing), so it
+is atomic per key across processes, with bounded retries.
+
+Keys are `namespace + ":" + key` (UTF-8 bytes). A key that would be longer than
+memcached's 250 bytes, that contains whitespace or control characters (which the
+text protocol and aiomcache refuse), or whose own text starts with ``h:`` (so it can
+never collide with a hashed key) is stored as ``namespace + ":h:" + sha1(key)``.
+
+Several servers are spread by a ketama-compatible consistent-hash ring
+(`uhashring`, nodes named ``host:port``, the ring looked up with the final
+memcached key), so other ketama clients given the same server list and the same
+keys agree on the server.
+
+Behaviour of aiomcache 0.8 this module works around (see the tests):
+
+- Cancelling a call in mid-command returns its connection to aiomcache's pool with
+  the reply still unread, and the next call on it reads the previous reply (wrong
+  values, silently). Every server command here therefore runs in its own task,
+  shielded from the caller's cancellation: the caller sees `CancelledError` at
+  once while the command finishes on its connection. A command that was already
+  sent when its caller was cancelled (an `add` or a `cas`) may still be applied.
+- On a timeout the command is cut off in mid-reply, so its connection is dropped.
+  Each aiomcache client here is given exactly one connection (``pool_size=1``)
+  and this module keeps up to `pool_size` such clients per server, so a timeout
+  drops exactly the one connection at fault and no other caller can be handed it
+  in between (aiomcache's own pool wakes waiters with released connections).
+- aiomcache's pool never grows past ``pool_minsize`` (which defaults to
+  ``pool_size`` and is then opened all at once on the first call); the per-client
+  pool of one avoids that too.
+- A connection closed by the server after a storage or delete command made
+  aiomcache spin forever in `_execute_simple_command` (``readline()`` keeps
+  returning ``b""`` without yielding), freezing the whole event loop; `_Client`
+  overrides it to raise `ConnectionError` instead.
+- `cas` returns False both on conflict and on a vanished key (both mean: retry);
+  ``gets`` on a missing key returns ``(None, None)``; a cas token of 0 (memcached
+  started with ``-C``) would make aiomcache send a plain ``cas`` without token.
+- Expiry times are whole seconds, and values over 30 days are read by memcached
+  as absolute Unix times: ttl is rounded up and clamped to 30 days.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import aiomcache
+import uhashring
+from aiomcache.pool import Connection
+
+from mvalve_async.errors import ConfigError, StoreError
+
+__all__ = ["MAX_TTL", "MemcachedStore"]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+#: memcached reads an exptime above 30 days as an absolute Unix time.
+MAX_TTL = 30 * 24 * 3600
+_MAX_KEY = 250  # bytes, memcached's limit
+_SHA1_HEX = 40
+# Characters aiomcache (and the text protocol) refuse in a key: whitespace, C0, DEL, C1.
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+# Backoff after a lost race: the first retry is immediate, then jittered exponential.
+_BACKOFF_BASE = 0.0005
+_BACKOFF_CAP = 0.02
+
+
+class _Client(aiomcache.Client):
+    """aiomcache client whose simple commands fail instead of spinning on EOF."""
+
+    async def _execute_simple_command(self, conn: Connection, raw_command: bytes) -> bytes:
+        conn.writer.write(raw_command)
+        await conn.writer.drain()
+        line = await conn.reader.readline()
+        if not line.endswith(b"\r\n"):
+            # aiomcache 0.8 loops on `readline()` until it sees CRLF; at EOF that
+            # returns b"" forever without suspending and freezes the event loop.
+            raise ConnectionError("connection closed by the server in mid-reply")
+        return line[:-2]
+
+
+class _Server:
+    """One memcached server: up to `pool_size` single-connection aiomcache clients."""
+
+    def __init__(self, host: str, port: int, pool_size: int) -> None:
+        self.host = host
+        self.port = port
+        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.slots = asyncio.Semaphore(pool_size)
+        self._idle: list[_Client] = []
+
+    def checkout(self) -> _Client:
+        # Only called while holding a slot, so at most `pool_size` clients exist.
+        # The client connects lazily, on its first command.
+        return self._idle.pop() if self._idle else _Client(self.host, self.port, pool_size=1)
+
+    def checkin(self, client: _Client) -> None:
+        self._idle.append(client)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for client in idle:
+            await _close_client(client)
+
+
+async def _close_client(client: _Client) -> None:
+    # aiomcache's close() closes the pooled (idle) connection. After a cancelled
+    # command the connection has already been released to the pool, so this closes
+    # it; it does not suspend on a non-empty pool.
+    try:
+        await client.close()
+    except Exception:  # closing a broken socket: nothing more to do
+        log.debug("error closing a memcached connection", exc_info=True)
+
+
+class _Turn:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class _Op:
+    __slots__ = ("args", "name", "sent", "server")
+
+    def __init__(self, server: _Server, name: str, args: tuple[Any, ...]) -> None:
+        self.server = server
+        self.name = name
+        self.args = args
+        self.sent = False  # the command may have reached the server
+
+
+def _exptime(ttl: float) -> int:
+    if ttl < 0 or math.isnan(ttl):
+        raise ConfigError(f"ttl must be >= 0 seconds, got {ttl!r}")
+    if ttl == 0:
+        return 0  # never expires
+    seconds = math.ceil(ttl)
+    if seconds > MAX_TTL:
+        log.debug("ttl %s s clamped to memcached's relative maximum %d s", ttl, MAX_TTL)
+        return MAX_TTL
+    return seconds
+
+
+class MemcachedStore:
+    """`Store` on one or more memcached servers (aiomcache), see the module doc.
+
+    - `servers`: ``[(host, port), ...]``, spread by a ketama ring when several.
+    - `namespace`: prefix of every key (``namespace:key``).
+    - `pool_size`: connections per server (opened on demand).
+    - `timeout`: seconds for each server command, including the wait for a free
+      connection and connecting; on expiry the connection is dropped and
+      `StoreError` raised.
+    - `max_retries`: optimistic attempts of `update` before `StoreError`.
+    - `ttl` (of `update`): seconds, rounded up; 0 means no expiry; more than 30
+      days (`MAX_TTL`) is clamped to 30 days, since memcached reads larger values
+      as absolute times.
+
+    `ops` counts round trips (each get, gets, add, cas, delete is one); `retries`
+    counts the `update` attempts lost to a concurrent writer.
+    """
+
+    name = "memcached"
+
+    def __init__(
+        self,
+        servers: Sequence[tuple[str, int]],
+        *,
+        namespace: str = "mvalve",
+        pool_size: int = 8,
+        timeout: float = 2.0,
+        max_retries: int = 64,
+    ) -> None:
+        if not servers:
+            raise ConfigError("MemcachedStore needs at least one (host, port) server")
+        if not namespace or _UNSAFE.search(namespace):
+            raise ConfigError(
+                f"memcached namespace must be non-empty, without whitespace or control "
+                f"characters: {namespace!r}"
+            )
+        if len(namespace.encode()) + len(":h:") + _SHA1_HEX > _MAX_KEY:
+            raise ConfigError(f"memcached namespace too long: {namespace!r}")
+        if pool_size < 1 or max_retries < 1 or not timeout > 0:
+            raise ConfigError(
+                "MemcachedStore needs pool_size >= 1, max_retries >= 1 and timeout > 0"
+            )
+        self._servers: dict[str, _Server] = {}
+        for host, port in servers:
+            if not host or not isinstance(port, int) or not 0 < port < 65536:
+                raise ConfigError(f"bad memcached server: {(host, port)!r}")
+            server = _Server(host, port, pool_size)
+            if server.label in self._servers:
+                raise ConfigError(f"memcached server listed twice: {server.label}")
+            self._servers[server.label] = server
+        self._only: _Server | None = None
+        self._ring: Any = None
+        if len(self._servers) == 1:
+            self._only = next(iter(self._servers.values()))
+        else:
+            self._ring = uhashring.HashRing(nodes=list(self._servers), hash_fn="ketama")
+        self.namespace = namespace
+        self.pool_size = pool_size
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.ops = 0
+        self.retries = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._turns: dict[bytes, _Turn] = {}
+        self._closed = False
+
+    # -- keys and servers ----------------------------------------------------
+
+    def key_for(self, key: str) -> bytes:
+        """The memcached key that stores `key`."""
+        if not isinstance(key, str):
+            raise TypeError(f"store keys are str, got {type(key).__name__}")
+        full = f"{self.namespace}:{key}"
+        if not key.startswith("h:") and not _UNSAFE.search(full):
+            try:
+                raw = full.encode()
+            except UnicodeEncodeError:  # lone surrogates
+                pass
+            else:
+                if len(raw) <= _MAX_KEY:
+                    return raw
+        digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self.namespace}:h:{digest}".encode()
+
+    def server_for(self, key: str) -> str:
+        """``host:port`` of the server that holds `key`."""
+        return self._server(self.key_for(key)).label
+
+    def _server(self, mkey: bytes) -> _Server:
+        if self._only is not None:
+            return self._only
+        # uhashring hashes str(key): give it the text, not bytes' repr.
+        return self._servers[self._ring.get_node(mkey.decode())]
+
+    # -- one round trip ------------------------------------------------------
+
+    async def _call(self, server: _Server, name: str, *args: Any) -> Any:
+        if self._closed:
+            raise StoreError(f"memcached store {self!r} is closed")
+        self.ops += 1
+        op = _Op(server, name, args)
+        task = asyncio.ensure_future(self._run(op))
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not op.sent:
+                task.cancel()  # still waiting for a connection: nothing sent yet
+            # else it completes on its own connection, which stays in sync.
+            raise
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller may have been cancelled
+
+    async def _run(self, op: _Op) -> Any:
+        server = op.server
+        try:
+            async with asyncio.timeout(self.timeout), server.slots:
+                client = server.checkout()
+                op.sent = True
+                try:
+                    result = await getattr(client, op.name)(*op.args)
+                except BaseException:
+                    # Timed out or failed in mid-command: the connection's state is
+                    # unknown (a reply may still be on its way), never reuse it.
+                    await _close_client(client)
+                    raise
+                server.checkin(client)
+                return result
+        except TimeoutError:
+            log.warning(
+                "memcached %s: %s timed out after %g s, connection dropped",
+                server.label,
+                op.name,
+                self.timeout,
+            )
+            raise StoreError(
+                f"memcached {server.label}: {op.name} timed out after {self.timeout:g} s"
+            ) from None
+        except Exception as exc:
+            log.debug("memcached %s: %s failed: %r", server.label, op.name, exc)
+            raise StoreError(f"memcached {server.label}: {op.name} failed: {exc!r}") from exc
+
+    # -- Store protocol ------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        mkey = self.key_for(key)
+        value: bytes | None = await self._call(self._server(mkey), "get", mkey)
+        return value
+
+    async def update(
+        self,
+        key: str,
+        fn: Callable[[bytes | None], tuple[bytes | None, R]],
+        ttl: float = 0,
+    ) -> R:
+        """Atomic read-modify-write by `gets` then `cas` (or `add` when missing),
+        retried (up to `max_retries` attempts, with a short jittered backoff) when
+        another writer got there first. See `Store.update`.
+
+        Updates of one key through this store take turns, so they race only with
+        other processes. `ttl`: see the class doc; it is set anew by each write.
+        If the caller is cancelled after the `add`/`cas` was sent, the write may
+        still be applied (the caller sees `CancelledError` either way)."""
+        mkey = self.key_for(key)
+        exptime = _exptime(ttl)
+        # Updates of one key from this process take turns: they would only defeat
+        # each other's cas (50 tasks on one key cost ~8 retries per update and
+        # could starve), so only other processes' writes are left to race with.
+        turn = self._turns.get(mkey)
+        if turn is None:
+            turn = self._turns[mkey] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                return await self._update(mkey, key, fn, exptime)
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[mkey]
+
+    async def _update(
+        self,
+        mkey: bytes,
+        key: str,
+        fn: Callable[[bytes | None], tuple[bytes | None, R]],
+        exptime: int,
+    ) -> R:
+        server = self._server(mkey)
+        for attempt in range(self.max_retries):
+            old, token = await self._call(server, "gets", mkey)
+            new, result = fn(old)
+            if new is None:
+                return result
+            if not isinstance(new, bytes):
+                raise TypeError(f"update fn must return bytes or None, got {type(new).__name__}")
+            if old is None:
+                stored = await self._call(server, "add", mkey, new, exptime)
+            elif not token:
+                raise StoreError(
+                    f"memcached {server.label}: gets returned no cas token "
+                    "(is memcached running with -C?)"
+                )
+            else:
+                stored = await self._call(server, "cas", mkey, new, token, exptime)
+            if stored:
+                return result
+            # add: someone created it first; cas: changed or deleted meanwhile.
+            self.retries += 1
+            if attempt:
+                delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(attempt, 16))
+                await asyncio.sleep(random.uniform(0, delay))
+        log.warning("memcached %s: update of %r lost %d races", server.label, key, self.max_retries)
+        raise StoreError(
+            f"memcached {server.label}: update of {key!r} gave up after "
+            f"{self.max_retries} conflicting writes"
+        )
+
+    async def delete(self, key: str) -> None:
+        mkey = self.key_for(key)
+        await self._call(self._server(mkey), "delete", mkey)
+
+    async def close(self) -> None:
+        """Let commands in flight finish (each is bounded by `timeout`), then close
+        every connection. Later calls raise `StoreError`."""
+        self._closed = True
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._servers.values():
+            await server.close()
+
+    def __repr__(self) -> str:
+        return f"MemcachedStore(servers={list(self._servers)!r}, namespace={self.namespace!r})"

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from mvalve_async.interfaces import Queue
+from mvalve_async.urls import QueueSettings, Tables, make_queue
+from tests.services import MYSQL_URL, require_mysql
+
+DIALECTS = ["memory", "innodb", "sqlite", "q4m"]
+
+
+def unique_tables(prefix: str = "t") -> Tables:
+    sfx = f"{prefix}{uuid.uuid4().hex[:8]}"
+    return Tables(
+        emergency=(f"e_{sfx}",), timed=(f"t_{sfx}",), normal=(f"n_{sfx}",), dead=f"d_{sfx}"
+    )
+
+
+def _available(dialect: str) -> bool:
+    module = {"sqlite": "mvalve_async.queues.sqlite", "q4m": "mvalve_async.queues.q4m"}.get(dialect)
+    if module is None:
+        return True
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+async def open_queue(dialect: str, tmp_path: object, request: pytest.FixtureRequest) -> Queue:
+    tables = unique_tables()
+    if dialect == "memory":
+        settings = QueueSettings("memory", tables=tables)
+    elif dialect == "innodb":
+        require_mysql()
+        settings = QueueSettings.from_url(MYSQL_URL)
+        settings = QueueSettings(
+            "innodb", host=settings.host, port=settings.port, user=settings.user,
+            password=settings.password, database=settings.database, tables=tables,
+        )  # fmt: skip
+    elif dialect == "sqlite":
+        settings = QueueSettings("sqlite", path=os.path.join(str(tmp_path), "q.db"), tables=tables)
+    elif dialect == "q4m":
+        server = request.getfixturevalue("q4m_server")
+        settings = QueueSettings("q4m", port=server.port, tables=tables, database="test")
+    else:  # pragma: no cover
+        raise AssertionError(dialect)
+    queue = make_queue(settings)
+    await queue.connect()
+    await queue.create_schema()
+    return queue
+
+
+@pytest.fixture(params=DIALECTS)
+async def queue(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[Queue]:
+    """A connected queue with fresh tables, for every dialect the tree has."""
+    if not _available(request.param):
+        pytest.skip(f"dialect {request.param} is not built yet")
+    q = await open_queue(request.param, tmp_path, request)
+    try:
+        yield q
+    finally:
+        await q.drop_schema()
+        await q.close()
+
+
+@pytest.fixture(params=[d for d in DIALECTS if d != "q4m"] + ["q4m"])
+async def pipe(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[object]:
+    """A connected Pipe (queue of every dialect, memory store) on fresh tables."""
+    from mvalve_async.pipe import Pipe
+    from mvalve_async.stores.memory import MemoryStore
+
+    if not _available(request.param):
+        pytest.skip(f"dialect {request.param} is not built yet")
+    q = await open_queue(request.param, tmp_path, request)
+    p = Pipe(q, MemoryStore())
+    await p.connect()
+    try:
+        yield p
+    finally:
+        await p.close()
+        await q.connect()
+        await q.drop_schema()
+        await q.close()
