@@ -1,0 +1,719 @@
+"""MemcachedStore against a real memcached on 127.0.0.1:11211 (plus extra instances
+started here on free loopback ports). Skipped when memcached is not reachable,
+except under CI (env var CI set), where that is a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import aiomcache
+import pytest
+from uhashring import HashRing
+
+from mvalve_async.errors import ConfigError, StoreError
+from mvalve_async.interfaces import Store
+from mvalve_async.stores.memcached import MAX_TTL, MemcachedStore
+
+pytestmark = pytest.mark.memcached
+
+HOST = "127.0.0.1"
+PORT = 11211
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _reachable(port: int, host: str = HOST) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as sock:
+            sock.sendall(b"version\r\n")
+            return sock.recv(64).startswith(b"VERSION")
+    except OSError:
+        return False
+
+
+def _unavailable(why: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{why} (CI is set: the memcached store tests must run)", pytrace=False)
+    pytest.skip(why)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _ns() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+def _wait_until(cond: Callable[[], bool], what: str, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.02)
+
+
+class MemcachedProcess:
+    """An extra memcached daemon on a free loopback port, stoppable and restartable."""
+
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.pidfile = workdir / f"memcached-{self.port}.pid"
+        self.args = args
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        cmd = ["memcached", "-d", "-l", HOST, "-p", str(self.port), "-P", str(self.pidfile)]
+        if os.geteuid() == 0:
+            cmd += ["-u", "root"]
+        subprocess.run([*cmd, *self.args], check=True)
+        _wait_until(lambda: _reachable(self.port), f"memcached listens on {self.port}")
+        _wait_until(lambda: self.pidfile.exists() and self.pidfile.read_text().strip() != "", "pid")
+        self.pid = int(self.pidfile.read_text())
+
+    def stop(self) -> None:
+        """Kill the daemon (SIGKILL: a crash, and instant; SIGTERM takes a second)."""
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+        def dead() -> bool:  # gone, or a zombie nobody has reaped yet
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except FileNotFoundError:
+                return True
+            return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+        _wait_until(dead, f"memcached {pid} exits")
+        _wait_until(lambda: not _reachable(self.port), f"port {self.port} is closed")
+
+    @property
+    def label(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def memcached_up() -> None:
+    if not _reachable(PORT):
+        _unavailable(f"memcached is not reachable on {HOST}:{PORT}")
+
+
+@pytest.fixture(scope="session")
+def memcached_binary() -> None:
+    if shutil.which("memcached") is None:
+        _unavailable("the memcached binary is not installed")
+
+
+@pytest.fixture(scope="session")
+def two_servers(
+    memcached_binary: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[MemcachedProcess]]:
+    workdir = tmp_path_factory.mktemp("memcached")
+    procs = [MemcachedProcess(workdir), MemcachedProcess(workdir)]
+    try:
+        for proc in procs:
+            proc.start()
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+@pytest.fixture
+def spare_server(memcached_binary: None, tmp_path: Path) -> Iterator[MemcachedProcess]:
+    proc = MemcachedProcess(tmp_path)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+async def store(memcached_up: None) -> AsyncIterator[MemcachedStore]:
+    s = MemcachedStore([(HOST, PORT)], namespace=_ns())
+    yield s
+    await s.close()
+
+
+def incr(old: bytes | None) -> tuple[bytes, int]:
+    n = int(old or b"0") + 1
+    return str(n).encode(), n
+
+
+def put(value: bytes) -> Callable[[bytes | None], tuple[bytes, None]]:
+    return lambda old: (value, None)
+
+
+async def meta_ttl(port: int, mkey: bytes) -> int | None:
+    """Remaining ttl as memcached itself reports it (meta get): -1 = never, None = absent."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(b"mg " + mkey + b" t\r\n")
+        line = await reader.readline()
+    finally:
+        writer.close()
+    if line.startswith(b"EN"):
+        return None
+    assert line.startswith(b"HD "), line
+    return int(line.split()[1][1:])
+
+
+async def server_keys(port: int, mkeys: list[bytes]) -> set[bytes]:
+    client = aiomcache.Client(HOST, port)
+    try:
+        values = await client.multi_get(*mkeys)
+    finally:
+        await client.close()
+    return {k for k, v in zip(mkeys, values, strict=True) if v is not None}
+
+
+# -- basics ----------------------------------------------------------------------
+
+
+async def test_round_trip(store: MemcachedStore) -> None:
+    assert isinstance(store, Store)
+    assert await store.get("a") is None
+    assert await store.update("a", lambda old: (b"one", old)) is None
+    assert await store.get("a") == b"one"
+    assert await store.update("a", lambda old: (b"two", old)) == b"one"
+    assert await store.get("a") == b"two"
+    await store.delete("a")
+    assert await store.get("a") is None
+    await store.delete("a")  # deleting a missing key is fine
+
+
+async def test_update_of_missing_key_and_no_change(store: MemcachedStore) -> None:
+    seen: list[bytes | None] = []
+
+    def look(old: bytes | None) -> tuple[bytes | None, str]:
+        seen.append(old)
+        return None, "unchanged"
+
+    assert await store.update("missing", look) == "unchanged"
+    assert seen == [None]
+    assert await store.get("missing") is None  # returning None writes nothing
+    assert await store.update("missing", incr) == 1
+    assert await store.get("missing") == b"1"
+
+
+async def test_fn_errors_propagate_and_leave_value(store: MemcachedStore) -> None:
+    await store.update("k", lambda old: (b"kept", None))
+
+    def boom(old: bytes | None) -> tuple[bytes | None, None]:
+        raise KeyError("from fn")
+
+    with pytest.raises(KeyError):
+        await store.update("k", boom)
+    with pytest.raises(TypeError):
+        await store.update("k", lambda old: ("not bytes", None))  # type: ignore[arg-type,return-value]
+    assert await store.get("k") == b"kept"
+
+
+async def test_ops_count_round_trips(store: MemcachedStore) -> None:
+    assert store.ops == 0
+    await store.update("c", incr)  # gets + add
+    assert store.ops == 2
+    await store.update("c", incr)  # gets + cas
+    assert store.ops == 4
+    await store.update("c", lambda old: (None, None))  # gets only
+    assert store.ops == 5
+    await store.get("c")
+    await store.delete("c")
+    assert store.ops == 7
+    assert store.retries == 0
+
+
+async def test_repr_and_config_errors(store: MemcachedStore) -> None:
+    assert (
+        repr(store) == f"MemcachedStore(servers=['{HOST}:{PORT}'], namespace='{store.namespace}')"
+    )
+    with pytest.raises(ConfigError):
+        MemcachedStore([])
+    with pytest.raises(ConfigError):
+        MemcachedStore([(HOST, PORT)], namespace="has space")
+    with pytest.raises(ConfigError):
+        MemcachedStore([(HOST, PORT)], namespace="n" * 208)
+    with pytest.raises(ConfigError):
+        MemcachedStore([(HOST, PORT), (HOST, PORT)])
+    with pytest.raises(ConfigError):
+        await store.update("k", incr, ttl=-1)
+
+
+async def test_closed_store_refuses(memcached_up: None) -> None:
+    s = MemcachedStore([(HOST, PORT)], namespace=_ns())
+    await s.update("k", incr)
+    await s.close()
+    await s.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        await s.get("k")
+
+
+# -- ttl -------------------------------------------------------------------------
+
+
+async def test_ttl_is_applied_and_expires(store: MemcachedStore) -> None:
+    await store.update("short", lambda old: (b"x", None), ttl=1)
+    assert await meta_ttl(PORT, store.key_for("short")) in (0, 1)
+    # memcached's clock ticks once a second: expiry comes within about 2 s.
+    deadline = time.monotonic() + 4.0
+    while await store.get("short") is not None:
+        assert time.monotonic() < deadline, "an item with ttl=1 did not expire"
+        await asyncio.sleep(0.05)
+
+
+async def test_ttl_rounding_clamping_and_rewrite(store: MemcachedStore) -> None:
+    await store.update("frac", lambda old: (b"x", None), ttl=0.2)  # rounded up to 1 s
+    assert await meta_ttl(PORT, store.key_for("frac")) in (0, 1)
+
+    await store.update("forever", lambda old: (b"x", None))  # ttl=0: no expiry
+    assert await meta_ttl(PORT, store.key_for("forever")) == -1
+
+    # A year would be read as an absolute (past) time and vanish at once: clamped.
+    await store.update("year", lambda old: (b"x", None), ttl=365 * 86400)
+    assert await store.get("year") == b"x"
+    ttl = await meta_ttl(PORT, store.key_for("year"))
+    assert ttl is not None and MAX_TTL - 5 <= ttl <= MAX_TTL
+
+    # Each successful update (cas) sets the ttl anew.
+    await store.update("year", lambda old: (b"y", None), ttl=100)
+    ttl = await meta_ttl(PORT, store.key_for("year"))
+    assert ttl is not None and 95 <= ttl <= 100
+
+
+# -- keys ------------------------------------------------------------------------
+
+
+async def test_long_and_unsafe_keys_are_hashed(store: MemcachedStore) -> None:
+    ns = store.namespace
+    plain_max = "p" * (250 - len(ns) - 1)
+    keys = {
+        "plain": False,
+        plain_max: False,
+        plain_max + "p": True,
+        "a" * 300: True,
+        "a" * 301: True,
+        "with space": True,
+        "tab\there": True,
+        "new\nline": True,
+        "nul\x00": True,
+        "c1\x85": True,
+        "nbsp\u00a0": True,
+        "ünïcödé✓": False,
+        "é" * 200: True,  # 200 characters, but 400 bytes
+        "h:" + "0" * 40: True,  # never mistaken for a hashed key
+        "": False,
+    }
+    mkeys = set()
+    for key, hashed in keys.items():
+        mkey = store.key_for(key)
+        assert len(mkey) <= 250
+        if hashed:
+            digest = hashlib.sha1(key.encode()).hexdigest()
+            assert mkey == f"{ns}:h:{digest}".encode(), key
+        else:
+            assert mkey == f"{ns}:{key}".encode(), key
+        mkeys.add(mkey)
+    assert len(mkeys) == len(keys)
+
+    for i, key in enumerate(keys):
+        await store.update(key, put(f"v{i}".encode()))
+    for i, key in enumerate(keys):
+        assert await store.get(key) == f"v{i}".encode(), key
+    for key in keys:
+        await store.delete(key)
+        assert await store.get(key) is None
+
+
+# -- atomicity -------------------------------------------------------------------
+
+
+async def test_concurrent_updates_are_atomic(store: MemcachedStore) -> None:
+    async def worker() -> list[int]:
+        return [await store.update("counter", incr) for _ in range(20)]
+
+    results = await asyncio.gather(*(worker() for _ in range(50)))
+    # Every attempt is a gets plus an add/cas.
+    assert store.ops == 2 * (1000 + store.retries)
+    assert await store.get("counter") == b"1000"
+    # Every update saw a distinct value: none was lost or applied twice.
+    assert sorted(n for r in results for n in r) == list(range(1, 1001))
+
+
+async def test_two_stores_racing(memcached_up: None) -> None:
+    ns = _ns()
+    a = MemcachedStore([(HOST, PORT)], namespace=ns)
+    b = MemcachedStore([(HOST, PORT)], namespace=ns)
+    try:
+
+        async def worker(s: MemcachedStore) -> list[int]:
+            return [await s.update("counter", incr) for _ in range(20)]
+
+        results = await asyncio.gather(*(worker(a if i % 2 else b) for i in range(50)))
+        assert a.ops + b.ops == 2 * (1000 + a.retries + b.retries)
+        assert await a.get("counter") == b"1000"
+        assert sorted(n for r in results for n in r) == list(range(1, 1001))
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_update_gives_up_after_max_retries(
+    store: MemcachedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = MemcachedStore([(HOST, PORT)], namespace=store.namespace, max_retries=3)
+    try:
+        await store.update("k", incr)
+        call = s._call
+
+        async def meddling_call(server: object, name: str, *args: object) -> object:
+            if name == "cas":  # another writer gets in between our gets and our cas
+                await store.update("k", incr)
+            return await call(server, name, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(s, "_call", meddling_call)
+        with pytest.raises(StoreError, match="gave up after 3"):
+            await s.update("k", lambda old: (b"mine", None))
+        assert s.retries == 3
+        assert await store.get("k") == b"4"
+    finally:
+        await s.close()
+
+
+# -- several servers ---------------------------------------------------------------
+
+
+def _ketama_continuum(nodes: list[str]) -> tuple[list[int], list[str]]:
+    """libketama's continuum for equally weighted servers, written independently."""
+    points: list[tuple[int, str]] = []
+    for node in nodes:
+        for i in range(40):
+            digest = hashlib.md5(f"{node}-{i}".encode()).digest()
+            for h in range(4):
+                points.append((int.from_bytes(digest[4 * h : 4 * h + 4], "little"), node))
+    points.sort()
+    return [p for p, _ in points], [n for _, n in points]
+
+
+def _ketama_node(continuum: tuple[list[int], list[str]], mkey: bytes) -> str:
+    hashes, nodes = continuum
+    h = int.from_bytes(hashlib.md5(mkey).digest()[:4], "little")
+    return nodes[bisect.bisect_left(hashes, h) % len(hashes)]
+
+
+async def test_consistent_hashing_over_two_servers(two_servers: list[MemcachedProcess]) -> None:
+    servers = [(HOST, p.port) for p in two_servers]
+    labels = [p.label for p in two_servers]
+    ns = _ns()
+    s = MemcachedStore(servers, namespace=ns)
+    reverse = MemcachedStore(servers[::-1], namespace=ns)
+    try:
+        keys = [f"dest-{i}" for i in range(200)] + ["a" * 300, "with space"]
+        for key in keys:
+            await s.update(key, put(key.encode()))
+
+        mkeys = [s.key_for(k) for k in keys]
+        held = {p.label: await server_keys(p.port, mkeys) for p in two_servers}
+        assert held[labels[0]].isdisjoint(held[labels[1]])
+        continuum = _ketama_continuum(labels)
+        ring = HashRing(nodes=labels, hash_fn="ketama")
+        for key, mkey in zip(keys, mkeys, strict=True):
+            where = s.server_for(key)
+            assert mkey in held[where], key  # stored exactly where it is looked up
+            assert reverse.server_for(key) == where  # independent of the list order
+            assert _ketama_node(continuum, mkey) == where  # libketama's choice
+            assert ring.get_node(mkey.decode()) == where
+            assert await reverse.get(key) == key.encode()
+        for label in labels:  # spread over both (about half each)
+            assert len(held[label]) >= len(keys) // 4, {k: len(v) for k, v in held.items()}
+    finally:
+        await s.close()
+        await reverse.close()
+
+
+# -- failures ----------------------------------------------------------------------
+
+
+async def test_unreachable_server_raises_store_error_quickly() -> None:
+    port = _free_port()  # nothing listens there
+    s = MemcachedStore([(HOST, port)], namespace=_ns())
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=f"{HOST}:{port}"):
+            await s.get("k")
+        with pytest.raises(StoreError, match=f"{HOST}:{port}"):
+            await s.update("k", incr)
+        with pytest.raises(StoreError, match=f"{HOST}:{port}"):
+            await s.delete("k")
+        assert time.monotonic() - started < 1.0
+    finally:
+        await s.close()
+
+
+async def test_server_killed_then_restarted(spare_server: MemcachedProcess) -> None:
+    s = MemcachedStore([(HOST, spare_server.port)], namespace=_ns(), pool_size=4)
+    try:
+        await asyncio.gather(*(s.update("k", incr) for _ in range(20)))  # 4 connections
+        assert await s.get("k") == b"20"
+
+        spare_server.stop()
+        started = time.monotonic()
+        for call in (lambda: s.get("k"), lambda: s.update("k", incr), lambda: s.delete("k")):
+            for _ in range(5):  # every pooled connection is found dead, none hangs
+                with pytest.raises(StoreError, match=spare_server.label):
+                    await call()
+        assert time.monotonic() - started < 2.0
+
+        spare_server.start()
+        assert await s.get("k") is None  # a fresh memcached: empty
+        await asyncio.gather(*(s.update("k", incr) for _ in range(20)))
+        assert await s.get("k") == b"20"
+    finally:
+        await s.close()
+
+
+async def test_cas_disabled_server_is_reported(memcached_binary: None, tmp_path: Path) -> None:
+    proc = MemcachedProcess(tmp_path, "-C")  # memcached without CAS: tokens are 0
+    proc.start()
+    s = MemcachedStore([(HOST, proc.port)], namespace=_ns())
+    try:
+        await s.update("k", incr)  # add needs no token
+        with pytest.raises(StoreError, match="-C"):
+            await s.update("k", incr)
+    finally:
+        await s.close()
+        proc.stop()
+
+
+async def test_timeout_drops_the_connection() -> None:
+    """A server that never answers: StoreError after `timeout`, and the connection
+    (with its late reply) is closed rather than reused."""
+    connections = 0
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while await reader.read(1024):
+            pass  # read commands, never answer
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    s = MemcachedStore([(HOST, port)], namespace=_ns(), timeout=0.2, pool_size=1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=rf"{HOST}:{port}: get timed out"):
+            await s.get("k")
+        assert 0.15 < time.monotonic() - started < 1.0
+        await asyncio.wait_for(closed.wait(), 2.0)
+        with pytest.raises(StoreError, match="timed out"):
+            await s.update("k", incr)
+        assert connections == 2  # a new connection, not the abandoned one
+    finally:
+        await s.close()
+        server.close()
+        await server.wait_closed()
+
+
+_EOF_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, time
+    from mvalve_async.errors import StoreError
+    from mvalve_async.stores.memcached import MemcachedStore
+
+    async def handle(reader, writer):
+        line = await reader.readline()          # gets
+        writer.write(b"END\\r\\n")
+        await writer.drain()
+        await reader.readline()                  # add ... header
+        writer.close()                           # close without any reply
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        s = MemcachedStore([("127.0.0.1", port)], timeout=2.0)
+        ticks = 0
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+        t = asyncio.create_task(tick())
+        try:
+            await s.update("k", lambda old: (b"v", None))
+        except StoreError as exc:
+            print("StoreError", exc)
+        t.cancel()
+        await s.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_server_closing_mid_reply_does_not_freeze_the_loop() -> None:
+    """aiomcache 0.8 spins forever (without yielding) when the server closes the
+    connection before answering a storage command; run in a subprocess so that a
+    regression fails instead of hanging the test session."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _EOF_SCRIPT], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("StoreError"), proc.stdout + proc.stderr
+    assert "127.0.0.1:" in proc.stdout and "closed" in proc.stdout
+
+
+# -- cancellation ----------------------------------------------------------------
+
+
+def _cancel_after(task: asyncio.Task[object], hops: int) -> None:
+    """Cancel `task` after `hops` turns of the event loop (0: at the next turn)."""
+    loop = asyncio.get_running_loop()
+
+    def step(left: int) -> None:
+        if left:
+            loop.call_soon(step, left - 1)
+        else:
+            task.cancel()
+
+    loop.call_soon(step, hops)
+
+
+async def test_cancellation_never_mixes_replies(memcached_up: None) -> None:
+    """Cancel tasks at every stage of their commands (waiting for a turn or a
+    connection, gets in flight, cas in flight) while many run over 2 connections;
+    afterwards every reply must still belong to its own request, and each counter
+    must hold exactly the updates that were applied."""
+    rng = random.Random(1234)
+    s = MemcachedStore([(HOST, PORT)], namespace=_ns(), pool_size=2)
+    try:
+        plain = [f"k{i}" for i in range(20)]
+        for key in plain:
+            await s.update(key, put(f"value-of-{key}".encode()))
+
+        counters = [f"ctr{i}" for i in range(4)]
+
+        def add_id(
+            ident: str, cancel_hops: int | None = None
+        ) -> Callable[[bytes | None], tuple[bytes, int]]:
+            first = True
+
+            def fn(old: bytes | None) -> tuple[bytes, int]:
+                nonlocal first
+                if first and cancel_hops is not None:
+                    # Runs once gets has answered: the cancel then lands while the
+                    # add/cas is being sent or awaited.
+                    current = asyncio.current_task()
+                    assert current is not None
+                    _cancel_after(current, cancel_hops)
+                first = False
+                ids = old.decode().split(",") if old else []
+                assert ident not in ids  # would mean an update applied twice
+                return ",".join([*ids, ident]).encode(), len(ids) + 1
+
+            return fn
+
+        async def reader(key: str) -> None:
+            assert await s.get(key) == f"value-of-{key}".encode()
+
+        started: dict[str, str] = {}  # update id -> counter
+        tasks: dict[str, asyncio.Task[object]] = {}
+        task: asyncio.Task[object]
+        for i in range(400):
+            dice = rng.random()
+            if i % 2:
+                ident, ctr = f"u{i}", counters[i % len(counters)]
+                started[ident] = ctr
+                hops = rng.randrange(4) if dice < 0.25 else None
+                tasks[ident] = task = asyncio.create_task(s.update(ctr, add_id(ident, hops)))
+            else:
+                task = asyncio.create_task(reader(plain[i % len(plain)]))
+                tasks[f"g{i}"] = task
+            if 0.25 <= dice < 0.6:
+                # At any stage: waiting for a turn or a connection, or in flight.
+                _cancel_after(task, rng.randrange(400))
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+        cancelled = {name for name, t in tasks.items() if t.cancelled()}
+        failed = {
+            name: t.exception() for name, t in tasks.items() if not t.cancelled() and t.exception()
+        }
+        assert not failed, failed  # a mixed-up reply would fail a reader's assert
+        assert len(cancelled) > 80
+        completed = {n for n in started if n not in cancelled}
+
+        stored: dict[str, list[str]] = {}
+        for ctr in counters:
+            raw = await s.get(ctr)
+            stored[ctr] = raw.decode().split(",") if raw else []
+            assert len(stored[ctr]) == len(set(stored[ctr])), "an update applied twice"
+        everything = {ident for ids in stored.values() for ident in ids}
+        for ident in completed:  # each completed update is in its own counter
+            assert ident in stored[started[ident]]
+        for ctr, ids in stored.items():  # and nothing that was not started there
+            assert all(started[i] == ctr for i in ids)
+        landed_cancelled = everything - completed
+        # A cancelled update whose cas had already been sent may still be applied
+        # (its caller sees CancelledError): the counter is then one more than the
+        # updates that returned, never less, never a duplicate.
+        assert landed_cancelled <= cancelled
+        assert sum(len(ids) for ids in stored.values()) == len(completed) + len(landed_cancelled)
+        assert landed_cancelled, "no cancellation hit an update in mid-cas: test too weak"
+        # Results returned to completed updates: position in their counter.
+        for ident in completed:
+            result = tasks[ident].result()
+            assert stored[started[ident]][int(str(result)) - 1] == ident
+
+        # The connections are still in step: many concurrent reads and writes.
+        for _ in range(3):
+            await asyncio.gather(*(reader(k) for k in plain * 5))
+        before = {ctr: len(ids) for ctr, ids in stored.items()}
+        await asyncio.gather(
+            *(s.update(c, add_id(f"after{i}")) for i, c in enumerate(counters * 10))
+        )
+        for ctr in counters:
+            raw = await s.get(ctr)
+            assert raw is not None and len(raw.decode().split(",")) == before[ctr] + 10
+    finally:
+        await s.close()
+
+
+async def test_caller_cancellation_is_prompt(memcached_up: None) -> None:
+    """The caller sees CancelledError at once, even though the command it had sent
+    finishes in the background."""
+    s = MemcachedStore([(HOST, PORT)], namespace=_ns(), pool_size=1)
+    try:
+        await s.update("k", incr)
+        task = asyncio.create_task(s.update("k", incr))
+        _cancel_after(task, 3)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await s.get("k") in (b"1", b"2")  # applied or not, never garbled
+        assert await s.update("k", incr) in (2, 3)
+    finally:
+        await s.close()
