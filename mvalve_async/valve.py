@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import Mapping
 
+import orjson
+
 from .errors import StoreError
 from .interfaces import Store
 from .schedule import Decision, EmergencyPolicy, Rate, Record, admit
@@ -26,6 +28,9 @@ log = logging.getLogger(__name__)
 # Records must outlive every slot they hold: a day covers any backlog this library
 # is meant for, and stays under memcached's 30-day "absolute time" threshold.
 RECORD_TTL = 86400
+
+
+EPOCH_KEY = "epoch"
 
 
 def key_for(destination: str) -> str:
@@ -49,6 +54,7 @@ class Valve:
         self.policy = EmergencyPolicy(policy)
         self.fifo_grace = fifo_grace
         self.retry_max = retry_max
+        self._epoch: float | None = None
 
     def rate_for(self, destination: str) -> Rate | None:
         return self.rates.get(destination, self.rate)
@@ -66,9 +72,12 @@ class Valve:
         (logged); returns None if `deadline` (loop time) passes first."""
         rate = self.rate_for(destination)
         policy, grace = self.policy, self.fifo_grace
+        fresh: list[float] = []  # set once the epoch was checked: a new record's start
 
-        def step(raw: bytes | None) -> tuple[bytes | None, Decision]:
-            rec = Record.loads(raw)
+        def step(raw: bytes | None) -> tuple[bytes | None, Decision | None]:
+            if raw is None and not fresh:
+                return None, None  # a missing record: check the epoch first
+            rec = Record.loads(raw) if raw is not None else Record(busy=fresh[0])
             decision = admit(
                 rec, time.time(), rate, duration=duration, emergency=emergency,
                 reserved=reserved, policy=policy, fifo_grace=grace,
@@ -79,7 +88,11 @@ class Valve:
         delay = 0.05
         while True:
             try:
-                return await self.store.update(key_for(destination), step, ttl=RECORD_TTL)
+                decision = await self.store.update(key_for(destination), step, ttl=RECORD_TTL)
+                if decision is not None:
+                    return decision
+                fresh[:] = [await self._quarantine()]
+                continue
             except StoreError as exc:
                 log.warning(
                     "state store unavailable (%s); retrying in %.2fs", exc, delay,
@@ -89,6 +102,38 @@ class Valve:
                     return None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max)
+
+    async def _quarantine(self) -> float:
+        """A destination's record is missing: a new destination, or lost state (a
+        memcached restart or eviction)? The store's epoch record tells: it is
+        created once, so finding it missing (or different) after this process saw
+        it means the schedule was lost. Fresh records then deliver nothing before
+        `epoch + per`: every window holding a forgotten delivery has ended by then.
+        Wastes up to `per` seconds of slots after a loss; never grants one."""
+        now = time.time()
+        seen = self._epoch
+        payload = orjson.dumps([now, seen is not None])
+
+        def fn(raw: bytes | None) -> tuple[bytes | None, bytes]:
+            return (payload, payload) if raw is None else (None, raw)
+
+        raw = await self.store.update(EPOCH_KEY, fn, ttl=0)
+        try:
+            created, lost = orjson.loads(raw)
+            created = float(created)
+        except (ValueError, TypeError):
+            created, lost = now, True
+        self._epoch = created
+        if lost or (seen is not None and seen != created):
+            until = created + self.max_per()
+            if until > now:
+                log.warning("schedule state was lost; fresh destinations wait %.2fs", until - now)
+                return until
+        return 0.0
+
+    def max_per(self) -> float:
+        pers = [r.per for r in [self.rate, *self.rates.values()] if r is not None]
+        return max(pers, default=1.0)
 
     async def pause(self, destination: str, seconds: float) -> None:
         now = time.time()
