@@ -155,10 +155,18 @@ def _window_floor(log: list[float], rate: Rate | None) -> float:
     if rate is None or not log:
         return 0.0
     if rate.paced:
-        return log[-1] + rate.spacing
+        return _after(log[-1], rate.spacing)
     if len(log) >= rate.n:
-        return log[-rate.n] + rate.per
+        return _after(log[-rate.n], rate.per)
     return 0.0
+
+
+def _after(t: float, delta: float) -> float:
+    """The first time on the microsecond grid (where the logs live) at least `delta`
+    after `t`, in integer microseconds: a `per` or `per / n` off the grid (1/3 s,
+    0.7 s / 206) rounded to the nearest microsecond would let n + 1 slots into a
+    window a few microseconds short. Float noise of 1e-6 µs is not rounded up."""
+    return (round(t * 1e6) + math.ceil(delta * 1e6 - 1e-6)) / 1e6
 
 
 def _append(log: list[float], t: float, rate: Rate | None) -> None:
