@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 
-from .errors import CodecError, InvalidMessage, ReaderBusy
+from .errors import CodecError, InvalidMessage, QueueUnavailable, ReaderBusy
 from .interfaces import Lane, Lease, Queue, Store
 from .message import DEFAULT_MAX_DESTINATION, Message, decode, validate_destination
 from .notify import Notifier
@@ -86,14 +86,26 @@ class Reader:
             self._settle_current()
             loop = asyncio.get_running_loop()
             deadline = None if timeout is None else loop.time() + timeout
+            backoff = 0.05
             while True:
-                lease = await self._take()
-                if lease is None:
-                    await self._flush_acks()
-                    if not await self._idle(deadline):
+                try:
+                    lease = await self._take()
+                    if lease is None:
+                        await self._flush_acks()
+                        if not await self._idle(deadline):
+                            return None
+                        continue
+                    msg = await self._process(lease, deadline)
+                except QueueUnavailable as exc:
+                    # The server went away (restart, network): wait and reconnect.
+                    # Leases held meanwhile expire or come back by themselves.
+                    log.warning("queue unavailable (%s); retrying in %.2fs", exc, backoff)
+                    if deadline is not None and loop.time() + backoff > deadline:
                         return None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
                     continue
-                msg = await self._process(lease, deadline)
+                backoff = 0.05
                 if msg is not None:
                     self._current = (lease, msg)
                     return msg
