@@ -1,0 +1,155 @@
+"""The bench's command line: `python -m bench.run [--scenarios a,b] [--repeat 3]
+[--json out.json] [--quick]`, also `mvalve bench ...` when run from a checkout.
+
+Runs the scenarios in order, prints one rich table (stdout; progress on stderr),
+optionally writes JSON, and drops every table it created (all named
+`mvb_<run id>_...`). Exit status: 0 when every scenario ran, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import time
+import traceback
+from typing import Any
+
+from rich.console import Console
+
+from .harness import (
+    DEFAULT_MEMCACHED_URL,
+    DEFAULT_MYSQL_URL,
+    Bench,
+    Result,
+    machine_state,
+    render,
+    versions,
+    write_json,
+)
+
+__all__ = ["HELP", "SCENARIOS", "configure", "main", "run"]
+
+SCENARIOS = {
+    "writer": "bench.writer",  # Writer.insert / insert_many vs bare INSERT / executemany
+    "reader": "bench.reader",  # claim + deliver + ack, 1/4/8 consumers vs a bare loop
+    "latency": "bench.latency",  # idle pick-up latency and idle query rate
+    "throttle": "bench.throttle",  # Rate(20/s) x 10 destinations, 4 processes, memcached
+}
+HELP = "benchmark against raw baselines in the same run (needs the repository's bench/)"
+
+
+def _scenarios(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario(s) {', '.join(unknown) or '(none)'}; choose from "
+            + ",".join(SCENARIOS)
+        )
+    return names
+
+
+def _repeat(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options (no --url/--store/-v: `mvalve` adds those to every subcommand)."""
+    p.add_argument("--scenarios", type=_scenarios, default=list(SCENARIOS),
+                   help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)")  # fmt: skip
+    p.add_argument("--repeat", type=_repeat, default=None,
+                   help="runs per figure, median reported (default 3; --quick: 1)")  # fmt: skip
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--quick", action="store_true", help="small counts: a smoke test")
+    p.add_argument("--mysql-url", default=DEFAULT_MYSQL_URL, metavar="URL",
+                   help="mysql+innodb:// server (tables are created and dropped)")  # fmt: skip
+    p.add_argument("--memcached-url", default=DEFAULT_MEMCACHED_URL, metavar="URL",
+                   help="memcached for the throttle scenario")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    configure(p)
+    return p
+
+
+async def bench(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    out, progress = Console(), Console(stderr=True)
+    if not out.is_terminal:
+        out = Console(width=160)  # a file or a pipe: do not squeeze the table into 80
+    repeat = args.repeat or (1 if args.quick else 3)
+    b = Bench(args.mysql_url, args.memcached_url, repeat, args.quick, progress)
+    data: dict[str, Any] = {
+        "bench": "mvalve-async",
+        "run_id": b.run_id,
+        "config": {
+            "scenarios": args.scenarios,
+            "repeat": repeat,
+            "quick": args.quick,
+            "mysql": b.settings.safe_url(),
+            "memcached": b.memcached_url,
+        },
+        "machine": {"start": machine_state()},
+        "versions": versions(),
+        "scenarios": {},
+    }
+    results: list[Result] = []
+    status = 0
+    try:
+        data["versions"]["mariadb"] = (await b.sql("SELECT VERSION()"))[0][0]
+        for name in args.scenarios:
+            b.say(f"scenario {name} ...")
+            t0 = time.monotonic()
+            module = importlib.import_module(SCENARIOS[name])
+            try:
+                res: Result = await module.run(b)
+            except Exception as exc:  # keep going: report it and the other scenarios
+                progress.print(traceback.format_exc(), markup=False, highlight=False)
+                res, status = Result(name, error=f"{type(exc).__name__}: {exc}"), 1
+            res.seconds = time.monotonic() - t0
+            results.append(res)
+            data["scenarios"][name] = res.to_json()
+    finally:
+        dropped = await b.drop_all()
+        data["cleanup"] = {"dropped": dropped, "left": await b.drop_all()}
+        await b.close()
+        data["machine"]["end"] = machine_state()
+    render(out, data, results)
+    if args.json:
+        write_json(args.json, data)
+        progress.log(f"wrote {args.json}")
+    return status, data
+
+
+def main(argv: list[str] | None = None, *, args: argparse.Namespace | None = None) -> int:
+    """Entry point of `python -m bench.run`; `args` when `mvalve bench` parsed them."""
+    if args is None:
+        args = build_parser().parse_args(argv)
+    status, _ = asyncio.run(bench(args))
+    return status
+
+
+def run(args: argparse.Namespace, ctx: object) -> int:
+    """`mvalve bench` (the cli's plugin protocol: HELP, configure, run). An explicit
+    `mvalve --url mysql+innodb://...` / `--store memcached://...` is used too."""
+    url, store = getattr(args, "url", None), getattr(args, "store", None)
+    if url:
+        if not url.startswith(("mysql", "mariadb")):
+            raise SystemExit("mvalve bench: --url must be a mysql+innodb:// URL")
+        args.mysql_url = url
+    if store:
+        if not store.startswith("memcached"):
+            raise SystemExit("mvalve bench: --store must be a memcached:// URL")
+        args.memcached_url = store
+    return main(args=args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
