@@ -333,7 +333,9 @@ COMMANDS: dict[str, Command] = {
     "purge": Command("delete queued messages (not dead letters)", _purge_args, _purge),
     "dead": Command("dead letters: list, requeue, purge", _dead_args, _dead),
 }
-PLUGINS: dict[str, str] = {"demo": "mvalve_async.demo", "bench": "mvalve_async.bench"}
+# `bench` is the repository's harness (bench/run.py, not in the wheel): present when the
+# `bench` package is importable, i.e. `python -m mvalve_async.cli` run from a checkout.
+PLUGINS: dict[str, str] = {"demo": "mvalve_async.demo", "bench": "bench.run"}
 
 
 def _plugins() -> dict[str, Command]:
