@@ -204,7 +204,9 @@ def admit(
         if duration:
             rec.busy = max(rec.busy, now + duration)
         if policy is not EmergencyPolicy.IGNORE:
-            rec.emergency = max(rec.emergency, now + (duration or per))
+            # On the microsecond grid, like the HOLD deferral to it: off the grid, that
+            # deferral could round down, come due before the window ends, and bounce.
+            rec.emergency = max(rec.emergency, _after(now, duration or per))
         return Decision(Action.DELIVER, now)
 
     if now < rec.emergency and policy is EmergencyPolicy.DROP:
