@@ -153,12 +153,16 @@ class Message:
         if H_DESTINATION not in h:
             raise InvalidMessage("X-Mvalve-Destination header is required")
         duration = h.get(H_DURATION)
+        try:
+            seconds = float(duration) if duration else None
+        except ValueError:
+            raise InvalidMessage(f"X-Mvalve-Duration {duration!r} is not a number") from None
         return cls(
             destination=h[H_DESTINATION],
             content=content,
             headers=h,
             emergency=h.get(H_EMERGENCY, "").lower() in {"1", "true", "yes"},
-            duration=float(duration) if duration else None,
+            duration=seconds,
         )
 
     def ready_at(self, now: float) -> float | None:
@@ -189,6 +193,16 @@ class Message:
         )
 
 
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def encode(message: Message, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     """Encode to the versioned envelope; `InvalidMessage` if unencodable or too big."""
     header: dict[str, Any] = {"i": message.id, "d": message.destination, "t": message.created}
@@ -206,6 +220,8 @@ def encode(message: Message, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
             body = orjson.dumps(content)
         except TypeError as exc:
             raise InvalidMessage(f"content cannot be encoded as JSON: {exc}") from None
+        if b"null" in body and not _finite(content):  # orjson writes NaN/inf as null
+            raise InvalidMessage("content holds NaN or infinity, which JSON cannot carry")
         flags = 0
     try:
         head = orjson.dumps(header)

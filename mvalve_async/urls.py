@@ -151,6 +151,16 @@ def _int(opts: dict[str, str], key: str, default: int) -> int:
     return value
 
 
+_DB = re.compile(r"[A-Za-z0-9_$-]{1,64}\Z")
+
+
+def _database(path: str) -> str:
+    name = unquote(path.lstrip("/")) or "test"
+    if not _DB.match(name):  # e.g. "mysql:///user:pw@host/db": never echo it
+        raise ConfigError("the URL's database name is not valid (is there an extra '/'?)")
+    return name
+
+
 def _scheme(url: str) -> str:
     if not isinstance(url, str) or "://" not in url:
         raise ConfigError("a backend URL looks like scheme://..., e.g. mysql+innodb://root@host/db")
@@ -166,7 +176,11 @@ def parse_queue_url(url: str) -> QueueSettings:
             f"unknown queue URL scheme {scheme!r}: use mysql+innodb://, mysql+q4m://, "
             "sqlite:/// or memory://"
         )
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018 - raises ValueError on a malformed IPv6 host
+    except ValueError:
+        raise ConfigError(f"the {scheme}:// URL is malformed") from None
     opts = _query(parts.query)
     tables = Tables()
     kw: dict[str, tuple[str, ...] | str] = {}
@@ -195,7 +209,7 @@ def parse_queue_url(url: str) -> QueueSettings:
             port=port,
             user=unquote(parts.username or "root"),
             password=unquote(parts.password or ""),
-            database=unquote(parts.path.lstrip("/")) or "test",
+            database=_database(parts.path),
         )
     if opts:
         raise ConfigError(f"unknown URL option(s): {', '.join(sorted(opts))}")
@@ -210,6 +224,8 @@ def parse_store_url(url: str) -> StoreSettings:
         raise ConfigError(f"unknown store URL scheme {scheme!r}: use memcached:// or memory://")
     rest = url.split("://", 1)[1]
     hosts, _, query = rest.partition("?")
+    if "@" in hosts:
+        raise ConfigError("memcached URLs take no user or password")
     opts = _query(query)
     servers: list[tuple[str, int]] = []
     for item in hosts.strip("/").split(","):

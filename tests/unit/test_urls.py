@@ -200,8 +200,6 @@ def test_the_password_is_never_in_a_config_error(url: str) -> None:
         assert PASSWORD not in repr(parse_queue_url(url))
 
 
-@pytest.mark.xfail(strict=True, reason="urls.py bug: memcached URLs take userinfo into the "
-                   "host, so the password shows in the bad-port error and the repr")  # fmt: skip
 @pytest.mark.parametrize(
     "url", [f"memcached://u:{PASSWORD}@h:x", f"memcached://u:{PASSWORD}@h:11211"]
 )
@@ -214,16 +212,12 @@ def test_the_password_is_never_in_a_memcached_error_or_repr(url: str) -> None:
         assert PASSWORD not in repr(settings)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="urls.py bug: urlsplit's ValueError "
-                   "for a malformed IPv6 host escapes instead of a ConfigError")  # fmt: skip
 @pytest.mark.parametrize("url", [f"mysql://u:{PASSWORD}@[::1/db", "mysql+q4m://[zz]/db"])
 def test_a_malformed_ipv6_host_raises_config_error(url: str) -> None:
     with pytest.raises(ConfigError):
         parse_queue_url(url)
 
 
-@pytest.mark.xfail(strict=True, reason="urls.py bug: an extra slash (as in sqlite:///) turns "
-                   "the userinfo into the database name, shown by repr and safe_url")  # fmt: skip
 def test_the_password_is_never_in_the_database_name() -> None:
     url = f"mysql+innodb:///root:{PASSWORD}@127.0.0.1/test"
     try:
@@ -255,7 +249,6 @@ def test_the_password_never_leaks_from_any_queue_url(scheme: str, before: str, a
 
 # Non-strict: hypothesis reaches the IPv6 bug above often, not always. One bug reported at a
 # time: urlsplit and .hostname raise that ValueError from two places.
-@pytest.mark.xfail(raises=ValueError, strict=False, reason="urls.py IPv6 bug (see above)")
 @settings(max_examples=500, deadline=None, report_multiple_bugs=False)
 @given(st.text() | st.builds("{}://{}".format, st.sampled_from([*QUEUE_SCHEMES, "memcached"]),
                              st.text()))  # fmt: skip
