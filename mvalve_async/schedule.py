@@ -140,14 +140,20 @@ class Record:
             return cls()
         try:
             v, slots, sent, busy, horizon, paused, emergency, deferred = orjson.loads(raw)
-            if v != 1:
-                raise ValueError(f"version {v}")
+            if type(v) is not int or v != 1:
+                raise ValueError(f"version {v!r}")
             return cls(
-                [float(x) for x in slots], [float(x) for x in sent], float(busy),
-                float(horizon), float(paused), float(emergency), float(deferred),
+                [_num(x) for x in slots], [_num(x) for x in sent], _num(busy),
+                _num(horizon), _num(paused), _num(emergency), _num(deferred),
             )  # fmt: skip
         except (ValueError, TypeError) as exc:
             raise CodecError(f"schedule record is not valid: {exc}") from None
+
+
+def _num(x: object) -> float:
+    if type(x) not in (int, float) or not math.isfinite(x):  # type: ignore[arg-type]
+        raise ValueError(f"{x!r} is not a finite number")
+    return float(x)  # type: ignore[arg-type]
 
 
 def _window_floor(log: list[float], rate: Rate | None) -> float:

@@ -356,8 +356,6 @@ def test_corrupt_record_bytes_raise_codec_error(raw: bytes) -> None:
         Record.loads(raw)
 
 
-@pytest.mark.xfail(strict=True, reason="schedule.py: Record.loads converts with float(), so "
-                   'strings like "nan" and version true are accepted')  # fmt: skip
 @pytest.mark.parametrize("raw", [b'[1,[],[],"nan",0,0,0,0]', b'[1,["1e999"],[],0,0,0,0,0]',
                                  b"[true,[],[],0,0,0,0,0]"])  # fmt: skip
 def test_record_fields_must_be_finite_numbers(raw: bytes) -> None:
