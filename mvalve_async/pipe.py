@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .interfaces import Queue, Store
-from .message import Message
 from .notify import Notifier
 from .reader import Reader
 from .schedule import EmergencyPolicy, Rate
 from .urls import QueueSettings, StoreSettings, make_queue, make_store
 from .writer import Writer
+
+if TYPE_CHECKING:
+    from .serve import Handler
 
 __all__ = ["Pipe", "open"]
 
@@ -61,21 +63,25 @@ class Pipe:
 
     async def serve(
         self,
-        handler: Callable[[Message], Awaitable[object]],
+        handler: Handler,
         *,
         concurrency: int = 1,
         retry_delay: float = 1.0,
         stop: asyncio.Event | None = None,
+        with_reader: bool = False,
         **reader_options: Any,
     ) -> None:
         """Run `handler` on every message with `concurrency` workers, each with its
         own reader. A handler that raises gets its message retried after
         `retry_delay`. Returns when `stop` is set (leased messages finish or go
-        back); cancelling it returns the messages being handled to the queue."""
+        back); cancelling it returns the messages being handled to the queue.
+        With `with_reader=True` the handler is called as `handler(msg, reader)`,
+        to `await reader.pause(msg.destination, retry_after)` on a 429, or settle
+        the message itself (`reader.retry(msg, delay)`, `reject`, `ack`)."""
         from .serve import serve
 
         await serve(self, handler, concurrency=concurrency, retry_delay=retry_delay,
-                    stop=stop, **reader_options)  # fmt: skip
+                    stop=stop, with_reader=with_reader, **reader_options)  # fmt: skip
 
     async def close(self) -> None:
         for reader in self._readers:

@@ -6,31 +6,38 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .message import Message
+from .reader import Reader
 
 if TYPE_CHECKING:
     from .pipe import Pipe
 
-__all__ = ["serve"]
+__all__ = ["Handler", "serve"]
+
+# `handler(msg)`, or with `with_reader=True` `handler(msg, reader)`: the worker's own
+# reader, for `reader.pause(...)` on a 429 and explicit `retry` / `reject` / `ack`.
+Handler = Callable[[Message], Awaitable[object]] | Callable[[Message, Reader], Awaitable[object]]
 
 log = logging.getLogger(__name__)
 
 
 async def serve(
     pipe: Pipe,
-    handler: Callable[[Message], Awaitable[object]],
+    handler: Handler,
     *,
     concurrency: int = 1,
     retry_delay: float = 1.0,
     stop: asyncio.Event | None = None,
     poll: float = 0.5,
+    with_reader: bool = False,
     **reader_options: Any,
 ) -> None:
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     stop = stop or asyncio.Event()
+    call = cast("Callable[..., Awaitable[object]]", handler)
 
     async def worker(n: int) -> None:
         reader = pipe.reader(**reader_options)
@@ -40,7 +47,7 @@ async def serve(
                 if msg is None:
                     continue
                 try:
-                    await handler(msg)
+                    await (call(msg, reader) if with_reader else call(msg))
                 except asyncio.CancelledError:
                     raise
                 except Exception:
