@@ -1,0 +1,402 @@
+"""`mvalve demo`: a zero-setup tour of the valve.
+
+Writes a few hundred messages to four destinations with different rates (one
+paced, one unlimited), a message with a duration and, halfway through, an
+emergency; reads them with a few concurrent readers, shows per-destination
+progress live, and ends with a summary that checks the rate promise on the
+valve's hand-out timestamps (`msg.delivered_at`).
+
+With no `--url` it uses a fresh SQLite file in the current directory
+(`mvalve-demo.sqlite3`, cleared first) and an in-memory store. It ignores
+`MVALVE_URL` / `MVALVE_STORE_URL`: pass `--url` / `--store` to run it on a
+server; the queue there must be empty (the demo reads and acknowledges
+everything it finds).
+
+This module is the CLI: it writes to the terminal through the command's rich
+Console. It is loaded by `mvalve_async.cli` through `PLUGINS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from rich import box
+from rich.console import Group, JustifyMethod, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from .errors import ConfigError
+from .interfaces import Lane
+from .message import Message
+from .pipe import Pipe
+from .schedule import Rate
+from .urls import QueueSettings, StoreSettings, make_queue, make_store
+
+if TYPE_CHECKING:
+    from .cli import Context
+
+__all__ = ["DEMO_PATH", "HELP", "Plan", "configure", "max_in_window", "plan", "run"]
+
+HELP = "write a few hundred messages and watch the valve deliver them (no setup needed)"
+DEMO_PATH = "mvalve-demo.sqlite3"
+READERS = 3
+TICK = 0.2  # seconds between screen updates and completion checks
+EPS = 1e-6  # hand-out times are rounded to the microsecond
+
+
+@dataclass(slots=True)
+class Destination:
+    name: str
+    rate: Rate | None
+    written: int = 0
+    delivered: int = 0
+    deferred: int = 0  # delivered from the timed lane: the valve moved it there
+    emergencies: int = 0
+    dead_before: int = 0
+    dead: int = 0
+    times: list[float] = field(default_factory=list)  # delivered_at, emergencies excepted
+
+    @property
+    def done(self) -> int:
+        return self.delivered + self.dead
+
+    def limit(self) -> str:
+        if self.rate is None:
+            return "unlimited"
+        per = "s" if self.rate.per == 1 else f"{self.rate.per:g}s"
+        return f"{self.rate.n}/{per}" + (" paced" if self.rate.paced else "")
+
+    def achieved(self) -> float | None:
+        """Deliveries per second over the span they took, the last window counted
+        whole: for a destination kept busy at its limit this is `n / per`. None for
+        an unlimited destination (its messages all go at once)."""
+        if self.rate is None or not self.times:
+            return None
+        span = self.times[-1] - self.times[0]
+        span += self.rate.spacing if self.rate.paced else self.rate.per
+        return len(self.times) / span
+
+    def window_max(self) -> int:
+        return max_in_window(self.times, self.rate.per if self.rate else 1.0)
+
+
+@dataclass(slots=True)
+class Plan:
+    destinations: list[Destination]
+    messages: list[Message]  # written at the start, in this order
+    emergency: Message  # written at `emergency_at` seconds
+    emergency_at: float
+
+
+def plan(total: int, seconds: float) -> Plan:
+    """Split `total` messages over four destinations; choose rates so the slowest
+    one drains in about `seconds`. The fast ones finish earlier: the bars race."""
+    if total < 10:
+        raise ConfigError("the demo needs at least 10 messages")
+    base = max(1, round(total * 0.4 / seconds))
+    dests = [
+        Destination("demo-sms", Rate(4 * base, 1.0)),
+        Destination("demo-push", Rate(2 * base, 1.0, pace=True)),
+        Destination("demo-email", Rate(base, 1.0)),
+        Destination("demo-webhook", None),
+    ]
+    normal = total - 1  # one emergency
+    counts = [round(normal * 0.2), round(normal * 0.3), round(normal * 0.4)]
+    counts.append(normal - sum(counts))
+    # Interleave the destinations in proportion, as independent producers would.
+    order = sorted(
+        ((k + 0.5) / n, i) for i, n in enumerate(counts) for k in range(n)
+    )  # fmt: skip
+    messages: list[Message] = []
+    seq = [0] * len(dests)
+    duration = min(1.0, seconds / 8)
+    for _, i in order:
+        d = dests[i]
+        seq[i] += 1
+        d.written += 1
+        # One message with a duration: its destination is busy that long after it.
+        busy = duration if i == 1 and seq[i] == counts[1] // 3 else None
+        content = {"n": seq[i], "note": f"occupies {duration:g}s"} if busy else {"n": seq[i]}
+        messages.append(Message(d.name, content, duration=busy))
+    email = dests[2]
+    email.written += 1
+    emergency = Message(email.name, {"n": 0, "note": "emergency"}, emergency=True)
+    return Plan(dests, messages, emergency, seconds / 2)
+
+
+def max_in_window(times: Sequence[float], per: float) -> int:
+    """The most timestamps in any half-open window [t, t + per), to the microsecond."""
+    ordered = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(ordered):
+        while t >= ordered[start] + per - EPS:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    def positive(convert: type[int] | type[float]) -> Callable[[str], int | float]:
+        def parse(text: str) -> int | float:
+            try:
+                value = convert(text)
+            except ValueError:
+                value = 0
+            if not 0 < value < math.inf:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+            return value
+
+        return parse
+
+    parser.add_argument("--messages", type=positive(int), default=300, metavar="N",
+                        help="how many messages to write (default 300)")  # fmt: skip
+    parser.add_argument("--seconds", type=positive(float), default=12.0, metavar="S",
+                        help="about how long the run lasts: the rates are chosen to fit "
+                        "(default 12)")  # fmt: skip
+    parser.epilog = (
+        f"Without --url the demo uses a fresh {DEMO_PATH} in the current directory and an "
+        "in-memory store (it ignores MVALVE_URL and MVALVE_STORE_URL). On another URL the "
+        "queue must be empty: the demo reads and acknowledges everything it finds."
+    )
+
+
+def _remove_demo_file(path: str) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+
+
+@contextlib.contextmanager
+def _quiet_dead_letters(verbose: int) -> Iterator[None]:
+    """The reader logs each dead letter as a warning; the summary counts them."""
+    reader_log = logging.getLogger("mvalve_async.reader")
+    level = reader_log.level
+    if not verbose:
+        reader_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        reader_log.setLevel(level)
+
+
+class Demo:
+    def __init__(self, the_plan: Plan, seconds: float) -> None:
+        self.plan = the_plan
+        self.by_name = {d.name: d for d in the_plan.destinations}
+        self.total = sum(d.written for d in the_plan.destinations)
+        self.seconds = seconds
+        self.seen: set[str] = set()
+        self.started = time.time()
+        self.queued: dict[Lane, int] = {lane: 0 for lane in Lane}
+
+    @property
+    def done(self) -> int:
+        return sum(d.done for d in self.plan.destinations)
+
+    @property
+    def delivered(self) -> int:
+        return sum(d.delivered for d in self.plan.destinations)
+
+    @property
+    def dead(self) -> int:
+        return sum(d.dead for d in self.plan.destinations)
+
+    async def handle(self, msg: Message) -> None:
+        if msg.id in self.seen:  # at least once: a redelivery is not a second delivery
+            return
+        self.seen.add(msg.id)
+        d = self.by_name[msg.destination]
+        d.delivered += 1
+        if msg.lane == Lane.EMERGENCY:
+            d.emergencies += 1
+        else:
+            d.times.append(msg.delivered_at if msg.delivered_at is not None else time.time())
+            if msg.lane == Lane.TIMED:
+                d.deferred += 1
+
+    async def refresh(self, pipe: Pipe) -> None:
+        stats = await pipe.queue.stats(time.time())
+        self.queued = dict(stats.queued)
+        for d in self.plan.destinations:
+            d.dead = stats.by_destination.get(d.name, {}).get("dead", 0) - d.dead_before
+
+    # -- views ------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def live_view(self) -> RenderableType:
+        table = Table(box=None, pad_edge=False, show_edge=False, collapse_padding=True)
+        columns: list[tuple[str, JustifyMethod]] = [
+            ("destination", "left"), ("limit", "left"), ("", "left"), ("done", "right"),
+            ("deferred", "right"), ("dead", "right"), ("achieved", "right"),
+        ]  # fmt: skip
+        for name, justify in columns:
+            table.add_column(name, justify=justify, no_wrap=True)
+        for d in self.plan.destinations:
+            rate = d.achieved()
+            table.add_row(
+                d.name, d.limit(), ProgressBar(total=d.written, completed=d.done, width=24),
+                f"{d.done}/{d.written}", str(d.deferred), str(d.dead) if d.dead else "",
+                f"{rate:.1f}/s" if rate is not None else "",
+            )  # fmt: skip
+        lanes = "  ".join(f"{lane}: {self.queued.get(lane, 0)}" for lane in Lane)
+        head = Text.assemble(
+            (f"{self.elapsed():5.1f}s", "bold"), f"  {self.done}/{self.total} done", "   queued ",
+            lanes,
+        )  # fmt: skip
+        return Group(head, table)
+
+    def plain_line(self) -> str:
+        parts = [f"{d.name} {d.done}/{d.written}" for d in self.plan.destinations]
+        return f"{self.elapsed():5.1f}s  " + "  ".join(parts) + f"  dead {self.dead}"
+
+    def summary(self) -> Table:
+        table = Table(title="summary", title_justify="left", box=box.SIMPLE_HEAD,
+                      show_edge=False, pad_edge=False, collapse_padding=True)  # fmt: skip
+        for name in ("destination", "limit", "written", "delivered", "deferred", "dead",
+                     "achieved", "peak"):  # fmt: skip
+            table.add_column(name, justify="left" if name in ("destination", "limit") else "right")
+        for d in self.plan.destinations:
+            rate, most = d.achieved(), d.window_max()
+            if d.rate is None:
+                window = Text(str(most))
+            elif most <= d.rate.n:
+                window = Text(f"{most} ≤ {d.rate.n}", style="green")
+            else:
+                window = Text(f"{most} > {d.rate.n}", style="bold red")
+            table.add_row(
+                d.name, d.limit(), str(d.written), str(d.delivered), str(d.deferred),
+                str(d.dead), f"{rate:.1f}/s" if rate is not None else "-", window,
+            )  # fmt: skip
+        return table
+
+    def notes(self) -> list[str]:
+        out = [
+            "deferred: delivered from the timed lane, where the valve moved them to wait "
+            "for a slot; achieved: deliveries per second while it had messages; peak: the "
+            "most hand-outs (msg.delivered_at) in any window of the rate's period, "
+            "emergencies excepted (unlimited: in any second)"
+        ]
+        for d in self.plan.destinations:
+            if d.emergencies:
+                out.append(
+                    f"{d.name}: {d.emergencies} of its deliveries took the emergency lane, "
+                    "past its rate, and opened an emergency window"
+                )
+        return out
+
+    def promise_kept(self) -> bool:
+        return all(d.rate is None or d.window_max() <= d.rate.n for d in self.plan.destinations)
+
+
+async def _writer(pipe: Pipe, the_plan: Plan) -> None:
+    writer = pipe.writer()
+    await writer.insert_many(the_plan.messages)
+    await asyncio.sleep(the_plan.emergency_at)
+    await writer.insert(the_plan.emergency)
+
+
+async def run(args: argparse.Namespace, ctx: Context) -> int:
+    console = ctx.console
+    the_plan = plan(args.messages, args.seconds)
+    if args.url:
+        settings = QueueSettings.from_url(args.url)
+        fresh = False
+    else:
+        _remove_demo_file(DEMO_PATH)
+        settings = QueueSettings.from_url(f"sqlite:///{DEMO_PATH}")
+        fresh = True
+    store_settings = StoreSettings.from_url(args.store or "memory://")
+    demo = Demo(the_plan, args.seconds)
+    async with Pipe(make_queue(settings), make_store(store_settings), create=True) as pipe:
+        stats = await pipe.queue.stats(time.time())
+        waiting = sum(stats.queued.values()) + sum(stats.leased.values())
+        if waiting:
+            raise ConfigError(
+                f"{settings.safe_url()} already holds {waiting} queued message(s): the demo "
+                "would consume them. Purge them (mvalve purge) or use other tables "
+                "(?emergency=...&timed=...&normal=...&dead=...)"
+            )
+        for d in the_plan.destinations:
+            d.dead_before = stats.by_destination.get(d.name, {}).get("dead", 0)
+        rates = {d.name: d.rate for d in the_plan.destinations}
+        console.print(
+            f"queue [bold]{escape(settings.safe_url())}[/]{' (fresh file)' if fresh else ''}, "
+            f"store [bold]{escape(store_settings.kind)}[/]; {demo.total} messages, "
+            f"{READERS} readers; an emergency for {the_plan.emergency.destination} "
+            f"at +{the_plan.emergency_at:g}s",
+            highlight=False,
+        )
+        with _quiet_dead_letters(args.verbose):
+            finished = await _run(pipe, demo, rates, console.is_terminal, ctx)
+    console.print(demo.summary())
+    for note in demo.notes():
+        console.print(note, highlight=False, style="dim")
+    elapsed = demo.elapsed()
+    kept = demo.promise_kept()
+    console.print(
+        f"{demo.delivered} delivered, {demo.dead} dead letters, of {demo.total} written, in "
+        f"{elapsed:.1f}s. Rate promise on hand-out times (msg.delivered_at): "
+        + ("kept." if kept else "[bold red]BROKEN[/]."),
+        highlight=False,
+    )
+    if demo.dead:
+        where = "--url URL (the same)" if args.url else f"--url sqlite:///{DEMO_PATH}"
+        console.print(
+            "The dead letters were dropped by the emergency window (policy drop, the "
+            f"default); see them with: mvalve {where} dead list",
+            highlight=False,
+        )
+    if not finished:
+        console.print(f"[bold red]incomplete:[/] {demo.total - demo.done} message(s) left")
+    return 0 if finished and kept else 1
+
+
+async def _run(
+    pipe: Pipe, demo: Demo, rates: dict[str, Rate | None], live: bool, ctx: Context
+) -> bool:
+    """Write, serve and watch until every message is delivered or dead."""
+    stop = asyncio.Event()
+    demo.started = time.time()
+    deadline = demo.started + 3 * demo.seconds + 30
+    async with asyncio.TaskGroup() as group:
+        group.create_task(_writer(pipe, demo.plan))
+        group.create_task(
+            pipe.serve(demo.handle, concurrency=READERS, stop=stop, rate=None, rates=rates)
+        )
+        try:
+            if live:
+                with Live(demo.live_view(), console=ctx.console, auto_refresh=False) as screen:
+                    while await _tick(pipe, demo, deadline):
+                        screen.update(demo.live_view(), refresh=True)
+                    screen.update(demo.live_view(), refresh=True)
+            else:
+                last = 0.0
+                while await _tick(pipe, demo, deadline):
+                    if time.time() - last >= 1.0:
+                        last = time.time()
+                        ctx.console.out(demo.plain_line(), highlight=False)
+                ctx.console.out(demo.plain_line(), highlight=False)
+        finally:
+            stop.set()
+    return demo.done >= demo.total
+
+
+async def _tick(pipe: Pipe, demo: Demo, deadline: float) -> bool:
+    """False when the run is over (everything accounted for, or the deadline passed)."""
+    await asyncio.sleep(TICK)
+    await demo.refresh(pipe)
+    return demo.done < demo.total and time.time() < deadline
