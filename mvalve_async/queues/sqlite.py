@@ -48,6 +48,7 @@ _SHAPES = {
     "timed": _LANE_COLUMNS | {"ready", "reserved"},
     "dead": {"id", "lane", "destination", "message", "reason", "deliveries", "died_at"},
 }
+_GUARD = "WHERE id = ? AND lease_token = ? AND lease_token <> 0"  # still held by this lease
 _SCHEMA_ERRORS = ("no such table", "no such column", "has no column named", "columns but")
 
 
@@ -60,6 +61,11 @@ def _chunks(ids: Sequence[int]) -> Iterator[tuple[str, list[int]]]:
     for i in range(0, len(ids), _CHUNK):
         part = [int(x) for x in ids[i : i + _CHUNK]]
         yield ",".join("?" * len(part)), part
+
+
+def _make_parent(path: str) -> None:
+    if path != ":memory:" and not path.startswith("file:"):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
 class SQLiteQueue:
@@ -90,14 +96,13 @@ class SQLiteQueue:
                 return
             path = self.settings.path
             try:
-                if path != ":memory:":
-                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                _make_parent(path)
                 db = await aiosqlite.connect(path, isolation_level=None, timeout=self.busy_timeout)
             except (OSError, sqlite3.Error) as exc:
                 raise QueueUnavailable(f"cannot open {self.settings.safe_url()}: {exc}") from exc
             try:
                 await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                mode = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))[0][0]
+                (mode,) = next(iter(await db.execute_fetchall("PRAGMA journal_mode = WAL")))
                 await db.execute("PRAGMA synchronous = NORMAL")
             except sqlite3.Error as exc:
                 await db.close()
@@ -126,7 +131,7 @@ class SQLiteQueue:
                 "`mvalve create` (or open the pipe with create=True)"
             )
         if "locked" in text or "busy" in text:
-            return QueueError(f"{where}: {text} (write lock held over {self.busy_timeout} s)")
+            return QueueError(f"{where}: {text} (busy_timeout is {self.busy_timeout} s)")
         return QueueError(f"{where}: {text}")
 
     @contextlib.asynccontextmanager
@@ -166,11 +171,13 @@ class SQLiteQueue:
             self._dirty = False
 
     async def _rollback(self, db: aiosqlite.Connection) -> None:
+        """Never raises: it runs in cleanups, where it must not mask the first error."""
         try:
             await db.execute("ROLLBACK")
-        except sqlite3.OperationalError as exc:
+        except (sqlite3.Error, ValueError) as exc:
             if "no transaction" not in str(exc):
-                raise
+                log.warning("%s: ROLLBACK failed: %s", self.settings.safe_url(), exc)
+                return  # still dirty: tried again before the next use
         self._dirty = False
 
     async def _run(self, statements: list[tuple[str, Sequence[Any]]]) -> int:
@@ -205,22 +212,22 @@ class SQLiteQueue:
         return ";\n\n".join(render(self.dialect, self.tables)) + ";\n"
 
     async def create_schema(self) -> None:
+        shapes = [(t, "timed" if lane is Lane.TIMED else "lane") for lane, t in self.tables.all()]
         async with self._tx() as db:
-            for statement in render(self.dialect, self.tables):
-                await db.execute(statement)
-            shapes = [(t, "timed" if lane is Lane.TIMED else "lane") for lane, t in self.tables.all()]
-            for table, shape in [*shapes, (self.tables.dead, "dead")]:
+            for table, shape in [*shapes, (self.tables.dead, "dead")]:  # tables already there
                 rows = await db.execute_fetchall("SELECT name FROM pragma_table_info(?)", (table,))
-                missing = _SHAPES[shape] - {r[0] for r in rows}
+                missing = _SHAPES[shape] - {r[0] for r in rows} if rows else set()
                 if missing:
                     raise SchemaError(
                         f"{self.settings.safe_url()}: table {table} exists without column(s) "
                         f"{', '.join(sorted(missing))}: drop it or choose other table names"
                     )
+            for statement in render(self.dialect, self.tables):
+                await db.execute(statement)
 
     async def drop_schema(self) -> None:
         names = [t for _, t in self.tables.all()] + [self.tables.dead]
-        await self._run([(f"DROP TABLE IF EXISTS {t}", ()) for t in names] + [("SELECT 1", ())])
+        await self._run([(f"DROP TABLE IF EXISTS {t}", ()) for t in names])
 
     # -- writing ----------------------------------------------------------------
 
@@ -301,11 +308,10 @@ class SQLiteQueue:
                         [p["until"], p["token"], *part],
                     )
             bump = 1
-        return [
-            Lease(lane, t, int(r[0]), r[1], bytes(r[2]), int(r[3]) + bump,
-                  r[4] / US if timed else None, bool(r[5]), p["token"])  # fmt: skip
-            for t, r in picked
-        ]
+        token = p["token"]
+        return [Lease(lane, t, int(r[0]), r[1], bytes(r[2]), int(r[3]) + bump,
+                      r[4] / US if timed else None, bool(r[5]), token)
+                for t, r in picked]  # fmt: skip
 
     # -- settling ---------------------------------------------------------------
 
@@ -319,18 +325,17 @@ class SQLiteQueue:
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
         until = _us(time.time() + delay) if delay > 0 else 0
         await self._run([(
-            f"UPDATE {self._table(lease)} SET lease_until = ?, lease_token = 0 "
-            "WHERE id = ? AND lease_token = ?", (until, lease.id, lease.token),
+            f"UPDATE {self._table(lease)} SET lease_until = ?, lease_token = 0 {_GUARD}",
+            (until, lease.id, lease.token),
         )])  # fmt: skip
 
     async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
         table = self._table(lease)
         keep = "0" if reserved else "deliveries"
-        guard = "WHERE id = ? AND lease_token = ? AND lease_token <> 0"
         if lease.lane is Lane.TIMED:  # stays in its table: keeps its id, hence its place
             await self._run([(
                 f"UPDATE {table} SET ready = ?, reserved = ?, deliveries = {keep}, "
-                f"lease_until = 0, lease_token = 0 {guard}",
+                f"lease_until = 0, lease_token = 0 {_GUARD}",
                 (_us(ready), int(reserved), lease.id, lease.token),
             )])  # fmt: skip
             return
@@ -339,11 +344,11 @@ class SQLiteQueue:
             cur = await db.execute(
                 f"INSERT INTO {target} (destination, ready, reserved, message, created, "
                 f"deliveries) SELECT destination, ?, ?, message, created, {keep} "
-                f"FROM {table} {guard}",
+                f"FROM {table} {_GUARD}",
                 (_us(ready), int(reserved), lease.id, lease.token),
             )
             if cur.rowcount:
-                await db.execute(f"DELETE FROM {table} {guard}", (lease.id, lease.token))
+                await db.execute(f"DELETE FROM {table} {_GUARD}", (lease.id, lease.token))
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups = self._groups(leases)
@@ -402,52 +407,66 @@ class SQLiteQueue:
         _, next_due = await self.poll(now)
         return QueueStats(queued, leased, dead, by_dest, next_due)
 
+    async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:
+        """One read-only statement (a consistent snapshot): no write lock, no lease change."""
+        order = list(Lane)
+        parts = [
+            f"SELECT * FROM (SELECT '{row_lane}', '{t}', id, destination, "
+            + ("ready, reserved" if row_lane is Lane.TIMED else "NULL, 0")
+            + f", deliveries, lease_until, message FROM {t} ORDER BY "
+            + ("ready, id" if row_lane is Lane.TIMED else "id")
+            + " LIMIT :n)"
+            for row_lane, t in self.tables.all()
+            if lane is None or row_lane == lane
+        ]
+        rows = await self._fetch(" UNION ALL ".join(parts), {"n": int(limit)})
+        rows.sort(key=lambda r: (order.index(Lane(r[0])), r[4] or 0, r[2]))
+        keys = ("lane", "table", "id", "destination", "ready", "reserved", "deliveries",
+                "lease_until", "blob")  # fmt: skip
+        out = [dict(zip(keys, r, strict=True)) for r in rows[: max(0, int(limit))]]
+        for item in out:
+            item["ready"] = item["ready"] / US if item["ready"] is not None else None
+            item["reserved"] = bool(item["reserved"])
+            item["lease_until"] /= US
+            item["blob"] = bytes(item["blob"])
+        return out
+
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._fetch(
             "SELECT id, lane, destination, reason, deliveries, died_at, message "
             f"FROM {self.tables.dead} ORDER BY id LIMIT ?",
             (int(limit),),
         )
-        return [
-            {"id": r[0], "lane": r[1], "destination": r[2], "reason": r[3],
-             "deliveries": r[4], "died_at": r[5] / US, "blob": bytes(r[6])}  # fmt: skip
-            for r in rows
-        ]
+        keys = ("id", "lane", "destination", "reason", "deliveries", "died_at", "blob")
+        return [dict(zip(keys, (*r[:5], r[5] / US, bytes(r[6])), strict=True)) for r in rows]
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
-        dead = self.tables.dead
-        select = f"SELECT id, lane, destination, message FROM {dead}"
-        now_us = _us(time.time())
+        """INSERT ... SELECT per lane (a lane name this version does not know: normal)."""
+        dead, now_us, total = self.tables.dead, _us(time.time()), 0
+        chunks = [("", [])] if ids is None else [
+            (f" AND id IN ({marks})", part) for marks, part in _chunks(sorted(set(ids)))
+        ]  # fmt: skip
         async with self._tx() as db:
-            if ids is None:
-                rows = list(await db.execute_fetchall(f"{select} ORDER BY id"))
-            else:
-                rows = []
-                for marks, part in _chunks(sorted(set(ids))):
-                    rows += await db.execute_fetchall(f"{select} WHERE id IN ({marks})", part)
-            batches: dict[str, list[tuple[Any, ...]]] = {}
-            for _, lane_name, destination, blob in rows:
-                try:
-                    lane = Lane(lane_name)
-                except ValueError:
-                    log.warning("dead letter of unknown lane %r goes to normal", lane_name)
-                    lane = Lane.NORMAL
-                table = random.choice(self.tables.lane(lane))
-                ready = (now_us,) if lane is Lane.TIMED else ()
-                batches.setdefault(table, []).append((*ready, destination, blob, now_us))
-            for table, args in batches.items():
-                timed = self._lane_of[table] is Lane.TIMED
-                await db.executemany(
-                    f"INSERT INTO {table} ({'ready, ' if timed else ''}destination, message, "
-                    f"created) VALUES ({'?, ' if timed else ''}?, ?, ?)",
-                    args,
-                )
-            for marks, part in _chunks([r[0] for r in rows]):
-                await db.execute(f"DELETE FROM {dead} WHERE id IN ({marks})", part)
-        return len(rows)
+            for where, part in chunks:
+                for lane in Lane:
+                    table, timed = random.choice(self.tables.lane(lane)), lane is Lane.TIMED
+                    which = "lane NOT IN ('emergency', 'timed')"
+                    if lane is not Lane.NORMAL:
+                        which = f"lane = '{lane}'"
+                    cur = await db.execute(
+                        f"INSERT INTO {table} ({'ready, ' * timed}destination, message, created) "
+                        f"SELECT {'?, ' * timed}destination, message, ? FROM {dead} "
+                        f"WHERE {which}{where} ORDER BY id",
+                        [*[now_us] * timed, now_us, *part],
+                    )
+                    total += cur.rowcount
+                await db.execute(f"DELETE FROM {dead} WHERE 1{where}", part)
+        return total
 
     async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
-        where, args = ("", ()) if destination is None else (" WHERE destination = ?", (destination,))
+        where, args = (
+            ("", ()) if destination is None else (" WHERE destination = ?", (destination,))
+        )
         return await self._run([
             (f"DELETE FROM {t}{where}", args)
             for row_lane, t in self.tables.all()
