@@ -111,6 +111,11 @@ class Queue(Protocol):
         """Atomically move the row into the timed lane with `ready`, settling the lease.
         The delivery count is kept only for a retry (`reserved=False`) from the same row."""
 
+    async def shift(self, destination: str, after: float, delta: float) -> int:
+        """Move the destination's reserved timed rows due after `after` `delta` seconds
+        later (a pause or HOLD window opened); returns how many. Dialects that cannot
+        update rows (q4m) return 0: their backlog keeps its slots, not its order."""
+
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         """Atomically move rows to the dead-letter table with `reason`."""
 

@@ -160,7 +160,9 @@ class Reader:
         """Deliver nothing to `destination` for `seconds` (e.g. a 429 Retry-After);
         shared by every reader of the store."""
         validate_destination(destination, self.max_destination)
-        await self.valve.pause(destination, seconds)
+        now, shift = await self.valve.pause(destination, seconds)
+        if shift > 0:  # reserved messages keep their order and spacing, later
+            await self.queue.shift(destination, now, shift)
 
     async def resume(self, destination: str) -> None:
         await self.valve.resume(destination)
@@ -299,6 +301,8 @@ class Reader:
         if decision is None:  # store down past the caller's deadline: keep the lease
             self._buffer.appendleft((lease, time.time()))
             return None
+        if decision.shift > 0:  # an emergency opened a HOLD window: push the backlog back
+            await self.queue.shift(msg.destination, decision.at, decision.shift)
         if decision.action is Action.DEFER:
             await self.queue.move(lease, decision.at, decision.reserved)
             if self._local_due is None or decision.at < self._local_due:

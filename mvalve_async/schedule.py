@@ -112,6 +112,7 @@ class Decision:
     at: float
     reserved: bool = False
     reason: str = ""
+    shift: float = 0.0  # reserved rows due after `at` move this much later (a window opened)
 
 
 def _r(t: float) -> float:
@@ -209,19 +210,23 @@ def admit(
         _append(rec.sent, now, rate)
         if duration:
             rec.busy = max(rec.busy, now + duration)
+        shift = 0.0
         if policy is not EmergencyPolicy.IGNORE:
             # On the microsecond grid, like the HOLD deferral to it: off the grid, that
             # deferral could round down, come due before the window ends, and bounce.
-            rec.emergency = max(rec.emergency, _after(now, duration or per))
-        return Decision(Action.DELIVER, now)
+            until = max(rec.emergency, _after(now, duration or per))
+            if policy is EmergencyPolicy.HOLD:
+                shift = _push(rec, now, rec.emergency, until)
+            rec.emergency = until
+        return Decision(Action.DELIVER, now, shift=shift)
 
     if now < rec.emergency and policy is EmergencyPolicy.DROP:
         return Decision(Action.DEAD, now, reason="emergency")
-    if now < rec.emergency and policy is EmergencyPolicy.HOLD:
-        return Decision(Action.DEFER, _r(rec.emergency))
-    if now < rec.paused:
-        # Reserved or not, it goes through the rate again after the pause, in order.
-        return Decision(Action.DEFER, _r(rec.paused))
+    window = max(rec.paused, rec.emergency if policy is EmergencyPolicy.HOLD else 0.0)
+    if now < window:
+        # A reserved message keeps its reservation (and so its place: later ones were
+        # pushed back by the window's length); any other goes through the rate after.
+        return Decision(Action.DEFER, _r(window), reserved=reserved)
 
     sent_floor = max(_window_floor(rec.sent, rate), rec.sent[-1] if rec.sent else 0.0, rec.busy)
     if reserved:
@@ -257,8 +262,28 @@ def admit(
     return Decision(Action.DEFER, slot, reserved=True)
 
 
-def pause(rec: Record, now: float, seconds: float) -> None:
-    rec.paused = max(rec.paused, _r(now + seconds))
+def _push(rec: Record, now: float, old_end: float, new_end: float) -> float:
+    """A window (pause, HOLD emergency) now ends at `new_end`: push every future
+    reservation back by the time it adds, so reserved messages keep their order and
+    spacing. Returns the shift; the queue's reserved rows must move by as much."""
+    shift = _r(new_end - max(now, old_end))
+    future = (rec.slots and rec.slots[-1] > now) or rec.deferred > now
+    if shift <= 0 or not future:
+        return 0.0
+    rec.slots = [_r(t + shift) if t > now else t for t in rec.slots]
+    if rec.deferred > now:
+        rec.deferred = _r(rec.deferred + shift)
+    if rec.horizon > now:
+        rec.horizon = _r(rec.horizon + shift)
+    return shift
+
+
+def pause(rec: Record, now: float, seconds: float) -> float:
+    """Nothing is delivered before now + seconds; returns the shift of reservations."""
+    until = max(rec.paused, _after(now, seconds))
+    shift = _push(rec, now, rec.paused, until)
+    rec.paused = until
+    return shift
 
 
 def resume(rec: Record) -> None:

@@ -135,15 +135,16 @@ class Valve:
         pers = [r.per for r in [self.rate, *self.rates.values()] if r is not None]
         return max(pers, default=1.0)
 
-    async def pause(self, destination: str, seconds: float) -> None:
+    async def pause(self, destination: str, seconds: float) -> tuple[float, float]:
+        """Returns (now, shift): reserved rows due after `now` must move `shift` later."""
         now = time.time()
 
-        def fn(raw: bytes | None) -> tuple[bytes | None, None]:
+        def fn(raw: bytes | None) -> tuple[bytes | None, float]:
             rec = Record.loads(raw)
-            _pause(rec, now, seconds)
-            return rec.dumps(), None
+            shift = _pause(rec, now, seconds)
+            return rec.dumps(), shift
 
-        await self.store.update(key_for(destination), fn, ttl=RECORD_TTL)
+        return now, await self.store.update(key_for(destination), fn, ttl=RECORD_TTL)
 
     async def resume(self, destination: str) -> None:
         def fn(raw: bytes | None) -> tuple[bytes | None, None]:

@@ -228,6 +228,16 @@ class InnoDBQueue:
 
         await self.db.transaction(work)
 
+    async def shift(self, destination: str, after: float, delta: float) -> int:
+        total = 0
+        for table in self.tables.timed:
+            total += await self._execute(
+                f"UPDATE `{table}` SET ready = ready + %s "
+                "WHERE destination = %s AND reserved = 1 AND ready > %s",
+                (_us(delta), destination, _us(after)),
+            )
+        return total
+
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups = _groups(leases)
         if not groups:

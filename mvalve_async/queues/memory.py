@@ -135,6 +135,15 @@ class MemoryQueue:
         keep = 0 if reserved else r.deliveries
         self._put(Lane.TIMED, table, Row(r.destination, r.blob, ready, reserved), keep)
 
+    async def shift(self, destination: str, after: float, delta: float) -> int:
+        count = 0
+        for table in self.tables.timed:
+            for r in self._rows[table].values():
+                if r.destination == destination and r.reserved and (r.ready or 0.0) > after:
+                    r.ready = (r.ready or 0.0) + delta
+                    count += 1
+        return count
+
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         for lease in leases:
             r = self._held(lease)

@@ -350,6 +350,14 @@ class SQLiteQueue:
             if cur.rowcount:
                 await db.execute(f"DELETE FROM {table} {_GUARD}", (lease.id, lease.token))
 
+    async def shift(self, destination: str, after: float, delta: float) -> int:
+        return await self._run([
+            (f"UPDATE {table} SET ready = ready + ? "
+             "WHERE destination = ? AND reserved = 1 AND ready > ?",
+             (_us(delta), destination, _us(after)))
+            for table in self.tables.timed
+        ])  # fmt: skip
+
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups = self._groups(leases)
         if not groups:

@@ -145,3 +145,23 @@ async def test_many_readers_share_one_rate(pipe: Pipe) -> None:
     await asyncio.gather(*(consume() for _ in range(3)))
     assert len(stamps) == 30
     assert max_in_window(stamps, 0.5) <= 10
+
+
+async def test_pause_during_a_reserved_backlog_keeps_fifo_and_spacing(pipe: Pipe) -> None:
+    await pipe.writer().insert_many([Message("api", i) for i in range(6)])
+    reader = pipe.reader(rate=Rate(1, per=0.3))
+    first = await reader.next(timeout=5)
+    assert first is not None and first.content == 0
+    assert [await reader.next(timeout=0) for _ in range(5)] == [None] * 5  # all reserved
+    await reader.pause("api", 0.5)
+    paused_at = time.time()
+    got = []
+    while len(got) < 5:
+        msg = await reader.next(timeout=5)
+        assert msg is not None
+        got.append(msg)
+    assert [m.content for m in got] == [1, 2, 3, 4, 5]
+    stamps = [m.delivered_at for m in got]
+    assert stamps[0] >= paused_at + 0.5 - 0.001
+    assert max_in_window([first.delivered_at, *stamps], 0.3) == 1
+    await reader.close()

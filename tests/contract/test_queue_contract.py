@@ -169,3 +169,24 @@ async def test_concurrent_claims_never_share_a_row(queue: Queue) -> None:
 
     await asyncio.gather(*(consumer() for _ in range(4)))
     assert sorted(seen) == sorted(str(i).encode() for i in range(200))
+
+
+async def test_shift_moves_only_the_destinations_reserved_future_rows(queue: Queue) -> None:
+    if not getattr(queue, "can_update", True):
+        pytest.skip(f"{queue.name} cannot update rows: shift is a no-op there")
+    now = time.time()
+    await queue.insert(
+        Lane.TIMED,
+        [
+            Row("a", b"past", now - 5, reserved=True),
+            Row("a", b"future", now + 10, reserved=True),
+            Row("a", b"user-timed", now + 10, reserved=False),
+            Row("b", b"other", now + 10, reserved=True),
+        ],
+    )
+    assert await queue.shift("a", now, 100.0) == 1
+    due = await claim_all(queue, now + 20)
+    assert sorted(x.blob for x in due) == [b"other", b"past", b"user-timed"]
+    await queue.ack(due)
+    (moved,) = await claim_all(queue, now + 111)
+    assert moved.blob == b"future" and moved.ready == pytest.approx(now + 110)
