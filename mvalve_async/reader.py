@@ -67,6 +67,7 @@ class Reader:
         self._buffer: collections.deque[tuple[Lease, float]] = collections.deque()
         self._current: tuple[Lease, Message] | None = None
         self._acks: list[Lease] = []
+        self._acks_since = 0.0
         self._local_due: float | None = None
         self._busy = False
         self._closed = False
@@ -214,6 +215,8 @@ class Reader:
 
     def _settle_current(self) -> None:
         if self._current is not None:
+            if not self._acks:
+                self._acks_since = time.time()
             self._acks.append(self._current[0])
             self._current = None
 
@@ -228,13 +231,16 @@ class Reader:
 
     async def _take(self) -> Lease | None:
         now = time.time()
+        if self._acks and (
+            (len(self._acks) >= self.ack_batch and not self._buffer)
+            or now - self._acks_since > self.lease / 4
+        ):  # batched, but never so late that the acked rows' leases could expire
+            await self._flush_acks()
         while self._buffer:
             lease, claimed = self._buffer.popleft()
             if now - claimed < self.lease * 0.8:
                 return lease
             log.warning("dropping a prefetched lease near expiry (%s)", lease.destination)
-        if len(self._acks) >= self.ack_batch or self._acks:
-            await self._flush_acks()
         leases = await self.queue.claim(self.batch, now, self.lease)
         if not leases:
             return None

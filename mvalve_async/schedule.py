@@ -177,6 +177,8 @@ def _after(t: float, delta: float) -> float:
 
 
 def _append(log: list[float], t: float, rate: Rate | None) -> None:
+    if rate is None:  # unlimited: no window to enforce, the logs stay empty
+        return
     if log and t < log[-1]:  # only emergencies arrive out of order
         i = len(log)
         while i and log[i - 1] > t:
@@ -184,7 +186,7 @@ def _append(log: list[float], t: float, rate: Rate | None) -> None:
         log.insert(i, t)
     else:
         log.append(t)
-    keep = 1 if rate is None or rate.paced else rate.n
+    keep = 1 if rate.paced else rate.n
     del log[:-keep]
 
 

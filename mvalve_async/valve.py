@@ -82,7 +82,8 @@ class Valve:
                 rec, time.time(), rate, duration=duration, emergency=emergency,
                 reserved=reserved, policy=policy, fifo_grace=grace,
             )  # fmt: skip
-            return rec.dumps(), decision
+            new = rec.dumps()
+            return (None if new == raw else new), decision  # unchanged: no write
 
         loop = asyncio.get_running_loop()
         delay = 0.05
