@@ -51,6 +51,7 @@ class InnoDBQueue:
         self.db = MySQLPool(settings)
         self._lane_of = {table: lane for lane, table in self.tables.all()}
         self._poll_sql = self._build_poll()
+        self._claim_sql = self._claim_sql_text()
 
     def __repr__(self) -> str:
         return f"InnoDBQueue({self.settings.safe_url()!r})"
@@ -125,57 +126,64 @@ class InnoDBQueue:
 
     # -- claiming -------------------------------------------------------------
 
+    def _claim_sql_text(self) -> str:
+        """One statement over every lane table (a round trip, not one per table):
+        each part locks its first rows with SKIP LOCKED; the client keeps the
+        best `limit` by (lane, ready, id) and the rest unlock at COMMIT."""
+        parts = []
+        for k, (lane, table) in enumerate(self.tables.all()):
+            if lane is Lane.TIMED:
+                parts.append(
+                    f"(SELECT {k}, id, destination, message, deliveries, ready, reserved "
+                    f"FROM `{table}` WHERE ready <= %(now)s AND lease_until <= %(now)s "
+                    "ORDER BY ready, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                )
+            else:
+                parts.append(
+                    f"(SELECT {k}, id, destination, message, deliveries, NULL, 0 "
+                    f"FROM `{table}` WHERE lease_until <= %(now)s "
+                    "ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                )
+        return " UNION ALL ".join(parts)
+
     async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
         now_us, until = _us(now), _us(now + lease_seconds)
+        lanes = self.tables.all()
+        rank = {lane: i for i, lane in enumerate(Lane)}
 
         async def work(cur: Any) -> list[Lease]:
             token = secrets.randbits(62) + 1
-            leases: list[Lease] = []
-            for lane in Lane:
-                tables = list(self.tables.lane(lane))
-                random.shuffle(tables)  # several tables: serve them fairly
-                for table in tables:
-                    want = limit - len(leases)
-                    if want <= 0:
-                        return leases
-                    if lane is Lane.TIMED:
-                        await cur.execute(
-                            "SELECT id, destination, message, deliveries, ready, reserved "
-                            f"FROM `{table}` WHERE ready <= %s AND lease_until <= %s "
-                            "ORDER BY ready, id LIMIT %s FOR UPDATE SKIP LOCKED",
-                            (now_us, now_us, want),
-                        )
-                    else:
-                        await cur.execute(
-                            f"SELECT id, destination, message, deliveries FROM `{table}` "
-                            "WHERE lease_until <= %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-                            (now_us, want),
-                        )
-                    rows = await cur.fetchall()
-                    if not rows:
-                        continue
-                    ids = ",".join(str(int(r[0])) for r in rows)
-                    await cur.execute(
-                        f"UPDATE `{table}` SET lease_until = %s, lease_token = %s, "
-                        f"deliveries = deliveries + 1 WHERE id IN ({ids})",
-                        (until, token),
-                    )
-                    for r in rows:
-                        timed = lane is Lane.TIMED
-                        leases.append(
-                            Lease(
-                                lane,
-                                table,
-                                int(r[0]),
-                                r[1],
-                                bytes(r[2]),
-                                int(r[3]) + 1,
-                                r[4] / US if timed else None,
-                                bool(r[5]) if timed else False,
-                                token,
-                            )
-                        )
-            return leases
+            await cur.execute(self._claim_sql, {"now": now_us, "limit": limit})
+            rows = list(await cur.fetchall())
+            if not rows:
+                return []
+            # Priority by lane; FIFO by id (timed: by ready) within a lane. Several
+            # tables of one lane interleave by id, so none starves.
+            rows.sort(key=lambda r: (rank[lanes[r[0]][0]], r[5] or 0, r[1]))
+            rows = rows[:limit]
+            by_table: dict[str, list[str]] = {}
+            for r in rows:
+                by_table.setdefault(lanes[r[0]][1], []).append(str(int(r[1])))
+            for table, ids in by_table.items():
+                await cur.execute(
+                    f"UPDATE `{table}` SET lease_until = %s, lease_token = %s, "
+                    f"deliveries = deliveries + 1 WHERE id IN ({','.join(ids)})",
+                    (until, token),
+                )
+            return [
+                Lease(
+                    lanes[r[0]][0],
+                    lanes[r[0]][1],
+                    int(r[1]),
+                    r[2],
+                    bytes(r[3]),
+                    int(r[4]) + 1,
+                    r[5] / US if r[5] is not None else None,
+                    bool(r[6]),
+                    token,
+                )
+                for r in rows
+            ]
 
         return await self.db.transaction(work)
 
