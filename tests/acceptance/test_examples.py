@@ -150,7 +150,8 @@ async def test_worker_stops_on_sigterm_and_loses_nothing(backend: Backend, tmp_p
     assert len(delivered) == len(set(delivered))  # none twice
     assert set(delivered) <= ids
     remaining, stats = await queued_ids(backend.url)
-    assert sum(stats.leased.values()) == 0  # the worker returned what it held
+    # the worker returned what it held
+    assert sum(stats.leased.values()) == 0, "\n".join(lines) + err.decode()
     assert stats.dead == 0
     assert not remaining & set(delivered)  # delivered ones were acknowledged
     assert remaining | set(delivered) == ids  # the rest is back in the queue
