@@ -43,8 +43,14 @@ class Pipe:
             self._connected = True
         return self
 
+    def _defaults(self, options: dict[str, Any]) -> dict[str, Any]:
+        settings = getattr(self.queue, "settings", None)  # the URL's max_destination
+        if settings is not None:
+            options.setdefault("max_destination", settings.max_destination)
+        return options
+
     def writer(self, **options: Any) -> Writer:
-        return Writer(self.queue, notifier=self.notifier, **options)
+        return Writer(self.queue, notifier=self.notifier, **self._defaults(options))
 
     def reader(
         self,
@@ -56,7 +62,8 @@ class Pipe:
     ) -> Reader:
         reader = Reader(
             self.queue, self.store, rate=rate, rates=rates,
-            emergency_policy=emergency_policy, notifier=self.notifier, **options,
+            emergency_policy=emergency_policy, notifier=self.notifier,
+            **self._defaults(options),
         )  # fmt: skip
         self._readers.append(reader)
         return reader

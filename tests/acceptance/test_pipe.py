@@ -193,3 +193,17 @@ async def test_in_process_wakeup_is_prompt(pipe: Pipe) -> None:
     msg = await waiter
     assert msg is not None and time.monotonic() - t0 < 1.0
     await reader.close()
+
+
+async def test_url_max_destination_reaches_writers_and_readers(tmp_path) -> None:
+    import mvalve_async
+
+    url = f"sqlite:///{tmp_path}/q.db?max_destination=60"
+    async with mvalve_async.open(url, "memory://") as pipe:
+        long_dest = "d" * 60
+        await pipe.writer().insert(Message(long_dest, "ok"))
+        with pytest.raises(InvalidMessage):
+            await pipe.writer().insert(Message("d" * 61, "too long"))
+        async with pipe.reader() as reader:
+            msg = await reader.next(timeout=5)
+            assert msg is not None and msg.destination == long_dest
