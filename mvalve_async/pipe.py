@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .events import Observer
 from .interfaces import Queue, Store
 from .notify import Notifier
 from .reader import Reader
@@ -27,8 +28,16 @@ log = logging.getLogger(__name__)
 class Pipe:
     """A queue and a store. Use as `async with mvalve_async.open(...) as pipe`."""
 
-    def __init__(self, queue: Queue, store: Store, *, create: bool | None = None) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        store: Store,
+        *,
+        create: bool | None = None,
+        observers: Sequence[Observer] = (),
+    ) -> None:
         self.queue = queue
+        self.observers = list(observers)
         self.store = store
         self.notifier = Notifier()
         self._create = create if create is not None else queue.name in ("sqlite", "memory")
@@ -47,6 +56,7 @@ class Pipe:
         settings = getattr(self.queue, "settings", None)  # the URL's max_destination
         if settings is not None:
             options.setdefault("max_destination", settings.max_destination)
+        options.setdefault("observers", self.observers)
         return options
 
     def writer(self, **options: Any) -> Writer:
@@ -120,6 +130,7 @@ def open(
     store: str | StoreSettings | None = None,
     *,
     create: bool | None = None,
+    observers: Sequence[Observer] = (),
 ) -> Pipe:
     """A pipe on `url` (or `MVALVE_URL`, or an embedded SQLite file) with the state
     store `store` (or `MVALVE_STORE_URL`, or memory). Tables are created
@@ -131,4 +142,4 @@ def open(
         log.info("no queue URL given: using the embedded SQLite default (mvalve.sqlite3)")
     if store is None and not os.environ.get("MVALVE_STORE_URL"):
         log.info("no store URL given: throttle state is kept in memory, for this process only")
-    return Pipe(make_queue(url), make_store(store), create=create)
+    return Pipe(make_queue(url), make_store(store), create=create, observers=observers)

@@ -13,10 +13,11 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 
 from .errors import CodecError, InvalidMessage, QueueUnavailable, ReaderBusy
+from .events import Emitter, Observer
 from .interfaces import Lane, Lease, Queue, Store
 from .message import DEFAULT_MAX_DESTINATION, Message, decode, validate_destination
 from .notify import Notifier
@@ -51,6 +52,7 @@ class Reader:
         max_destination: int = DEFAULT_MAX_DESTINATION,
         idle_interval: float = 0.05,
         notifier: Notifier | None = None,
+        observers: Sequence[Observer] = (),
     ) -> None:
         if lease <= 0 or batch < 1 or max_deliveries < 1:
             raise ValueError("lease, batch and max_deliveries must be positive")
@@ -63,6 +65,7 @@ class Reader:
         self.max_destination = max_destination
         self.idle_interval = idle_interval
         self._notifier = notifier
+        self._emit = Emitter(observers)
         self._wake = notifier.subscribe() if notifier else asyncio.Event()
         self._buffer: collections.deque[tuple[Lease, float]] = collections.deque()
         self._current: tuple[Lease, Message] | None = None
@@ -144,18 +147,21 @@ class Reader:
         lease = self._take_current(msg)
         if lease is not None:
             await self.queue.ack([lease])
+            self._emit("ack", lease.destination)
 
     async def retry(self, msg: Message | None = None, delay: float = 0.0) -> None:
         """Return the handed-out message to its queue, visible again after `delay`."""
         lease = self._take_current(msg)
         if lease is not None:
             await self.queue.release(lease, delay)
+            self._emit("abort", lease.destination)
 
     async def reject(self, msg: Message | None = None, reason: str = "rejected") -> None:
         """Move the handed-out message to the dead letters with `reason`."""
         lease = self._take_current(msg)
         if lease is not None:
             await self.queue.dead([lease], reason)
+            self._emit("dead", lease.destination)
 
     async def pause(self, destination: str, seconds: float) -> None:
         """Deliver nothing to `destination` for `seconds` (e.g. a 429 Retry-After);
@@ -225,6 +231,8 @@ class Reader:
             acks, self._acks = self._acks, []
             try:
                 await self.queue.ack(acks)
+                for lease in acks:
+                    self._emit("ack", lease.destination)
             except BaseException:
                 self._acks[:0] = acks  # keep them: retried on the next flush
                 raise
@@ -292,10 +300,12 @@ class Reader:
         except (CodecError, InvalidMessage) as exc:
             log.error("dead letter: unreadable row %s in %s: %s", lease.id, lease.table, exc)
             await self.queue.dead([lease], f"unreadable: {exc}")
+            self._emit("dead", lease.destination)
             return None
         if lease.deliveries > self.max_deliveries:
             log.error("dead letter: %s delivered %d times", msg.id, lease.deliveries - 1)
             await self.queue.dead([lease], "too many deliveries")
+            self._emit("dead", lease.destination)
             return None
         decision = await self.valve.decide(
             msg.destination,
@@ -311,6 +321,7 @@ class Reader:
             await self.queue.shift(msg.destination, decision.at, decision.shift)
         if decision.action is Action.DEFER:
             await self.queue.move(lease, decision.at, decision.reserved)
+            self._emit("defer", msg.destination)
             if self._local_due is None or decision.at < self._local_due:
                 self._local_due = decision.at
             log.debug("deferred %s to %.3f", msg.id, decision.at, extra={"message_id": msg.id})
@@ -321,6 +332,7 @@ class Reader:
                 extra={"destination": msg.destination, "message_id": msg.id},
             )  # fmt: skip
             await self.queue.dead([lease], decision.reason)
+            self._emit("drop" if decision.reason == "emergency" else "dead", msg.destination)
             return None
         wait = decision.at - time.time()
         if wait > 0:
@@ -328,6 +340,7 @@ class Reader:
         msg.deliveries = lease.deliveries
         msg.delivered_at = decision.at
         msg.lane = str(lease.lane)
+        self._emit("dequeue", msg.destination)
         return msg
 
     def _spawn(self, coro: collections.abc.Coroutine[object, object, None]) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from .events import Emitter, Observer
 from .interfaces import Lane, Queue, Row
 from .message import DEFAULT_MAX_DESTINATION, DEFAULT_MAX_SIZE, Message, encode
 from .message import validate_destination as _validate_destination
@@ -29,11 +30,13 @@ class Writer:
         notifier: Notifier | None = None,
         max_size: int = DEFAULT_MAX_SIZE,
         max_destination: int = DEFAULT_MAX_DESTINATION,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.queue = queue
         self.max_size = max_size
         self.max_destination = max_destination
         self._notifier = notifier
+        self._emit = Emitter(observers)
 
     def _row(self, message: Message, now: float) -> tuple[Lane, Row]:
         if not isinstance(message, Message):
@@ -51,6 +54,7 @@ class Writer:
         """Insert one message; returns its id."""
         lane, row = self._row(message, time.time())
         await self.queue.insert(lane, [row])
+        self._emit("enqueue", message.destination)
         log.debug(
             "inserted %s for %s into %s",
             message.id,
@@ -72,6 +76,8 @@ class Writer:
             by_lane.setdefault(lane, []).append(row)
         for lane, rows in by_lane.items():
             await self.queue.insert(lane, rows)
+            for row in rows:
+                self._emit("enqueue", row.destination)
         if batch and self._notifier is not None:
             self._notifier.notify()
         return [m.id for m in batch]

@@ -1,0 +1,39 @@
+"""Observers: counters of what happens to messages, for the stats log and metrics.
+
+An observer's `event` is called synchronously on the hot path: it must only count
+(aggregate in memory) and flush on its own schedule. Actions: enqueue, dequeue,
+defer, drop (dead because of an emergency), dead, ack, abort.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+__all__ = ["ACTIONS", "Emitter", "Observer"]
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("enqueue", "dequeue", "defer", "drop", "dead", "ack", "abort")
+
+
+@runtime_checkable
+class Observer(Protocol):
+    def event(self, action: str, destination: str, count: int = 1) -> None: ...
+
+
+class Emitter:
+    """Calls every observer; one failing observer never breaks delivery."""
+
+    __slots__ = ("observers",)
+
+    def __init__(self, observers: Sequence[Observer] = ()) -> None:
+        self.observers = tuple(observers)
+
+    def __call__(self, action: str, destination: str, count: int = 1) -> None:
+        for observer in self.observers:
+            try:
+                observer.event(action, destination, count)
+            except Exception:
+                log.exception("observer %r failed on %s", observer, action)
