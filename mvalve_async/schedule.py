@@ -157,14 +157,15 @@ def _num(x: object) -> float:
     return float(x)  # type: ignore[arg-type]
 
 
-def _window_floor(log: list[float], rate: Rate | None) -> float:
-    """Earliest time the next entry of a non-decreasing log may take."""
+def _window_floor(log: list[float], rate: Rate | None, margin: float = 0.0) -> float:
+    """Earliest time the next entry of a non-decreasing log may take; `margin` widens
+    the window (paced: spread over the n spacings of a window)."""
     if rate is None or not log:
         return 0.0
     if rate.paced:
-        return _after(log[-1], rate.spacing)
+        return _after(log[-1], rate.spacing + margin / rate.n)
     if len(log) >= rate.n:
-        return _after(log[-rate.n], rate.per)
+        return _after(log[-rate.n], rate.per + margin)
     return 0.0
 
 
@@ -200,11 +201,15 @@ def admit(
     reserved: bool = False,
     policy: EmergencyPolicy = EmergencyPolicy.DROP,
     fifo_grace: float = 1.0,
+    margin: float = 0.0,
 ) -> Decision:
     """Decide what happens to one claimed message; updates `rec` in place.
 
     `reserved` is true for a timed row whose slot the valve reserved earlier.
     `rate` None means unlimited (durations, pauses and emergencies still apply).
+    `margin` (seconds) widens the hand-out window: a reader returns a message a
+    little after its recorded hand-out, and the margin absorbs that lag so that
+    the promise also holds on the times the consumer sees.
     """
     per = rate.per if rate is not None else 1.0
     if emergency:
@@ -230,7 +235,9 @@ def admit(
         # pushed back by the window's length); any other goes through the rate after.
         return Decision(Action.DEFER, _r(window), reserved=reserved)
 
-    sent_floor = max(_window_floor(rec.sent, rate), rec.sent[-1] if rec.sent else 0.0, rec.busy)
+    sent_floor = max(
+        _window_floor(rec.sent, rate, margin), rec.sent[-1] if rec.sent else 0.0, rec.busy
+    )
     if reserved:
         # Its slot is already reserved: confirm against actual hand-outs only.
         at = _r(max(now, sent_floor))

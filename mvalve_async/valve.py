@@ -47,6 +47,7 @@ class Valve:
         policy: EmergencyPolicy | str = EmergencyPolicy.DROP,
         fifo_grace: float = 1.0,
         retry_max: float = 2.0,
+        margin: float | None = None,
     ) -> None:
         self.store = store
         self.rate = rate
@@ -54,6 +55,7 @@ class Valve:
         self.policy = EmergencyPolicy(policy)
         self.fifo_grace = fifo_grace
         self.retry_max = retry_max
+        self.margin = margin
         self._epoch: float | None = None
 
     def rate_for(self, destination: str) -> Rate | None:
@@ -72,6 +74,7 @@ class Valve:
         (logged); returns None if `deadline` (loop time) passes first."""
         rate = self.rate_for(destination)
         policy, grace = self.policy, self.fifo_grace
+        margin = self.margin_for(rate)
         fresh: list[float] = []  # set once the epoch was checked: a new record's start
 
         def step(raw: bytes | None) -> tuple[bytes | None, Decision | None]:
@@ -80,7 +83,7 @@ class Valve:
             rec = Record.loads(raw) if raw is not None else Record(busy=fresh[0])
             decision = admit(
                 rec, time.time(), rate, duration=duration, emergency=emergency,
-                reserved=reserved, policy=policy, fifo_grace=grace,
+                reserved=reserved, policy=policy, fifo_grace=grace, margin=margin,
             )  # fmt: skip
             new = rec.dumps()
             return (None if new == raw else new), decision  # unchanged: no write
@@ -131,6 +134,12 @@ class Valve:
                 log.warning("schedule state was lost; fresh destinations wait %.2fs", until - now)
                 return until
         return 0.0
+
+    def margin_for(self, rate: Rate | None) -> float:
+        """Default: 1 % of the period, at most 10 ms (scheduling lag of a busy reader)."""
+        if rate is None:
+            return 0.0
+        return self.margin if self.margin is not None else min(0.01, rate.per * 0.01)
 
     def max_per(self) -> float:
         pers = [r.per for r in [self.rate, *self.rates.values()] if r is not None]

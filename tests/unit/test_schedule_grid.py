@@ -50,3 +50,21 @@ def test_random_rates_and_arrivals_keep_the_promise() -> None:
             now += rng.random() * per / n
             slots.append(admit(rec, now, rate).at)
         assert max_in_window(slots, per) <= n, (n, per, rate.paced)
+
+
+def test_margin_widens_the_hand_out_window() -> None:
+    from mvalve_async.schedule import Action, Rate, Record, admit
+
+    t0, rate = 1_700_000_000.0, Rate(2, 1.0)
+    rec = Record()
+    for _ in range(2):
+        assert admit(rec, t0, rate, margin=0.01).action is Action.DELIVER
+    reserved = admit(rec, t0, rate, margin=0.01)
+    assert reserved.action is Action.DEFER
+    # due at t0 + 1 by the slots; confirmed no earlier than t0 + 1 + margin
+    handed = admit(rec, reserved.at, rate, reserved=True, margin=0.01)
+    assert handed.action is Action.DELIVER and handed.at >= t0 + 1.01 - 1e-6
+    paced = Record()
+    admit(paced, t0, Rate(4, 1.0, pace=True), margin=0.02)
+    later = admit(paced, t0, Rate(4, 1.0, pace=True), margin=0.02)
+    assert later.at >= t0 + 0.25 + 0.005 - 1e-6  # margin spread over the n spacings
