@@ -23,6 +23,7 @@ import os
 import random
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -97,7 +98,13 @@ class SQLiteQueue:
             path = self.settings.path
             try:
                 _make_parent(path)
-                db = await aiosqlite.connect(path, isolation_level=None, timeout=self.busy_timeout)
+                db = aiosqlite.connect(path, isolation_level=None, timeout=self.busy_timeout)
+                # aiosqlite's worker thread is not a daemon: a process that never closes
+                # the queue (an unhandled error) would hang at exit. Dying is safe: as kill -9.
+                thread = getattr(db, "_thread", db)
+                if isinstance(thread, threading.Thread):
+                    thread.daemon = True
+                await db
             except (OSError, sqlite3.Error) as exc:
                 raise QueueUnavailable(f"cannot open {self.settings.safe_url()}: {exc}") from exc
             try:

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,12 +71,28 @@ async def opened(path: Path, **kw: object) -> SQLiteQueue:
     return q
 
 
+_children: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_children() -> Iterator[None]:
+    """A failed assertion must not leave a child process running."""
+    yield
+    while _children:
+        proc = _children.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
 def popen(script: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-c", script, *args],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
+    _children.append(proc)
+    return proc
 
 
 def spawn(path: Path, mode: str, lease: float, returning: bool = True) -> subprocess.Popen[str]:
@@ -298,6 +315,21 @@ async def test_process_killed_inside_a_transaction(tmp_path: Path) -> None:
     leases = await q.claim(10, time.time(), 30)  # the OS dropped the lock; nothing committed
     assert [x.deliveries for x in leases] == [1, 1, 1]
     await q.close()
+
+
+def test_unclosed_queue_does_not_hang_the_process_at_exit(tmp_path: Path) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from mvalve_async.queues.sqlite import SQLiteQueue\n"
+        "from mvalve_async.urls import QueueSettings\n"
+        "async def main():\n"
+        "    q = SQLiteQueue(QueueSettings('sqlite', path=sys.argv[1]))\n"
+        "    await q.connect()\n"
+        "    raise SystemExit(3)  # never closed\n"
+        "asyncio.run(main())\n"
+    )
+    proc = popen(script, str(tmp_path / "q.db"))
+    assert proc.wait(timeout=20) == 3
 
 
 # -- cancellation -----------------------------------------------------------------
