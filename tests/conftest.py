@@ -8,6 +8,7 @@ import pytest
 
 from mvalve_async.interfaces import Queue
 from mvalve_async.urls import QueueSettings, Tables, make_queue
+from tests.q4m_fixtures import q4m_server  # noqa: F401  (a fixture the q4m params use)
 from tests.services import MYSQL_URL, require_mysql
 
 DIALECTS = ["memory", "innodb", "sqlite", "q4m"]
@@ -55,8 +56,22 @@ async def open_queue(dialect: str, tmp_path: object, request: pytest.FixtureRequ
     return queue
 
 
+@pytest.fixture
+def _q4m_ready(request: pytest.FixtureRequest) -> None:
+    """Starts `q4m_server` ahead of the async `queue`/`pipe` fixtures when their param
+    is q4m: pytest-asyncio cannot set up an async fixture from inside another one
+    (`request.getfixturevalue` there raises "Runner.run() cannot be called from a
+    running event loop"); once set up, open_queue's getfixturevalue returns it."""
+    callspec = getattr(request.node, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    if "q4m" in (params.get("queue"), params.get("pipe")):
+        request.getfixturevalue("q4m_server")
+
+
 @pytest.fixture(params=DIALECTS)
-async def queue(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[Queue]:
+async def queue(
+    request: pytest.FixtureRequest, tmp_path: object, _q4m_ready: None
+) -> AsyncIterator[Queue]:
     """A connected queue with fresh tables, for every dialect the tree has."""
     if not _available(request.param):
         pytest.skip(f"dialect {request.param} is not built yet")
@@ -69,7 +84,9 @@ async def queue(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterat
 
 
 @pytest.fixture(params=[d for d in DIALECTS if d != "q4m"] + ["q4m"])
-async def pipe(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[object]:
+async def pipe(
+    request: pytest.FixtureRequest, tmp_path: object, _q4m_ready: None
+) -> AsyncIterator[object]:
     """A connected Pipe (queue of every dialect, memory store) on fresh tables."""
     from mvalve_async.pipe import Pipe
     from mvalve_async.stores.memory import MemoryStore

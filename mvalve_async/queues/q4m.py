@@ -1,0 +1,835 @@
+"""The q4m dialect: Q4M's `ENGINE=QUEUE` tables, rows owned by connections.
+
+Q4M hands out a row by putting the connection that called `queue_wait` into
+*owner mode*: the row is invisible to everybody else until that connection
+calls `queue_end()` (the row is deleted), `queue_abort()` (it goes back to its
+FIFO place) or goes away (it goes back too). One connection owns one row, so:
+
+- A lease is a dedicated *owner connection*, taken from a small set that is
+  separate from the shared pool (`owners`, default `pool_size`): `Lease.handle`
+  is that owner, `Lease.token` its server connection id (what `KILL` takes).
+  An owner never goes back to the idle set while it owns a row, and the shared
+  pool never sees an owner.
+- `claim(limit)` calls, per row, on one idle owner
+  `SELECT queue_wait('emerg:ready<=NOW', 'timed:ready<=NOW', 'normal:ready<=NOW', 0)`
+  (the last argument is always the timeout; 0: claims never block) and reads
+  the owned row with a plain SELECT on that connection; it stops at the first
+  0. **`limit` is capped by the number of idle owners**: a claim returns at most
+  `owners` rows in all. When every owner is busy a claim returns [] at once
+  (or, with `owner_wait > 0`, waits that long for one, handed over first come,
+  first served), and `poll` says nothing is claimable, without a query. A
+  reader's acks held back for batching keep their owners busy too: the reader
+  flushes them when its claim comes back empty.
+- `ack` is `queue_end()`; `release(delay=0)` is `queue_abort()` (the row keeps
+  its place). Q4M has no UPDATE, so `release(delay>0)`, `move` and `dead`
+  INSERT the new row *on the owner connection* and then call `queue_end()`:
+  if that connection was lost meanwhile the INSERT fails and the row has gone
+  back by itself, so a lost lease is never copied. (A connection lost between
+  the INSERT and `queue_end()` leaves both rows: at least once.)
+- Lanes are tried in `queue_wait`'s argument order: emergency, timed rows that
+  are due, normal. Every table has a `ready` column (0 in the emergency and
+  normal lanes unless the row was put back with a delay), so a retry with a
+  delay stays in its lane. Q4M has no ORDER BY: the timed lane is served FIFO
+  among its *due* rows, and each claimed batch is sorted by `ready`.
+- Leases expire **in this process**: `claim` and `poll` abort this process's
+  leases older than their `lease_seconds` (a reader dropped them, or its
+  consumer overran the lease), and a late settle of such a lease does nothing.
+  A lease held by another process ends only with its connection (a crashed or
+  killed process returns its rows at once; a live but stuck one keeps them).
+- Delivery counts: Q4M keeps none, so `deliveries` is a column carried across
+  re-inserts (a retry with a delay, a retry deferral), and this process also
+  remembers the count of the rows it handed out until they are settled (a
+  bounded memo), so a row it aborts, or that comes back after one of its
+  connections was killed, is counted again when it is claimed here. A row that
+  comes back because *another* process crashed or aborted it keeps the count of
+  its column: on q4m a crashed consumer's redelivery is not counted.
+- `shift`/`reschedule` (a pause or hold, an older message taking an earlier
+  slot) and `requeue_dead` take the rows they change one by one in owner mode,
+  by id (`queue_wait('table:id=N', 0)`), on a dedicated connection, re-insert
+  them and `queue_end()` them.
+- `poll`, `stats`, `peek`, `purge` and the dead-letter calls run on the shared
+  pool, never on an owner (after a `queue_wait` an owner's SELECTs see nothing
+  but its own row). Rows owned by other processes are invisible there: `stats`
+  and `peek` show this process's leases only, `purge` removes queued rows and
+  this process's leases.
+- Cancelling any call on an owner closes that connection: whatever row it
+  owned goes back to the queue (Q4M's restored_by_close), nothing is stranded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import logging
+import random
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomysql
+import pymysql
+
+from ..errors import SchemaError
+from ..interfaces import Lane, Lease, QueueStats, Row
+from ..schema import render
+from ..urls import QueueSettings
+from ._mysql import MySQLPool, _lost, translate
+
+__all__ = ["Q4MQueue"]
+
+log = logging.getLogger(__name__)
+
+US = 1_000_000
+_RANK = {Lane.EMERGENCY: 0, Lane.TIMED: 1, Lane.NORMAL: 2}
+_SCAN = 1000  # `ready` values read per table by poll to find the next due time
+_DRIVER_ERRORS = (pymysql.err.MySQLError, OSError)  # TimeoutError is an OSError
+Statement = tuple[str, tuple[Any, ...]]
+
+
+def _us(t: float) -> int:
+    return int(t * US)
+
+
+def _always(value: int) -> Callable[[int], int]:
+    return lambda _: value
+
+
+class _Ids:
+    """Row ids: microseconds << 10 plus a per-process salt, strictly increasing in
+    this process (Q4M has no AUTO_INCREMENT). Unique in practice across processes."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._salt = secrets.randbits(10)
+
+    def __call__(self) -> int:
+        self._last = max(self._last + 1, (time.time_ns() // 1000) << 10 | self._salt)
+        return self._last
+
+
+@dataclass(eq=False)
+class _Owner:
+    """A connection reserved for owner mode; `lease` is the row it owns, if any."""
+
+    conn: Any
+    thread_id: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lease: Lease | None = None
+    until: float = 0.0  # this process's lease end (claim's now + lease_seconds)
+    created: int = 0  # the owned row's `created`, kept by re-inserts
+
+
+class Q4MQueue:
+    name = "q4m"
+    dialect = "q4m"
+    # Leases expire only in the process that holds them (see the module docstring).
+    lease_expiry = "process"
+
+    def __init__(
+        self,
+        settings: QueueSettings,
+        *,
+        owners: int | None = None,
+        owner_wait: float = 0.0,
+        memo: int = 10_000,
+    ) -> None:
+        self.settings = settings
+        self.tables = settings.tables
+        self.db = MySQLPool(settings)
+        self.max_owners = owners or settings.pool_size
+        self.owner_wait = owner_wait
+        self._memo_size = memo
+        self._lane_of = {table: lane for lane, table in self.tables.all()}
+        self._ids = _Ids()
+        self._owners: set[_Owner] = set()
+        self._idle: list[_Owner] = []
+        self._opening = 0
+        self._waiters: collections.deque[asyncio.Future[_Owner | None]] = collections.deque()
+        self._seen: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._select = {table: self._select_sql(lane, table) for lane, table in self.tables.all()}
+
+    def __repr__(self) -> str:
+        return f"Q4MQueue({self.settings.safe_url()!r})"
+
+    # -- connections ------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self.db.connect()
+
+    async def close(self) -> None:
+        """Close every owner connection (Q4M returns their rows), then the pool."""
+        owners = list(self._owners)
+        self._owners.clear()
+        self._idle.clear()
+        for owner in owners:
+            owner.lease = None
+            owner.conn.close()
+        while self._waiters:  # they find no idle owner and open a new one
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        await self.db.close()
+
+    async def _connect(self) -> Any:
+        s = self.settings
+        try:
+            return await aiomysql.connect(
+                host=s.host, port=s.port, user=s.user, password=s.password, db=s.database,
+                autocommit=True, charset="utf8mb4", connect_timeout=s.connect_timeout,
+            )  # fmt: skip
+        except _DRIVER_ERRORS as exc:
+            raise translate(exc, self.db.where) from None
+
+    async def _open(self) -> _Owner:
+        self._opening += 1
+        try:
+            conn = await self._connect()
+        finally:
+            self._opening -= 1
+        owner = _Owner(conn, int(conn.server_thread_id[0]))
+        self._owners.add(owner)
+        return owner
+
+    async def _take_owner(self, wait: bool) -> _Owner | None:
+        """An idle owner (or a new one, below the cap). With `wait`, queue up to
+        `owner_wait` seconds for one; without, give way to callers that wait."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.owner_wait
+        while True:
+            if self._idle:
+                return self._idle.pop()
+            room = len(self._owners) + self._opening < self.max_owners
+            if room and (wait or not self._waiters):
+                return await self._open()
+            if not wait or (left := deadline - loop.time()) <= 0:
+                return None
+            waiter: asyncio.Future[_Owner | None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(left):
+                    owner = await waiter
+            except BaseException as exc:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                if waiter.done() and not waiter.cancelled():  # handed over as we gave up
+                    handed = waiter.result()
+                    if handed is not None:
+                        self._free(handed)
+                    else:
+                        self._wake_one()
+                if isinstance(exc, TimeoutError):
+                    return None
+                raise
+            if owner is not None:
+                return owner
+            # None: an owner was closed, so there is room for a new one: try again
+
+    def _free(self, owner: _Owner) -> None:
+        """`owner` owns nothing: hand it to the first waiter, else make it idle."""
+        owner.lease = None
+        if owner not in self._owners:  # closed meanwhile (close())
+            owner.conn.close()
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(owner)
+                return
+        self._idle.append(owner)
+
+    def _discard(self, owner: _Owner) -> None:
+        """Close `owner`'s connection: the row it owned, if any, goes back (Q4M)."""
+        owner.lease = None
+        owner.conn.close()
+        if owner in self._owners:
+            self._owners.remove(owner)
+            if owner in self._idle:
+                self._idle.remove(owner)
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    # -- the delivery-count memo ----------------------------------------------------
+
+    def _remember(self, rid: int, deliveries: int) -> None:
+        self._seen[rid] = deliveries
+        self._seen.move_to_end(rid)
+        while len(self._seen) > self._memo_size:
+            self._seen.popitem(last=False)
+
+    def _forget(self, rid: int) -> None:
+        self._seen.pop(rid, None)
+
+    # -- schema -----------------------------------------------------------------
+
+    def schema_sql(self) -> str:
+        return ";\n\n".join(render(self.dialect, self.tables)) + ";\n"
+
+    async def create_schema(self) -> None:
+        async def run(conn: Any) -> None:
+            async with conn.cursor() as cur:
+                with warnings.catch_warnings():  # "table already exists" notes
+                    warnings.simplefilter("ignore")
+                    for statement in render(self.dialect, self.tables):
+                        await cur.execute(statement)
+
+        await self.db.run(run)
+
+    async def drop_schema(self) -> None:
+        names = [t for _, t in self.tables.all()] + [self.tables.dead]
+        await self._execute("DROP TABLE IF EXISTS " + ", ".join(f"`{t}`" for t in names))
+
+    def _select_sql(self, lane: Lane, table: str) -> str:
+        extra = ", reserved" if lane is Lane.TIMED else ""
+        return f"SELECT id, destination, message, deliveries, created, ready{extra} FROM `{table}`"
+
+    # -- pool helpers -------------------------------------------------------------
+
+    async def _execute(self, sql: str, args: Any = None, *, idempotent: bool = True) -> int:
+        async def run(conn: Any) -> int:
+            async with conn.cursor() as cur:
+                return int(await cur.execute(sql, args))
+
+        return await self.db.run(run, idempotent=idempotent)
+
+    async def _fetch(self, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+        async def run(conn: Any) -> list[tuple[Any, ...]]:
+            async with conn.cursor() as cur:
+                await cur.execute(sql, args)
+                return list(await cur.fetchall())
+
+        return await self.db.run(run)
+
+    # -- writing ------------------------------------------------------------------
+
+    def _insert_sql(self, table: str) -> str:
+        if self._lane_of[table] is Lane.TIMED:
+            return (
+                f"INSERT INTO `{table}` (id, destination, ready, reserved, message, created, "
+                "deliveries) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            )
+        return (
+            f"INSERT INTO `{table}` (id, destination, ready, message, created, deliveries) "
+            "VALUES (%s, %s, %s, %s, %s, %s)"
+        )
+
+    def _insert_args(
+        self, table: str, rid: int, dest: str, ready: int, reserved: bool, blob: bytes,
+        created: int, deliveries: int,
+    ) -> tuple[Any, ...]:  # fmt: skip
+        if self._lane_of[table] is Lane.TIMED:
+            return (rid, dest, ready, int(reserved), blob, created, deliveries)
+        return (rid, dest, ready, blob, created, deliveries)
+
+    async def insert(self, lane: Lane, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        table = random.choice(self.tables.lane(lane))
+        base = _us(time.time())  # + i: a batch's rows keep distinct, ordered `created`
+        args: list[tuple[Any, ...]] = []
+        for i, r in enumerate(rows):
+            if lane is Lane.TIMED and r.ready is None:
+                raise ValueError("a timed row needs ready")
+            ready = _us(r.ready) if lane is Lane.TIMED and r.ready is not None else 0
+            args.append(
+                self._insert_args(
+                    table, self._ids(), r.destination, ready, r.reserved, r.blob, base + i, 0
+                )
+            )
+        sql = self._insert_sql(table)
+
+        async def run(conn: Any) -> None:
+            async with conn.cursor() as cur:
+                if len(args) == 1:
+                    await cur.execute(sql, args[0])
+                else:
+                    await cur.executemany(sql, args)
+
+        await self.db.run(run, idempotent=False)
+
+    # -- claiming -----------------------------------------------------------------
+
+    def _wait_call(self, now_us: int) -> tuple[str, list[str], list[tuple[Lane, str]]]:
+        """`SELECT queue_wait(...)`: lanes in priority order, a lane's tables shuffled
+        (served fairly), every table asked for rows with ready <= now; timeout 0."""
+        args: list[str] = []
+        targets: list[tuple[Lane, str]] = []
+        for lane in Lane:
+            tables = list(self.tables.lane(lane))
+            random.shuffle(tables)
+            for table in tables:
+                args.append(f"{table}:ready<={now_us}")
+                targets.append((lane, table))
+        sql = "SELECT queue_wait(" + ", ".join(["%s"] * len(args)) + ", 0)"
+        return sql, args, targets
+
+    async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
+        """Up to `limit` rows, capped by the idle owner connections (see the module
+        docstring). Emergency first, then due timed rows (by ready), then normal."""
+        await self._reap(now)
+        sql, args, targets = self._wait_call(_us(now))
+        leases: list[Lease] = []
+        retries = self.max_owners + 1  # idle owners may all be dead (server restart)
+        try:
+            while len(leases) < limit:
+                owner = await self._take_owner(wait=not leases)
+                if owner is None:
+                    break
+                try:
+                    lease = await self._claim_one(owner, sql, args, targets, now, lease_seconds)
+                except _DRIVER_ERRORS as exc:
+                    self._discard(owner)
+                    if _lost(exc) and not leases and retries > 0:
+                        retries -= 1
+                        continue
+                    if _lost(exc) and leases:
+                        log.info("lost an owner connection to %s mid-claim", self.db.where)
+                        break
+                    raise translate(exc, self.db.where) from None
+                except BaseException:
+                    self._discard(owner)
+                    raise
+                if lease is None:
+                    self._free(owner)
+                    break
+                leases.append(lease)
+        except BaseException:
+            for lease in leases:  # never handed out: close their owners, the rows go back
+                self._discard(lease.handle)
+            raise
+        leases.sort(key=lambda x: (_RANK[x.lane], x.ready or 0.0))  # stable: FIFO otherwise
+        return leases
+
+    async def _claim_one(
+        self, owner: _Owner, sql: str, args: list[str], targets: list[tuple[Lane, str]],
+        now: float, lease_seconds: float,
+    ) -> Lease | None:  # fmt: skip
+        async with owner.conn.cursor() as cur:
+            await cur.execute(sql, args)
+            (index,) = await cur.fetchone()
+            if index is None:
+                raise SchemaError(
+                    f"{self.db.where}: queue_wait returned NULL: a queue table is missing "
+                    "or is not a Q4M table (run `mvalve create` first)"
+                )
+            if not index:
+                return None
+            lane, table = targets[int(index) - 1]
+            await cur.execute(self._select[table])
+            row = await cur.fetchone()
+            if row is None:  # the table was truncated or dropped under us
+                await cur.execute("SELECT queue_end()")
+                await cur.fetchall()
+                return None
+        rid, dest, blob, done, created, ready = int(row[0]), row[1], row[2], row[3], row[4], row[5]
+        deliveries = max(int(done), self._seen.get(rid, 0)) + 1
+        self._remember(rid, deliveries)
+        timed = lane is Lane.TIMED
+        lease = Lease(
+            lane, table, rid, dest, bytes(blob), deliveries,
+            int(ready) / US if timed else None, bool(row[6]) if timed else False,
+            owner.thread_id, owner,
+        )  # fmt: skip
+        owner.lease, owner.until, owner.created = lease, now + lease_seconds, int(created)
+        return lease
+
+    async def _reap(self, now: float) -> None:
+        """Abort this process's leases that outlived their lease_seconds."""
+        for owner in [o for o in self._owners if o.lease is not None and o.until <= now]:
+            lease = owner.lease
+            if lease is None or owner.lock.locked():
+                continue  # being settled right now
+            log.warning(
+                "lease on row %s of %s expired unsettled: returning it to the queue",
+                lease.id, lease.table,
+            )  # fmt: skip
+            await self._settle(lease, (), "queue_abort")
+
+    # -- settling -----------------------------------------------------------------
+
+    async def _settle(self, lease: Lease, statements: Iterable[Statement], end: str) -> bool:
+        """Run `statements`, then `end` (queue_end or queue_abort), on the owner of
+        `lease`. False when the lease is no longer held (settled, expired, or its
+        connection was lost: the row went back to the queue by itself)."""
+        owner = lease.handle
+        if not isinstance(owner, _Owner) or owner.lease is not lease:
+            return False
+        async with owner.lock:
+            if owner.lease is not lease:
+                return False
+            try:
+                async with owner.conn.cursor() as cur:
+                    for sql, args in statements:
+                        await cur.execute(sql, args)
+                    await cur.execute(f"SELECT {end}()")
+                    await cur.fetchall()
+            except _DRIVER_ERRORS as exc:
+                self._discard(owner)
+                if _lost(exc):
+                    log.info(
+                        "the connection owning row %s of %s was lost: the row went back",
+                        lease.id, lease.table,
+                    )  # fmt: skip
+                    return False
+                raise translate(exc, self.db.where) from None
+            except BaseException:
+                self._discard(owner)
+                raise
+            self._free(owner)
+        return True
+
+    async def _settle_all(
+        self, leases: Sequence[Lease], make: Callable[[Lease], Iterable[Statement]]
+    ) -> None:
+        """Settle leases concurrently (each has its own connection); `make(lease)`
+        gives the statements to run first. Settled rows leave the memo."""
+        if not leases:
+            return
+        results = await asyncio.gather(
+            *(self._settle(lease, make(lease), "queue_end") for lease in leases),
+            return_exceptions=True,
+        )
+        for lease, result in zip(leases, results, strict=True):
+            if result is True:
+                self._forget(lease.id)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _reinsert(
+        self, lease: Lease, table: str, ready: int, reserved: bool, deliveries: int
+    ) -> Statement:
+        created = lease.handle.created if isinstance(lease.handle, _Owner) else 0
+        args = self._insert_args(
+            table, lease.id, lease.destination, ready, reserved, lease.blob, created, deliveries
+        )
+        return self._insert_sql(table), args
+
+    async def ack(self, leases: Sequence[Lease]) -> None:
+        await self._settle_all(leases, lambda lease: ())
+
+    async def release(self, lease: Lease, delay: float = 0.0) -> None:
+        """delay 0: queue_abort (the row keeps its FIFO place and is counted again
+        when this process claims it). delay > 0: re-inserted into its own table,
+        invisible until then, keeping its deliveries."""
+        if delay <= 0:
+            await self._settle(lease, (), "queue_abort")
+            return
+        ready = _us(time.time() + delay)
+        stmt = self._reinsert(lease, lease.table, ready, lease.reserved, lease.deliveries)
+        await self._settle_all([lease], lambda _: (stmt,))
+
+    async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
+        deliveries = 0 if reserved else lease.deliveries
+        table = lease.table if lease.lane is Lane.TIMED else random.choice(self.tables.timed)
+        stmt = self._reinsert(lease, table, _us(ready), reserved, deliveries)
+        await self._settle_all([lease], lambda _: (stmt,))
+
+    async def shift(self, destination: str, after: float, delta: float) -> int:
+        """Reserved timed rows of `destination` due after `after` go `delta` later."""
+        after_us, delta_us = _us(after), _us(delta)
+        where = "destination = %s AND reserved = 1 AND ready > %s"
+        return await self._retime(
+            [(where, (destination, after_us), lambda ready: ready + delta_us)]
+        )
+
+    async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
+        """Reserved timed rows found by (destination, created) get a new ready."""
+        where = "destination = %s AND reserved = 1 AND created = %s"
+        return await self._retime(
+            [
+                (where, (destination, int(created)), _always(_us(new)))
+                for created, _old, new in moves
+            ]
+        )
+
+    async def _retime(
+        self, finds: Sequence[tuple[str, tuple[Any, ...], Callable[[int], int]]]
+    ) -> int:
+        """Q4M has no UPDATE: the rows each `WHERE` finds are listed first (plain
+        SELECTs), then each is taken in owner mode on a dedicated connection with
+        `queue_wait('timed:id=N and ready=R', 0)`, re-inserted with its new ready
+        (same id, created and deliveries; in new-ready order) and `queue_end()`ed.
+        Rows a reader owns at that moment are skipped: its valve still applies the
+        pause or hold to them when it handles them."""
+        conn = await self._connect()
+        try:
+            async with conn.cursor() as cur:
+                found: list[tuple[int, int, int, str]] = []
+                for where, args, new_ready in finds:
+                    for table in self.tables.timed:  # no queue_wait yet: every unowned row
+                        await cur.execute(f"SELECT id, ready FROM `{table}` WHERE {where}", args)
+                        found.extend(
+                            (new_ready(int(ready)), int(rid), int(ready), table)
+                            for rid, ready in await cur.fetchall()
+                        )
+                moved = 0
+                for new, rid, ready, table in sorted(set(found)):
+                    await cur.execute(
+                        "SELECT queue_wait(%s, 0)", (f"{table}:id={rid} and ready={ready}",)
+                    )
+                    (index,) = await cur.fetchone()
+                    if not index:
+                        continue
+                    await cur.execute(self._select[table])
+                    row = await cur.fetchone()
+                    if row is not None:
+                        args = self._insert_args(
+                            table, rid, row[1], new, True, bytes(row[2]), int(row[4]), int(row[3])
+                        )
+                        await cur.execute(self._insert_sql(table), args)
+                        moved += 1
+                    await cur.execute("SELECT queue_end()")
+                    await cur.fetchall()
+                return moved
+        except _DRIVER_ERRORS as exc:
+            raise translate(exc, self.db.where) from None
+        finally:
+            conn.close()
+
+    async def dead(self, leases: Sequence[Lease], reason: str) -> None:
+        died = _us(time.time())
+        sql = (
+            f"INSERT INTO `{self.tables.dead}` (id, lane, destination, message, reason, "
+            "deliveries, died_at) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        )
+
+        def make(lease: Lease) -> tuple[Statement]:
+            args = (self._ids(), str(lease.lane), lease.destination, lease.blob, reason[:255],
+                    lease.deliveries, died)  # fmt: skip
+            return ((sql, args),)
+
+        await self._settle_all(leases, make)
+
+    # -- looking ------------------------------------------------------------------
+
+    def _local_leases(self) -> list[tuple[Lease, float]]:
+        return [(o.lease, o.until) for o in self._owners if o.lease is not None]
+
+    async def _scan(self, now: float) -> tuple[bool, float | None]:
+        """(a row is claimable, the earliest future ready): per table the first
+        `_SCAN` ready values in FIFO order (exactly re-checked past that), so with
+        more future rows than that the next due time is an upper bound."""
+        now_us = _us(now)
+
+        async def run(conn: Any) -> tuple[bool, float | None]:
+            ready, future = False, list[int]()
+            async with conn.cursor() as cur:
+                for _, table in self.tables.all():
+                    await cur.execute(f"SELECT ready FROM `{table}` LIMIT %s", (_SCAN + 1,))
+                    values = [int(r[0]) for r in await cur.fetchall()]
+                    if any(v <= now_us for v in values):
+                        ready = True
+                    elif len(values) > _SCAN and not ready:
+                        await cur.execute(
+                            f"SELECT id FROM `{table}` WHERE ready <= %s LIMIT 1", (now_us,)
+                        )
+                        ready = bool(await cur.fetchall())
+                    future.extend(v for v in values if v > now_us)
+            return ready, (min(future) / US if future else None)
+
+        return await self.db.run(run)
+
+    async def poll(self, now: float) -> tuple[bool, float | None]:
+        """Plain SELECTs on a pool connection (owned rows are invisible there); first
+        returns this process's expired leases to the queue. While every owner
+        connection holds a row nothing is claimable by this process: (False, None)
+        without a query, so a reader waits `idle_interval` instead of spinning."""
+        await self._reap(now)
+        if not self._idle and len(self._owners) + self._opening >= self.max_owners:
+            return False, None
+        return await self._scan(now)
+
+    async def stats(self, now: float) -> QueueStats:
+        """Queued rows as the server shows them; `leased`: this process's leases
+        (Q4M hides the rows other connections own)."""
+        queued = {lane: 0 for lane in Lane}
+        leased = {lane: 0 for lane in Lane}
+        by_dest: dict[str, dict[str, int]] = {}
+        for lane, table in self.tables.all():
+            for dest, count in await self._fetch(
+                f"SELECT destination, COUNT(*) FROM `{table}` GROUP BY destination"
+            ):
+                queued[lane] += int(count)
+                d = by_dest.setdefault(dest, {})
+                d[str(lane)] = d.get(str(lane), 0) + int(count)
+        for lease, _ in self._local_leases():
+            leased[lease.lane] += 1
+            d = by_dest.setdefault(lease.destination, {})
+            d["leased"] = d.get("leased", 0) + 1
+        dead = 0
+        for dest, count in await self._fetch(
+            f"SELECT destination, COUNT(*) FROM `{self.tables.dead}` GROUP BY destination"
+        ):
+            dead += int(count)
+            by_dest.setdefault(dest, {})["dead"] = int(count)
+        _, next_due = await self._scan(now)
+        return QueueStats(queued, leased, dead, by_dest, next_due)
+
+    def _peek_item(
+        self, lane: Lane, table: str, rid: int, dest: str, ready: float | None, reserved: bool,
+        deliveries: int, until: float, blob: bytes,
+    ) -> dict[str, Any]:  # fmt: skip
+        return {
+            "id": rid, "lane": str(lane), "table": table, "destination": dest,
+            "ready": ready if lane is Lane.TIMED else None, "reserved": reserved,
+            "deliveries": deliveries, "lease_until": until, "blob": blob,
+        }  # fmt: skip
+
+    def _peek_lease(self, x: Lease, until: float) -> dict[str, Any]:
+        return self._peek_item(
+            x.lane, x.table, x.id, x.destination, x.ready, x.reserved, x.deliveries, until, x.blob
+        )
+
+    async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:
+        """Plain SELECTs on a pool connection: nothing is claimed. Rows owned by this
+        process are shown with their (process-local) lease end; rows owned by other
+        processes are invisible. Emergency and normal: FIFO (tables merged by id);
+        timed: by (ready, id)."""
+        out: list[dict[str, Any]] = []
+        local = self._local_leases()
+        for row_lane in Lane if lane is None else (lane,):
+            want = limit - len(out)
+            if want <= 0:
+                break
+            mine = [self._peek_lease(x, until) for x, until in local if x.lane is row_lane]
+            if row_lane is Lane.TIMED:
+                out.extend(await self._peek_timed(mine, want))
+                continue
+            lists = [sorted(mine, key=lambda r: int(r["id"]))]
+            for table in self.tables.lane(row_lane):
+                rows = await self._fetch(
+                    f"SELECT id, destination, deliveries, message FROM `{table}` LIMIT %s",
+                    (int(want),),
+                )
+                lists.append([
+                    self._peek_item(row_lane, table, int(rid), dest, None, False, int(done),
+                                    0.0, bytes(blob))
+                    for rid, dest, done, blob in rows
+                ])  # fmt: skip
+            out.extend(list(heapq.merge(*lists, key=lambda r: int(r["id"])))[:want])
+        return out
+
+    async def _peek_timed(self, mine: list[dict[str, Any]], want: int) -> list[dict[str, Any]]:
+        """Q4M cannot ORDER BY: read (ready, id) of every timed row, then the
+        `want` first rows one by one (a row claimed meanwhile is skipped)."""
+        keys: list[tuple[float, int, str | dict[str, Any]]] = [
+            (float(r["ready"] or 0.0), int(r["id"]), r) for r in mine
+        ]
+        for table in self.tables.timed:
+            keys.extend(
+                (int(ready) / US, int(rid), table)
+                for rid, ready in await self._fetch(f"SELECT id, ready FROM `{table}`")
+            )
+        keys.sort(key=lambda k: (k[0], k[1]))
+        out: list[dict[str, Any]] = []
+        for ready, rid, source in keys:
+            if len(out) >= want:
+                break
+            if isinstance(source, dict):
+                out.append(source)
+                continue
+            rows = await self._fetch(
+                "SELECT destination, reserved, deliveries, message "
+                f"FROM `{source}` WHERE id = %s LIMIT 1",
+                (rid,),
+            )
+            if rows:
+                dest, reserved, done, blob = rows[0]
+                out.append(
+                    self._peek_item(Lane.TIMED, source, rid, dest, ready, bool(reserved),
+                                    int(done), 0.0, bytes(blob))
+                )  # fmt: skip
+        return out
+
+    # -- dead letters and purges ------------------------------------------------------
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT id, lane, destination, reason, deliveries, died_at, message "
+            f"FROM `{self.tables.dead}` LIMIT %s",
+            (int(limit),),
+        )
+        keys = ("id", "lane", "destination", "reason", "deliveries", "died_at", "blob")
+        out = [dict(zip(keys, row, strict=True)) for row in rows]
+        for item in out:
+            item["died_at"] /= US
+            item["blob"] = bytes(item["blob"])
+        return out
+
+    async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Dead letters back to their lane, each taken in owner mode on a dedicated
+        connection (`queue_wait('dead:id=N', 0)`), re-inserted, then `queue_end()`:
+        two concurrent requeues never both copy a row (a lost connection between
+        the INSERT and queue_end can: at least once)."""
+        dead = self.tables.dead
+        conn = await self._connect()
+        try:
+            async with conn.cursor() as cur:
+                if ids is None:
+                    await cur.execute(f"SELECT COUNT(*) FROM `{dead}`")
+                    (count,) = await cur.fetchone()
+                    targets = [dead] * int(count)
+                else:
+                    targets = [f"{dead}:id={int(i)}" for i in ids]
+                moved = 0
+                for target in targets:
+                    await cur.execute("SELECT queue_wait(%s, 0)", (target,))
+                    (index,) = await cur.fetchone()
+                    if index is None:
+                        raise SchemaError(f"{self.db.where}: table {dead} is missing")
+                    if not index:
+                        if ids is None:
+                            break
+                        continue
+                    await cur.execute(f"SELECT lane, destination, message FROM `{dead}`")
+                    row = await cur.fetchone()
+                    if row is not None:
+                        name = str(row[0])
+                        lane = Lane(name) if name in {x.value for x in Lane} else Lane.NORMAL
+                        table = random.choice(self.tables.lane(lane))
+                        now = _us(time.time())
+                        args = self._insert_args(
+                            table, self._ids(), row[1], now, False, bytes(row[2]), now, 0
+                        )
+                        await cur.execute(self._insert_sql(table), args)
+                        moved += 1
+                    await cur.execute("SELECT queue_end()")
+                    await cur.fetchall()
+                return moved
+        except _DRIVER_ERRORS as exc:
+            raise translate(exc, self.db.where) from None
+        finally:
+            conn.close()
+
+    async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
+        """Delete queued rows, and end this process's leases on matching rows (rows
+        owned by other processes cannot be reached)."""
+        total = 0
+        for row_lane, table in self.tables.all():
+            if lane is not None and row_lane is not lane:
+                continue
+            if destination is None:
+                total += await self._execute(f"DELETE FROM `{table}`")
+            else:
+                total += await self._execute(
+                    f"DELETE FROM `{table}` WHERE destination = %s", (destination,)
+                )
+        for lease, _ in self._local_leases():
+            if (lane is None or lease.lane is lane) and destination in (None, lease.destination):
+                if await self._settle(lease, (), "queue_end"):
+                    self._forget(lease.id)
+                    total += 1
+        return total
+
+    async def purge_dead(self) -> int:
+        return await self._execute(f"DELETE FROM `{self.tables.dead}`")
