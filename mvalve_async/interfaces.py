@@ -57,6 +57,8 @@ class Lease:
     reserved: bool = False  # timed lane: its slot was reserved by the valve
     token: int = 0  # innodb/sqlite: the claim's lease token
     handle: Any = field(default=None, repr=False)  # backend-private (q4m: its connection)
+    shard: int = 0  # sharded queue: index of the child queue holding the row (else 0)
+    created: int = 0  # insertion order (µs, unique per writer batch); 0: unknown
 
 
 @dataclass(slots=True)
@@ -113,8 +115,13 @@ class Queue(Protocol):
 
     async def shift(self, destination: str, after: float, delta: float) -> int:
         """Move the destination's reserved timed rows due after `after` `delta` seconds
-        later (a pause or HOLD window opened); returns how many. Dialects that cannot
-        update rows (q4m) return 0: their backlog keeps its slots, not its order."""
+        later (a pause or HOLD window opened); returns how many. (q4m, which has no
+        UPDATE, takes each row in owner mode and re-inserts it.)"""
+
+    async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
+        """Set new `ready` times on reserved timed rows found by (destination, created,
+        old ready): `moves` is [(created, old, new)]. Rows not found (not moved yet,
+        leased, gone) are skipped; returns how many moved."""
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         """Atomically move rows to the dead-letter table with `reason`."""
@@ -129,7 +136,7 @@ class Queue(Protocol):
         nothing: emergency, then timed by (ready, id), then normal by id; at most
         `limit` rows in all. Leased and not-yet-due rows are included. Keys: id,
         lane (str), table, destination, ready (timed lane, else None), reserved,
-        deliveries, lease_until (0.0 when not leased; q4m: always 0.0), blob."""
+        deliveries, lease_until (0.0 when not leased; q4m: this process's leases only), blob."""
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """Rows of the dead-letter table: id, lane, destination, reason, deliveries,

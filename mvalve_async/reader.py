@@ -28,6 +28,8 @@ __all__ = ["Reader"]
 
 log = logging.getLogger(__name__)
 
+MAX_ORDER_WAITS = 25  # x 2 ms: then the older message is presumed stuck and skipped
+
 
 class Reader:
     """Takes messages out, never more than each destination's rate.
@@ -311,19 +313,29 @@ class Reader:
             await self.queue.dead([lease], "too many deliveries")
             self._emit("dead", lease.destination)
             return None
-        decision = await self.valve.decide(
-            msg.destination,
-            duration=msg.duration,
-            emergency=lease.lane is Lane.EMERGENCY,
-            reserved=lease.reserved,
-            deadline=deadline,
-        )
+        waits = 0
+        while True:
+            decision = await self.valve.decide(
+                msg.destination,
+                duration=msg.duration,
+                emergency=lease.lane is Lane.EMERGENCY,
+                reserved=lease.reserved,
+                deadline=deadline,
+                seq=lease.created,
+                force=waits >= MAX_ORDER_WAITS,
+            )
+            if decision is None or decision.action is not Action.WAIT:
+                break
+            waits += 1  # another reader is handing out an older message: let it go first
+            await asyncio.sleep(max(0.0, decision.at - time.time()))
         if decision is None:  # store down past the caller's deadline: keep the lease
             self._buffer.appendleft((lease, time.time()))
             return None
         if decision.shift > 0:  # an emergency opened a HOLD window: push the backlog back
             await self.queue.shift(msg.destination, decision.at, decision.shift)
         if decision.action is Action.DEFER:
+            if decision.moves:  # an older message takes a younger one's earlier slot
+                await self.queue.reschedule(msg.destination, decision.moves)
             await self.queue.move(lease, decision.at, decision.reserved)
             self._emit("defer", msg.destination)
             if self._local_due is None or decision.at < self._local_due:

@@ -104,6 +104,7 @@ class Action(enum.Enum):
     DELIVER = "deliver"  # hand out at `at` (the reader waits if `at` is a few ms ahead)
     DEFER = "defer"  # move to the timed lane with ready = `at`
     DEAD = "dead"  # move to dead letters with `reason`
+    WAIT = "wait"  # an older message's slot is due too: ask again at `at` (nothing recorded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,8 @@ class Decision:
     reserved: bool = False
     reason: str = ""
     shift: float = 0.0  # reserved rows due after `at` move this much later (a window opened)
+    # younger deferred rows that give up their slot to this older one: (seq, old, new)
+    moves: tuple[tuple[int, float, float], ...] = ()
 
 
 def _r(t: float) -> float:
@@ -128,11 +131,14 @@ class Record:
     paused: float = 0.0
     emergency: float = 0.0
     deferred: float = 0.0
+    # future reservations of deferred messages as [slot, seq] (seq: the row's
+    # insertion order, integer µs), to hand an older message a younger one's slot
+    pending: list[list[float]] = field(default_factory=list)
 
     def dumps(self) -> bytes:
         return orjson.dumps(
-            [1, self.slots, self.sent, self.busy, self.horizon, self.paused,
-             self.emergency, self.deferred]
+            [2, self.slots, self.sent, self.busy, self.horizon, self.paused,
+             self.emergency, self.deferred, self.pending]
         )  # fmt: skip
 
     @classmethod
@@ -140,12 +146,13 @@ class Record:
         if raw is None:
             return cls()
         try:
-            v, slots, sent, busy, horizon, paused, emergency, deferred = orjson.loads(raw)
-            if type(v) is not int or v != 1:
+            v, slots, sent, busy, horizon, paused, emergency, deferred, *rest = orjson.loads(raw)
+            if type(v) is not int or v not in (1, 2) or len(rest) != v - 1:
                 raise ValueError(f"version {v!r}")
+            pending = [[_num(a), _num(b)] for a, b in rest[0]] if rest else []
             return cls(
                 [_num(x) for x in slots], [_num(x) for x in sent], _num(busy),
-                _num(horizon), _num(paused), _num(emergency), _num(deferred),
+                _num(horizon), _num(paused), _num(emergency), _num(deferred), pending,
             )  # fmt: skip
         except (ValueError, TypeError) as exc:
             raise CodecError(f"schedule record is not valid: {exc}") from None
@@ -202,6 +209,8 @@ def admit(
     policy: EmergencyPolicy = EmergencyPolicy.DROP,
     fifo_grace: float = 1.0,
     margin: float = 0.0,
+    seq: int | None = None,
+    force: bool = False,
 ) -> Decision:
     """Decide what happens to one claimed message; updates `rec` in place.
 
@@ -239,6 +248,13 @@ def admit(
         _window_floor(rec.sent, rate, margin), rec.sent[-1] if rec.sent else 0.0, rec.busy
     )
     if reserved:
+        if seq is not None:
+            # Several readers hold due reserved rows (a burst of n shares a slot): the
+            # older goes first. A reservation older than ORDER_WAIT is presumed lost.
+            older = [p for p in rec.pending if p[1] < seq and now - ORDER_WAIT < p[0] <= now]
+            if older and not force:
+                return Decision(Action.WAIT, now + 0.002)
+            rec.pending = [p for p in rec.pending if p[1] != seq]
         # Its slot is already reserved: confirm against actual hand-outs only.
         at = _r(max(now, sent_floor))
         _append(rec.sent, at, rate)
@@ -268,7 +284,41 @@ def admit(
         rec.deferred = slot
     if duration:
         rec.horizon = max(rec.horizon, slot + duration)
-    return Decision(Action.DEFER, slot, reserved=True)
+    if seq is None:
+        return Decision(Action.DEFER, slot, reserved=True)
+    mine, moves = _take_older_place(rec, now, slot, seq)
+    return Decision(Action.DEFER, mine, reserved=True, moves=moves)
+
+
+PENDING_MAX = 128
+ORDER_WAIT = 1.0
+
+
+def _take_older_place(
+    rec: Record, now: float, slot: float, seq: int
+) -> tuple[float, tuple[tuple[int, float, float], ...]]:
+    """Readers claiming at the same moment admit a destination's messages in any
+    order, so an older message may be reserved after a younger one. It then takes
+    the earliest slot among the younger pending ones and each of those moves to
+    the next slot, in insertion order: the set of slots (hence the rate) is the
+    same, the order is FIFO again. Returns this message's slot and the moves."""
+    live = [p for p in rec.pending if p[0] > now]
+    younger = [p for p in live if p[1] > seq]
+    moves: list[tuple[int, float, float]] = []
+    mine = slot
+    if younger:
+        times = sorted([t for t, _ in younger] + [slot])
+        mine = times[0]
+        old = {int(q): t for t, q in younger}
+        for q, t in zip(sorted(old), times[1:], strict=True):
+            if t != old[q]:
+                moves.append((q, old[q], t))
+        live = [p for p in live if p[1] <= seq]
+        live += [[t, float(q)] for q, t in zip(sorted(old), times[1:], strict=True)]
+    live.append([mine, float(seq)])
+    live.sort()
+    rec.pending = live[:PENDING_MAX]  # the imminent ones matter: a far backlog reorders later
+    return mine, tuple(moves)
 
 
 def _push(rec: Record, now: float, old_end: float, new_end: float) -> float:
@@ -280,6 +330,7 @@ def _push(rec: Record, now: float, old_end: float, new_end: float) -> float:
     if shift <= 0 or not future:
         return 0.0
     rec.slots = [_r(t + shift) if t > now else t for t in rec.slots]
+    rec.pending = [[_r(t + shift) if t > now else t, q] for t, q in rec.pending]
     if rec.deferred > now:
         rec.deferred = _r(rec.deferred + shift)
     if rec.horizon > now:

@@ -69,6 +69,8 @@ class Valve:
         emergency: bool,
         reserved: bool,
         deadline: float | None = None,
+        seq: int = 0,
+        force: bool = False,
     ) -> Decision | None:
         """One atomic admission. While the store is unreachable, waits and retries
         (logged); returns None if `deadline` (loop time) passes first."""
@@ -84,6 +86,7 @@ class Valve:
             decision = admit(
                 rec, time.time(), rate, duration=duration, emergency=emergency,
                 reserved=reserved, policy=policy, fifo_grace=grace, margin=margin,
+                seq=seq or None, force=force,
             )  # fmt: skip
             new = rec.dumps()
             return (None if new == raw else new), decision  # unchanged: no write

@@ -100,20 +100,20 @@ class InnoDBQueue:
         if not rows:
             return
         table = random.choice(self.tables.lane(lane))
-        created = _us(time.time())
+        base = _us(time.time())  # + i: a batch's rows keep distinct, ordered `created`
         if lane is Lane.TIMED:
             sql = (
                 f"INSERT INTO `{table}` (destination, ready, reserved, message, created) "
                 "VALUES (%s, %s, %s, %s, %s)"
             )
             args: list[tuple[Any, ...]] = []
-            for r in rows:
+            for i, r in enumerate(rows):
                 if r.ready is None:
                     raise ValueError("a timed row needs ready")
-                args.append((r.destination, _us(r.ready), int(r.reserved), r.blob, created))
+                args.append((r.destination, _us(r.ready), int(r.reserved), r.blob, base + i))
         else:
             sql = f"INSERT INTO `{table}` (destination, message, created) VALUES (%s, %s, %s)"
-            args = [(r.destination, r.blob, created) for r in rows]
+            args = [(r.destination, r.blob, base + i) for i, r in enumerate(rows)]
 
         async def run(conn: Any) -> None:
             async with conn.cursor() as cur:
@@ -134,13 +134,13 @@ class InnoDBQueue:
         for k, (lane, table) in enumerate(self.tables.all()):
             if lane is Lane.TIMED:
                 parts.append(
-                    f"(SELECT {k}, id, destination, message, deliveries, ready, reserved "
+                    f"(SELECT {k}, id, destination, message, deliveries, ready, reserved, created "
                     f"FROM `{table}` WHERE ready <= %(now)s AND lease_until <= %(now)s "
-                    "ORDER BY ready, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                    "ORDER BY ready, created, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 )
             else:
                 parts.append(
-                    f"(SELECT {k}, id, destination, message, deliveries, NULL, 0 "
+                    f"(SELECT {k}, id, destination, message, deliveries, NULL, 0, created "
                     f"FROM `{table}` WHERE lease_until <= %(now)s "
                     "ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 )
@@ -157,9 +157,16 @@ class InnoDBQueue:
             rows = list(await cur.fetchall())
             if not rows:
                 return []
-            # Priority by lane; FIFO by id (timed: by ready) within a lane. Several
+            # Priority by lane; FIFO within a lane (timed: by ready, then insertion). Several
             # tables of one lane interleave by id, so none starves.
-            rows.sort(key=lambda r: (rank[lanes[r[0]][0]], r[5] or 0, r[1]))
+            rows.sort(
+                key=lambda r: (
+                    rank[lanes[r[0]][0]],
+                    r[5] or 0,
+                    r[7] if r[5] is not None else 0,
+                    r[1],
+                )
+            )
             rows = rows[:limit]
             by_table: dict[str, list[str]] = {}
             for r in rows:
@@ -181,6 +188,7 @@ class InnoDBQueue:
                     r[5] / US if r[5] is not None else None,
                     bool(r[6]),
                     token,
+                    created=int(r[7]),
                 )
                 for r in rows
             ]
@@ -245,6 +253,22 @@ class InnoDBQueue:
                 (_us(delta), destination, _us(after)),
             )
         return total
+
+    async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
+        now_us = _us(time.time())
+
+        async def work(cur: Any) -> int:
+            total = 0
+            for created, _old, new in moves:
+                for table in self.tables.timed:
+                    total += await cur.execute(
+                        f"UPDATE `{table}` SET ready = %s WHERE destination = %s "
+                        "AND reserved = 1 AND created = %s AND lease_until <= %s",
+                        (_us(new), destination, int(created), now_us),
+                    )
+            return int(total)
+
+        return await self.db.transaction(work)
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups = _groups(leases)

@@ -31,6 +31,7 @@ class _Row:
     lease_until: float = 0.0
     token: int = 0
     deliveries: int = 0
+    created: int = 0
 
 
 class MemoryQueue:
@@ -60,11 +61,12 @@ class MemoryQueue:
         self._rows = {t: {} for _, t in self.tables.all()}
         self._dead.clear()
 
-    def _put(self, lane: Lane, table: str, row: Row, deliveries: int = 0) -> None:
+    def _put(self, lane: Lane, table: str, row: Row, deliveries: int = 0, created: int = 0) -> None:
         rid = next(self._ids)
         self._rows[table][rid] = _Row(
             rid, lane, table, row.destination, row.blob,
             row.ready if lane is Lane.TIMED else None, row.reserved, deliveries=deliveries,
+            created=created or int(time.time() * 1_000_000) + rid,
         )  # fmt: skip
 
     async def insert(self, lane: Lane, rows: Sequence[Row]) -> None:
@@ -81,7 +83,7 @@ class MemoryQueue:
                 if r.lease_until <= now and (r.ready is None or r.ready <= now):
                     out.append(r)
         if lane is Lane.TIMED:
-            out.sort(key=lambda r: (r.ready or 0.0, r.id))
+            out.sort(key=lambda r: (r.ready or 0.0, r.created, r.id))
         elif len(self.tables.lane(lane)) > 1:
             out.sort(key=lambda r: r.id)
         return out
@@ -105,6 +107,7 @@ class MemoryQueue:
                         r.ready,
                         r.reserved,
                         token,
+                        created=r.created,
                     )
                 )
             if len(leases) >= limit:
@@ -133,7 +136,7 @@ class MemoryQueue:
         del self._rows[lease.table][lease.id]
         table = random.choice(self.tables.timed)
         keep = 0 if reserved else r.deliveries
-        self._put(Lane.TIMED, table, Row(r.destination, r.blob, ready, reserved), keep)
+        self._put(Lane.TIMED, table, Row(r.destination, r.blob, ready, reserved), keep, r.created)
 
     async def shift(self, destination: str, after: float, delta: float) -> int:
         count = 0
@@ -142,6 +145,17 @@ class MemoryQueue:
                 if r.destination == destination and r.reserved and (r.ready or 0.0) > after:
                     r.ready = (r.ready or 0.0) + delta
                     count += 1
+        return count
+
+    async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
+        count = 0
+        for created, _old, new in moves:
+            for table in self.tables.timed:
+                for r in self._rows[table].values():
+                    found = r.destination == destination and r.reserved and r.created == created
+                    if found and r.lease_until <= time.time():
+                        r.ready = new
+                        count += 1
         return count
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:

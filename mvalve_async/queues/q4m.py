@@ -437,7 +437,7 @@ class Q4MQueue:
         lease = Lease(
             lane, table, rid, dest, bytes(blob), deliveries,
             int(ready) / US if timed else None, bool(row[6]) if timed else False,
-            owner.thread_id, owner,
+            owner.thread_id, owner, int(created),
         )  # fmt: skip
         owner.lease, owner.until, owner.created = lease, now + lease_seconds, int(created)
         return lease

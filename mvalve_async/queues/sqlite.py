@@ -242,18 +242,18 @@ class SQLiteQueue:
         if not rows:
             return
         table = random.choice(self.tables.lane(lane))
-        created = _us(time.time())
+        base = _us(time.time())  # + i: a batch's rows keep distinct, ordered `created`
         args: list[tuple[Any, ...]] = []
         if lane is Lane.TIMED:
             sql = (f"INSERT INTO {table} (destination, ready, reserved, message, created) "
                    "VALUES (?, ?, ?, ?, ?)")  # fmt: skip
-            for r in rows:
+            for i, r in enumerate(rows):
                 if r.ready is None:
                     raise ValueError("a timed row needs ready")
-                args.append((r.destination, _us(r.ready), int(r.reserved), r.blob, created))
+                args.append((r.destination, _us(r.ready), int(r.reserved), r.blob, base + i))
         else:
             sql = f"INSERT INTO {table} (destination, message, created) VALUES (?, ?, ?)"
-            args = [(r.destination, r.blob, created) for r in rows]
+            args = [(r.destination, r.blob, base + i) for i, r in enumerate(rows)]
         if len(args) == 1:
             await self._run([(sql, args[0])])
             return
@@ -284,7 +284,7 @@ class SQLiteQueue:
             "ready, reserved, created" if timed else "NULL, 0, created"
         )
         where = ("ready <= :now AND " if timed else "") + "lease_until <= :now"
-        order = "ready, id" if timed else "id"
+        order = "ready, created, id" if timed else "id"
         tables = self.tables.lane(lane)
         picked: list[tuple[str, Any]] = []
         if self.use_returning and len(tables) == 1:
@@ -295,7 +295,9 @@ class SQLiteQueue:
                 p,
             )
             # RETURNING gives rows in no particular order.
-            picked = sorted(((tables[0], r) for r in rows), key=lambda x: (x[1][4] or 0, x[1][0]))
+            picked = sorted(
+                ((tables[0], r) for r in rows), key=lambda x: (x[1][4] or 0, x[1][6], x[1][0])
+            )
             bump = 0  # RETURNING shows the incremented count
         else:
             for table in tables:
@@ -317,7 +319,7 @@ class SQLiteQueue:
             bump = 1
         token = p["token"]
         return [Lease(lane, t, int(r[0]), r[1], bytes(r[2]), int(r[3]) + bump,
-                      r[4] / US if timed else None, bool(r[5]), token)
+                      r[4] / US if timed else None, bool(r[5]), token, created=int(r[6]))
                 for t, r in picked]  # fmt: skip
 
     # -- settling ---------------------------------------------------------------
@@ -356,6 +358,15 @@ class SQLiteQueue:
             )
             if cur.rowcount:
                 await db.execute(f"DELETE FROM {table} {_GUARD}", (lease.id, lease.token))
+
+    async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
+        now = _us(time.time())
+        return await self._run([
+            (f"UPDATE {table} SET ready = ? WHERE destination = ? AND reserved = 1 "
+             "AND created = ? AND lease_until <= ?", (_us(new), destination, created, now))
+            for created, _old, new in moves
+            for table in self.tables.timed
+        ])  # fmt: skip
 
     async def shift(self, destination: str, after: float, delta: float) -> int:
         return await self._run([
