@@ -77,6 +77,8 @@ class Reader:
         self._current: tuple[Lease, Message] | None = None
         self._acks: list[Lease] = []
         self._acks_since = 0.0
+        # q4m: every unsettled lease holds an owner connection, so acks go out first
+        self._eager_acks = bool(getattr(queue, "leases_hold_connections", False))
         self._local_due: float | None = None
         self._busy = False
         self._closed = False
@@ -246,7 +248,7 @@ class Reader:
     async def _take(self) -> Lease | None:
         now = time.time()
         if self._acks and (
-            (len(self._acks) >= self.ack_batch and not self._buffer)
+            (not self._buffer and (len(self._acks) >= self.ack_batch or self._eager_acks))
             or now - self._acks_since > self.lease / 4
         ):  # batched, but never so late that the acked rows' leases could expire
             await self._flush_acks()

@@ -128,6 +128,7 @@ class Q4MQueue:
     dialect = "q4m"
     # Leases expire only in the process that holds them (see the module docstring).
     lease_expiry = "process"
+    leases_hold_connections = True  # owner mode: readers settle before claiming more
 
     def __init__(
         self,
