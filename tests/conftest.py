@@ -103,3 +103,13 @@ async def pipe(
         await q.connect()
         await q.drop_schema()
         await q.close()
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    """The fault suite's ledger lines (lost/unexpected/duplicated/exceedances)."""
+    from tests.ledger import LINES
+
+    if LINES:
+        terminalreporter.section("ledger checker")  # type: ignore[attr-defined]
+        for line in LINES:
+            terminalreporter.write_line(line)  # type: ignore[attr-defined]

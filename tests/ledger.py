@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 from mvalve_async import Message, Rate
 
+# Every checker line of the session, printed in pytest's terminal summary (conftest).
+LINES: list[str] = []
+
 
 @dataclass
 class Report:
@@ -26,11 +29,13 @@ class Report:
     acknowledged: int
 
     def line(self, name: str) -> str:
-        return (
+        text = (
             f"ledger[{name}]: acknowledged {self.acknowledged}, delivered {self.delivered}, "
             f"lost {self.lost}, unexpected {self.unexpected}, duplicated {self.duplicated}, "
             f"exceedances {self.exceedances}"
         )
+        LINES.append(text)
+        return text
 
 
 @dataclass

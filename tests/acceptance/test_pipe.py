@@ -207,3 +207,16 @@ async def test_url_max_destination_reaches_writers_and_readers(tmp_path) -> None
         async with pipe.reader() as reader:
             msg = await reader.next(timeout=5)
             assert msg is not None and msg.destination == long_dest
+
+
+async def test_injection_strings_are_stored_verbatim_never_executed(pipe: Pipe) -> None:
+    hostile = ["x'); DROP TABLE q_incoming;--", 'a"b`c\\d', "%s %(x)s", "'; DELETE FROM q;"]
+    await pipe.writer().insert_many([Message(d[:40], {"c": d, "b": d}) for d in hostile])
+    await pipe.writer().insert(Message("d", hostile[0].encode()))
+    async with pipe.reader() as reader:
+        got = [await reader.next(timeout=5) for _ in range(len(hostile) + 1)]
+    assert [m.destination for m in got if m][:4] == [d[:40] for d in hostile]
+    assert [m.content for m in got if m][:4] == [{"c": d, "b": d} for d in hostile]
+    assert got[-1] is not None and got[-1].content == hostile[0].encode()
+    stats = await pipe.queue.stats(time.time())  # the tables are all still there
+    assert sum(stats.queued.values()) + sum(stats.leased.values()) == 0
