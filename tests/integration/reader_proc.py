@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 import orjson
 
@@ -31,8 +32,7 @@ async def main(queue_url: str, store_url: str, out: str, start: float, end: floa
             lines.append(orjson.dumps([msg.destination, msg.delivered_at, msg.id, time.time()]))
         await reader.close()
         lines.append(orjson.dumps(["ops", pipe.store.ops]))
-    with open(out, "wb") as fh:
-        fh.write(b"\n".join(lines) + b"\n")
+    await asyncio.to_thread(Path(out).write_bytes, b"\n".join(lines) + b"\n")
 
 
 if __name__ == "__main__":
