@@ -335,7 +335,11 @@ COMMANDS: dict[str, Command] = {
 }
 # `bench` is the repository's harness (bench/run.py, not in the wheel): present when the
 # `bench` package is importable, i.e. `python -m mvalve_async.cli` run from a checkout.
-PLUGINS: dict[str, str] = {"demo": "mvalve_async.demo", "bench": "bench.run"}
+PLUGINS: dict[str, str] = {
+    "demo": "mvalve_async.demo",
+    "bench": "bench.run",
+    "statslog": "mvalve_async.statslog_cli",  # the opt-in StatsLog table, per minute
+}
 
 
 def _plugins() -> dict[str, Command]:
