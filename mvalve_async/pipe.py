@@ -75,6 +75,7 @@ class Pipe:
             emergency_policy=emergency_policy, notifier=self.notifier,
             **self._defaults(options),
         )  # fmt: skip
+        self._readers = [r for r in self._readers if not r.closed]  # no leak of old ones
         self._readers.append(reader)
         return reader
 

@@ -126,6 +126,10 @@ class Reader:
         finally:
             self._busy = False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __aiter__(self) -> Reader:
         return self
 
