@@ -23,6 +23,7 @@ import mvalve_async
 from mvalve_async import cli
 from mvalve_async.cli import main
 from mvalve_async.interfaces import Queue
+from mvalve_async.schedule import Rate
 from mvalve_async.urls import make_queue, make_store
 from mvalve_async.valve import Valve
 from tests.services import MEMCACHED_URL, MYSQL_URL, require_memcached, require_mysql
@@ -207,7 +208,7 @@ def test_stats_shows_pause_and_emergency_from_the_store(
     async def mark() -> None:
         store = make_store(store_url)
         try:
-            valve = Valve(store)
+            valve = Valve(store, rate=Rate(10, per=1.0))  # a rate: hand-outs are logged
             await valve.pause("paused", 60)
             await valve.decide("urgent", duration=30, emergency=True, reserved=False)
         finally:
