@@ -49,6 +49,10 @@ class Pipe:
             await self.queue.connect()
             if self._create:
                 await self.queue.create_schema()
+            for observer in self.observers:  # e.g. a StatsLog: its flush loop
+                start = getattr(observer, "start", None)
+                if start is not None:
+                    await start()
             self._connected = True
         return self
 
@@ -106,6 +110,11 @@ class Pipe:
             with contextlib.suppress(Exception):
                 await reader.close()
         self._readers.clear()
+        for observer in self.observers:  # after the readers: their last acks count
+            stop = getattr(observer, "close", None)
+            if stop is not None:
+                with contextlib.suppress(Exception):
+                    await stop()
         await self.queue.close()
         await self.store.close()
         self._connected = False

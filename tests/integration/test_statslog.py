@@ -353,3 +353,19 @@ def test_cli_shows_per_minute_counts(
         assert code == 0, err
     code, out, err = _cli(capsys, "statslog", *base)
     assert code == 1 and "statslog create" in err
+
+
+async def test_pipe_starts_and_closes_its_observers(tmp_path: Path) -> None:
+    from mvalve_async.statslog import StatsLog
+
+    url = f"sqlite:///{tmp_path}/q.db"
+    stats = StatsLog(url, flush_interval=60)
+    await stats.create()
+    async with mvalve_async.open(url, "memory://", observers=[stats]) as pipe:
+        await pipe.writer().insert_many([mvalve_async.Message("d", i) for i in range(5)])
+        async with pipe.reader() as reader:
+            for _ in range(5):
+                assert await reader.next(timeout=5) is not None
+    # closing the pipe flushed the counts (the interval alone would take a minute)
+    rows = await stats.read(action="dequeue")
+    assert sum(r[3] for r in rows) == 5  # (destination, action, minute, count)
