@@ -260,7 +260,10 @@ class Reader:
             lease, claimed = self._buffer.popleft()
             if now - claimed < self.lease * 0.8:
                 return lease
-            log.warning("dropping a prefetched lease near expiry (%s)", lease.destination)
+            log.warning(
+                "dropping a prefetched lease near expiry (%s)", lease.destination,
+                extra={"destination": lease.destination},
+            )  # fmt: skip
         leases = await self.queue.claim(self.batch, now, self.lease)
         if not leases:
             return None
@@ -310,12 +313,18 @@ class Reader:
                 raise CodecError("the blob's destination differs from the row's")
             validate_destination(msg.destination, self.max_destination)
         except (CodecError, InvalidMessage) as exc:
-            log.error("dead letter: unreadable row %s in %s: %s", lease.id, lease.table, exc)
+            log.error(
+                "dead letter: unreadable row %s in %s: %s", lease.id, lease.table, exc,
+                extra={"destination": lease.destination},
+            )  # fmt: skip
             await self.queue.dead([lease], f"unreadable: {exc}")
             self._emit("dead", lease.destination)
             return None
         if lease.deliveries > self.max_deliveries:
-            log.error("dead letter: %s delivered %d times", msg.id, lease.deliveries - 1)
+            log.error(
+                "dead letter: %s delivered %d times", msg.id, lease.deliveries - 1,
+                extra={"destination": msg.destination, "message_id": msg.id},
+            )  # fmt: skip
             await self.queue.dead([lease], "too many deliveries")
             self._emit("dead", lease.destination)
             return None
@@ -346,7 +355,10 @@ class Reader:
             self._emit("defer", msg.destination)
             if self._local_due is None or decision.at < self._local_due:
                 self._local_due = decision.at
-            log.debug("deferred %s to %.3f", msg.id, decision.at, extra={"message_id": msg.id})
+            log.debug(
+                "deferred %s to %.3f", msg.id, decision.at,
+                extra={"destination": msg.destination, "message_id": msg.id},
+            )  # fmt: skip
             return None
         if decision.action is Action.DEAD:
             log.warning(
