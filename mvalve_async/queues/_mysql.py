@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiomysql
 import pymysql
 
 from ..errors import QueueError, QueueUnavailable, SchemaError
-from ..urls import QueueSettings
+from ..interfaces import Lane
+from ..urls import QueueSettings, Tables
+from ._common import DEAD_COLUMNS, dead_letter, tally
 
-__all__ = ["MySQLPool", "translate"]
+__all__ = ["MySQLPool", "count_dead", "dead_letters", "purge_lanes", "translate"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -144,3 +147,84 @@ class MySQLPool:
             return result
 
         return await self.run(body)
+
+    async def execute(self, sql: str, args: Any = None, *, idempotent: bool = True) -> int:
+        """One statement; the rows it changed."""
+
+        async def run(conn: Any) -> int:
+            async with conn.cursor() as cur:
+                return int(await cur.execute(sql, args))
+
+        return await self.run(run, idempotent=idempotent)
+
+    async def fetch(self, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+        async def run(conn: Any) -> list[tuple[Any, ...]]:
+            async with conn.cursor() as cur:
+                await cur.execute(sql, args)
+                return list(await cur.fetchall())
+
+        return await self.run(run)
+
+    async def insert(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """One INSERT per batch (executemany past one row); not resent once sent."""
+
+        async def run(conn: Any) -> None:
+            async with conn.cursor() as cur:
+                if len(rows) == 1:
+                    await cur.execute(sql, rows[0])
+                else:
+                    await cur.executemany(sql, rows)
+
+        await self.run(run, idempotent=False)
+
+    async def script(self, statements: Sequence[str]) -> None:
+        """DDL, quiet about "table already exists" notes."""
+
+        async def run(conn: Any) -> None:
+            async with conn.cursor() as cur:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for statement in statements:
+                        await cur.execute(statement)
+
+        await self.run(run)
+
+
+# -- what innodb and q4m ask of their tables alike --------------------------------
+
+
+async def purge_lanes(
+    db: MySQLPool, tables: Tables, lane: Lane | None, destination: str | None
+) -> int:
+    """Delete the queued rows of `lane` (every lane: None), of one destination or all."""
+    total = 0
+    for row_lane, table in tables.all():
+        if lane is not None and row_lane is not lane:
+            continue
+        if destination is None:
+            total += await db.execute(f"DELETE FROM `{table}`")
+        else:
+            total += await db.execute(
+                f"DELETE FROM `{table}` WHERE destination = %s", (destination,)
+            )
+    return total
+
+
+async def count_dead(db: MySQLPool, dead: str, by_dest: dict[str, dict[str, int]]) -> int:
+    """Dead letters in all, and per destination into `by_dest` (key "dead")."""
+    total = 0
+    for dest, count in await db.fetch(
+        f"SELECT destination, COUNT(*) FROM `{dead}` GROUP BY destination"
+    ):
+        total += int(count)
+        tally(by_dest, dest, "dead", int(count))
+    return total
+
+
+async def dead_letters(
+    db: MySQLPool, dead: str, limit: int, *, by_id: bool
+) -> list[dict[str, Any]]:
+    """The first `limit` dead letters; `by_id` where the engine can sort (Q4M cannot)."""
+    order = "ORDER BY id " if by_id else ""
+    rows = await db.fetch(f"SELECT {DEAD_COLUMNS} FROM `{dead}` {order}LIMIT %s", (int(limit),))
+    return [dead_letter(row) for row in rows]

@@ -12,33 +12,21 @@ from __future__ import annotations
 import random
 import secrets
 import time
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..interfaces import Lane, Lease, QueueStats, Row
 from ..schema import render
 from ..urls import QueueSettings
-from ._mysql import MySQLPool
+from ._common import US, claim_groups, peek_item, row_args, schema_sql, table_names, tally, to_us
+from ._mysql import MySQLPool, count_dead, dead_letters, purge_lanes
 
 __all__ = ["InnoDBQueue"]
 
-US = 1_000_000
 
-
-def _us(t: float) -> int:
-    return int(t * US)
-
-
-def _ids(leases: Sequence[Lease]) -> str:
-    return ",".join(str(int(lease.id)) for lease in leases)
-
-
-def _groups(leases: Sequence[Lease]) -> dict[tuple[str, int], list[Lease]]:
-    out: dict[tuple[str, int], list[Lease]] = {}
-    for lease in leases:
-        out.setdefault((lease.table, lease.token), []).append(lease)
-    return out
+def _id_list(ids: Iterable[int]) -> str:
+    """Ids inlined as SQL (integers only), for `id IN (...)`."""
+    return ",".join(str(int(i)) for i in ids)
 
 
 class InnoDBQueue:
@@ -63,36 +51,14 @@ class InnoDBQueue:
         await self.db.close()
 
     def schema_sql(self) -> str:
-        return ";\n\n".join(render(self.dialect, self.tables)) + ";\n"
+        return schema_sql(self.dialect, self.tables)
 
     async def create_schema(self) -> None:
-        async def run(conn: Any) -> None:
-            async with conn.cursor() as cur:
-                with warnings.catch_warnings():  # "table already exists" notes
-                    warnings.simplefilter("ignore")
-                    for statement in render(self.dialect, self.tables):
-                        await cur.execute(statement)
-
-        await self.db.run(run)
+        await self.db.script(render(self.dialect, self.tables))
 
     async def drop_schema(self) -> None:
-        names = [t for _, t in self.tables.all()] + [self.tables.dead]
-        await self._execute("DROP TABLE IF EXISTS " + ", ".join(f"`{t}`" for t in names))
-
-    async def _execute(self, sql: str, args: Any = None, *, idempotent: bool = True) -> int:
-        async def run(conn: Any) -> int:
-            async with conn.cursor() as cur:
-                return int(await cur.execute(sql, args))
-
-        return await self.db.run(run, idempotent=idempotent)
-
-    async def _fetch(self, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
-        async def run(conn: Any) -> list[tuple[Any, ...]]:
-            async with conn.cursor() as cur:
-                await cur.execute(sql, args)
-                return list(await cur.fetchall())
-
-        return await self.db.run(run)
+        names = table_names(self.tables)
+        await self.db.execute("DROP TABLE IF EXISTS " + ", ".join(f"`{t}`" for t in names))
 
     # -- writing --------------------------------------------------------------
 
@@ -100,29 +66,14 @@ class InnoDBQueue:
         if not rows:
             return
         table = random.choice(self.tables.lane(lane))
-        base = _us(time.time())  # + i: a batch's rows keep distinct, ordered `created`
         if lane is Lane.TIMED:
             sql = (
                 f"INSERT INTO `{table}` (destination, ready, reserved, message, created) "
                 "VALUES (%s, %s, %s, %s, %s)"
             )
-            args: list[tuple[Any, ...]] = []
-            for i, r in enumerate(rows):
-                if r.ready is None:
-                    raise ValueError("a timed row needs ready")
-                args.append((r.destination, _us(r.ready), int(r.reserved), r.blob, base + i))
         else:
             sql = f"INSERT INTO `{table}` (destination, message, created) VALUES (%s, %s, %s)"
-            args = [(r.destination, r.blob, base + i) for i, r in enumerate(rows)]
-
-        async def run(conn: Any) -> None:
-            async with conn.cursor() as cur:
-                if len(args) == 1:
-                    await cur.execute(sql, args[0])
-                else:
-                    await cur.executemany(sql, args)
-
-        await self.db.run(run, idempotent=False)
+        await self.db.insert(sql, row_args(lane, rows))
 
     # -- claiming -------------------------------------------------------------
 
@@ -147,7 +98,7 @@ class InnoDBQueue:
         return " UNION ALL ".join(parts)
 
     async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
-        now_us, until = _us(now), _us(now + lease_seconds)
+        now_us, until = to_us(now), to_us(now + lease_seconds)
         lanes = self.tables.all()
         rank = {lane: i for i, lane in enumerate(Lane)}
 
@@ -168,13 +119,13 @@ class InnoDBQueue:
                 )
             )
             rows = rows[:limit]
-            by_table: dict[str, list[str]] = {}
+            by_table: dict[str, list[int]] = {}
             for r in rows:
-                by_table.setdefault(lanes[r[0]][1], []).append(str(int(r[1])))
+                by_table.setdefault(lanes[r[0]][1], []).append(r[1])
             for table, ids in by_table.items():
                 await cur.execute(
                     f"UPDATE `{table}` SET lease_until = %s, lease_token = %s, "
-                    f"deliveries = deliveries + 1 WHERE id IN ({','.join(ids)})",
+                    f"deliveries = deliveries + 1 WHERE id IN ({_id_list(ids)})",
                     (until, token),
                 )
             return [
@@ -196,7 +147,7 @@ class InnoDBQueue:
         return await self.db.transaction(work)
 
     async def ack(self, leases: Sequence[Lease]) -> None:
-        groups = _groups(leases)
+        groups = claim_groups(leases)
         if not groups:
             return
 
@@ -204,15 +155,16 @@ class InnoDBQueue:
             async with conn.cursor() as cur:
                 for (table, token), items in groups.items():
                     await cur.execute(
-                        f"DELETE FROM `{table}` WHERE lease_token = %s AND id IN ({_ids(items)})",
+                        f"DELETE FROM `{table}` WHERE lease_token = %s "
+                        f"AND id IN ({_id_list(x.id for x in items)})",
                         (token,),
                     )
 
         await self.db.run(run)
 
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
-        until = _us(time.time() + delay) if delay > 0 else 0
-        await self._execute(
+        until = to_us(time.time() + delay) if delay > 0 else 0
+        await self.db.execute(
             f"UPDATE `{lease.table}` SET lease_until = %s, lease_token = 0 "
             "WHERE id = %s AND lease_token = %s",
             (until, lease.id, lease.token),
@@ -221,10 +173,10 @@ class InnoDBQueue:
     async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
         deliveries = 0 if reserved else lease.deliveries
         if lease.lane is Lane.TIMED:  # stays in its table: keeps its id, hence its place
-            await self._execute(
+            await self.db.execute(
                 f"UPDATE `{lease.table}` SET ready = %s, reserved = %s, deliveries = %s, "
                 "lease_until = 0, lease_token = 0 WHERE id = %s AND lease_token = %s",
-                (_us(ready), int(reserved), deliveries, lease.id, lease.token),
+                (to_us(ready), int(reserved), deliveries, lease.id, lease.token),
             )
             return
         target = random.choice(self.tables.timed)
@@ -234,7 +186,7 @@ class InnoDBQueue:
                 f"INSERT INTO `{target}` (destination, ready, reserved, message, created, "
                 f"deliveries) SELECT destination, %s, %s, message, created, %s "
                 f"FROM `{lease.table}` WHERE id = %s AND lease_token = %s",
-                (_us(ready), int(reserved), deliveries, lease.id, lease.token),
+                (to_us(ready), int(reserved), deliveries, lease.id, lease.token),
             )
             if moved:
                 await cur.execute(
@@ -247,15 +199,15 @@ class InnoDBQueue:
     async def shift(self, destination: str, after: float, delta: float) -> int:
         total = 0
         for table in self.tables.timed:
-            total += await self._execute(
+            total += await self.db.execute(
                 f"UPDATE `{table}` SET ready = ready + %s "
                 "WHERE destination = %s AND reserved = 1 AND ready > %s",
-                (_us(delta), destination, _us(after)),
+                (to_us(delta), destination, to_us(after)),
             )
         return total
 
     async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
-        now_us = _us(time.time())
+        now_us = to_us(time.time())
 
         async def work(cur: Any) -> int:
             total = 0
@@ -264,21 +216,21 @@ class InnoDBQueue:
                     total += await cur.execute(
                         f"UPDATE `{table}` SET ready = %s WHERE destination = %s "
                         "AND reserved = 1 AND created = %s AND lease_until <= %s",
-                        (_us(new), destination, int(created), now_us),
+                        (to_us(new), destination, int(created), now_us),
                     )
             return int(total)
 
         return await self.db.transaction(work)
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
-        groups = _groups(leases)
+        groups = claim_groups(leases)
         if not groups:
             return
-        died = _us(time.time())
+        died = to_us(time.time())
 
         async def work(cur: Any) -> None:
             for (table, token), items in groups.items():
-                ids = _ids(items)
+                ids = _id_list(x.id for x in items)
                 await cur.execute(
                     f"INSERT INTO `{self.tables.dead}` (lane, destination, message, reason, "
                     f"deliveries, died_at) SELECT %s, destination, message, %s, deliveries, %s "
@@ -302,18 +254,18 @@ class InnoDBQueue:
         return f"SELECT {' OR '.join(exists)}, {', '.join(mins)}"
 
     async def poll(self, now: float) -> tuple[bool, float | None]:
-        rows = await self._fetch(self._poll_sql, {"now": _us(now)})
+        rows = await self.db.fetch(self._poll_sql, {"now": to_us(now)})
         ready, *mins = rows[0]
         future = [m for m in mins if m is not None]
         return bool(ready), (min(future) / US if future else None)
 
     async def stats(self, now: float) -> QueueStats:
-        now_us = _us(now)
+        now_us = to_us(now)
         queued = {lane: 0 for lane in Lane}
         leased = {lane: 0 for lane in Lane}
         by_dest: dict[str, dict[str, int]] = {}
         for lane, table in self.tables.all():
-            rows = await self._fetch(
+            rows = await self.db.fetch(
                 f"SELECT destination, SUM(lease_until > %s), COUNT(*) FROM `{table}` "
                 "GROUP BY destination",
                 (now_us,),
@@ -322,15 +274,9 @@ class InnoDBQueue:
                 n_leased, total = int(n_leased or 0), int(total)
                 leased[lane] += n_leased
                 queued[lane] += total - n_leased
-                d = by_dest.setdefault(dest, {})
-                d[str(lane)] = d.get(str(lane), 0) + total - n_leased
-                d["leased"] = d.get("leased", 0) + n_leased
-        dead = 0
-        for dest, count in await self._fetch(
-            f"SELECT destination, COUNT(*) FROM `{self.tables.dead}` GROUP BY destination"
-        ):
-            dead += int(count)
-            by_dest.setdefault(dest, {})["dead"] = int(count)
+                tally(by_dest, dest, str(lane), total - n_leased)
+                tally(by_dest, dest, "leased", n_leased)
+        dead = await count_dead(self.db, self.tables.dead, by_dest)
         _, next_due = await self.poll(now)
         return QueueStats(queued, leased, dead, by_dest, next_due)
 
@@ -346,7 +292,7 @@ class InnoDBQueue:
                 extra, order = ("ready, reserved", "ready, id") if timed else ("NULL, 0", "id")
                 rows.extend(
                     (table, *r)
-                    for r in await self._fetch(
+                    for r in await self.db.fetch(
                         f"SELECT id, destination, {extra}, deliveries, lease_until, message "
                         f"FROM `{table}` ORDER BY {order} LIMIT %s",
                         (int(limit),),
@@ -356,31 +302,20 @@ class InnoDBQueue:
             for table, rid, dest, ready, reserved, deliveries, until, blob in rows[
                 : limit - len(out)
             ]:
-                out.append({
-                    "id": int(rid), "lane": str(row_lane), "table": table, "destination": dest,
-                    "ready": ready / US if ready is not None else None,
-                    "reserved": bool(reserved), "deliveries": int(deliveries),
-                    "lease_until": until / US, "blob": bytes(blob),
-                })  # fmt: skip
+                out.append(
+                    peek_item(row_lane, table, int(rid), dest,
+                              ready / US if ready is not None else None, bool(reserved),
+                              int(deliveries), until / US, bytes(blob))
+                )  # fmt: skip
         return out
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = await self._fetch(
-            "SELECT id, lane, destination, reason, deliveries, died_at, message "
-            f"FROM `{self.tables.dead}` ORDER BY id LIMIT %s",
-            (int(limit),),
-        )
-        keys = ("id", "lane", "destination", "reason", "deliveries", "died_at", "blob")
-        out = [dict(zip(keys, row, strict=True)) for row in rows]
-        for item in out:
-            item["died_at"] /= US
-            item["blob"] = bytes(item["blob"])
-        return out
+        return await dead_letters(self.db, self.tables.dead, limit, by_id=True)
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
         dead = self.tables.dead
-        where = "" if ids is None else f" AND id IN ({','.join(str(int(i)) for i in ids) or 0})"
-        now_us = _us(time.time())
+        where = "" if ids is None else f" AND id IN ({_id_list(ids) or 0})"
+        now_us = to_us(time.time())
 
         async def work(cur: Any) -> int:
             total = 0
@@ -402,17 +337,7 @@ class InnoDBQueue:
         return await self.db.transaction(work)
 
     async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
-        total = 0
-        for row_lane, table in self.tables.all():
-            if lane is not None and row_lane is not lane:
-                continue
-            if destination is None:
-                total += await self._execute(f"DELETE FROM `{table}`")
-            else:
-                total += await self._execute(
-                    f"DELETE FROM `{table}` WHERE destination = %s", (destination,)
-                )
-        return total
+        return await purge_lanes(self.db, self.tables, lane, destination)
 
     async def purge_dead(self) -> int:
-        return await self._execute(f"DELETE FROM `{self.tables.dead}`")
+        return await self.db.execute(f"DELETE FROM `{self.tables.dead}`")

@@ -65,7 +65,6 @@ import logging
 import random
 import secrets
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,21 +76,17 @@ from ..errors import SchemaError
 from ..interfaces import Lane, Lease, QueueStats, Row
 from ..schema import render
 from ..urls import QueueSettings
-from ._mysql import MySQLPool, _lost, translate
+from ._common import US, peek_item, schema_sql, table_names, tally, to_us
+from ._mysql import MySQLPool, _lost, count_dead, dead_letters, purge_lanes, translate
 
 __all__ = ["Q4MQueue"]
 
 log = logging.getLogger(__name__)
 
-US = 1_000_000
 _RANK = {Lane.EMERGENCY: 0, Lane.TIMED: 1, Lane.NORMAL: 2}
 _SCAN = 1000  # `ready` values read per table by poll to find the next due time
 _DRIVER_ERRORS = (pymysql.err.MySQLError, OSError)  # TimeoutError is an OSError
 Statement = tuple[str, tuple[Any, ...]]
-
-
-def _us(t: float) -> int:
-    return int(t * US)
 
 
 def _always(value: int) -> Callable[[int], int]:
@@ -273,42 +268,18 @@ class Q4MQueue:
     # -- schema -----------------------------------------------------------------
 
     def schema_sql(self) -> str:
-        return ";\n\n".join(render(self.dialect, self.tables)) + ";\n"
+        return schema_sql(self.dialect, self.tables)
 
     async def create_schema(self) -> None:
-        async def run(conn: Any) -> None:
-            async with conn.cursor() as cur:
-                with warnings.catch_warnings():  # "table already exists" notes
-                    warnings.simplefilter("ignore")
-                    for statement in render(self.dialect, self.tables):
-                        await cur.execute(statement)
-
-        await self.db.run(run)
+        await self.db.script(render(self.dialect, self.tables))
 
     async def drop_schema(self) -> None:
-        names = [t for _, t in self.tables.all()] + [self.tables.dead]
-        await self._execute("DROP TABLE IF EXISTS " + ", ".join(f"`{t}`" for t in names))
+        names = table_names(self.tables)
+        await self.db.execute("DROP TABLE IF EXISTS " + ", ".join(f"`{t}`" for t in names))
 
     def _select_sql(self, lane: Lane, table: str) -> str:
         extra = ", reserved" if lane is Lane.TIMED else ""
         return f"SELECT id, destination, message, deliveries, created, ready{extra} FROM `{table}`"
-
-    # -- pool helpers -------------------------------------------------------------
-
-    async def _execute(self, sql: str, args: Any = None, *, idempotent: bool = True) -> int:
-        async def run(conn: Any) -> int:
-            async with conn.cursor() as cur:
-                return int(await cur.execute(sql, args))
-
-        return await self.db.run(run, idempotent=idempotent)
-
-    async def _fetch(self, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
-        async def run(conn: Any) -> list[tuple[Any, ...]]:
-            async with conn.cursor() as cur:
-                await cur.execute(sql, args)
-                return list(await cur.fetchall())
-
-        return await self.db.run(run)
 
     # -- writing ------------------------------------------------------------------
 
@@ -335,27 +306,18 @@ class Q4MQueue:
         if not rows:
             return
         table = random.choice(self.tables.lane(lane))
-        base = _us(time.time())  # + i: a batch's rows keep distinct, ordered `created`
+        base = to_us(time.time())  # + i: a batch's rows keep distinct, ordered `created`
         args: list[tuple[Any, ...]] = []
         for i, r in enumerate(rows):
             if lane is Lane.TIMED and r.ready is None:
                 raise ValueError("a timed row needs ready")
-            ready = _us(r.ready) if lane is Lane.TIMED and r.ready is not None else 0
+            ready = to_us(r.ready) if lane is Lane.TIMED and r.ready is not None else 0
             args.append(
                 self._insert_args(
                     table, self._ids(), r.destination, ready, r.reserved, r.blob, base + i, 0
                 )
             )
-        sql = self._insert_sql(table)
-
-        async def run(conn: Any) -> None:
-            async with conn.cursor() as cur:
-                if len(args) == 1:
-                    await cur.execute(sql, args[0])
-                else:
-                    await cur.executemany(sql, args)
-
-        await self.db.run(run, idempotent=False)
+        await self.db.insert(self._insert_sql(table), args)
 
     # -- claiming -----------------------------------------------------------------
 
@@ -377,7 +339,7 @@ class Q4MQueue:
         """Up to `limit` rows, capped by the idle owner connections (see the module
         docstring). Emergency first, then due timed rows (by ready), then normal."""
         await self._reap(now)
-        sql, args, targets = self._wait_call(_us(now))
+        sql, args, targets = self._wait_call(to_us(now))
         leases: list[Lease] = []
         retries = self.max_owners + 1  # idle owners may all be dead (server restart)
         try:
@@ -525,19 +487,19 @@ class Q4MQueue:
         if delay <= 0:
             await self._settle(lease, (), "queue_abort")
             return
-        ready = _us(time.time() + delay)
+        ready = to_us(time.time() + delay)
         stmt = self._reinsert(lease, lease.table, ready, lease.reserved, lease.deliveries)
         await self._settle_all([lease], lambda _: (stmt,))
 
     async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
         deliveries = 0 if reserved else lease.deliveries
         table = lease.table if lease.lane is Lane.TIMED else random.choice(self.tables.timed)
-        stmt = self._reinsert(lease, table, _us(ready), reserved, deliveries)
+        stmt = self._reinsert(lease, table, to_us(ready), reserved, deliveries)
         await self._settle_all([lease], lambda _: (stmt,))
 
     async def shift(self, destination: str, after: float, delta: float) -> int:
         """Reserved timed rows of `destination` due after `after` go `delta` later."""
-        after_us, delta_us = _us(after), _us(delta)
+        after_us, delta_us = to_us(after), to_us(delta)
         where = "destination = %s AND reserved = 1 AND ready > %s"
         return await self._retime(
             [(where, (destination, after_us), lambda ready: ready + delta_us)]
@@ -548,7 +510,7 @@ class Q4MQueue:
         where = "destination = %s AND reserved = 1 AND created = %s"
         return await self._retime(
             [
-                (where, (destination, int(created)), _always(_us(new)))
+                (where, (destination, int(created)), _always(to_us(new)))
                 for created, _old, new in moves
             ]
         )
@@ -598,7 +560,7 @@ class Q4MQueue:
             conn.close()
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
-        died = _us(time.time())
+        died = to_us(time.time())
         sql = (
             f"INSERT INTO `{self.tables.dead}` (id, lane, destination, message, reason, "
             "deliveries, died_at) VALUES (%s, %s, %s, %s, %s, %s, %s)"
@@ -620,7 +582,7 @@ class Q4MQueue:
         """(a row is claimable, the earliest future ready): per table the first
         `_SCAN` ready values in FIFO order (exactly re-checked past that), so with
         more future rows than that the next due time is an upper bound."""
-        now_us = _us(now)
+        now_us = to_us(now)
 
         async def run(conn: Any) -> tuple[bool, float | None]:
             ready, future = False, list[int]()
@@ -657,37 +619,20 @@ class Q4MQueue:
         leased = {lane: 0 for lane in Lane}
         by_dest: dict[str, dict[str, int]] = {}
         for lane, table in self.tables.all():
-            for dest, count in await self._fetch(
+            for dest, count in await self.db.fetch(
                 f"SELECT destination, COUNT(*) FROM `{table}` GROUP BY destination"
             ):
                 queued[lane] += int(count)
-                d = by_dest.setdefault(dest, {})
-                d[str(lane)] = d.get(str(lane), 0) + int(count)
+                tally(by_dest, dest, str(lane), int(count))
         for lease, _ in self._local_leases():
             leased[lease.lane] += 1
-            d = by_dest.setdefault(lease.destination, {})
-            d["leased"] = d.get("leased", 0) + 1
-        dead = 0
-        for dest, count in await self._fetch(
-            f"SELECT destination, COUNT(*) FROM `{self.tables.dead}` GROUP BY destination"
-        ):
-            dead += int(count)
-            by_dest.setdefault(dest, {})["dead"] = int(count)
+            tally(by_dest, lease.destination, "leased", 1)
+        dead = await count_dead(self.db, self.tables.dead, by_dest)
         _, next_due = await self._scan(now)
         return QueueStats(queued, leased, dead, by_dest, next_due)
 
-    def _peek_item(
-        self, lane: Lane, table: str, rid: int, dest: str, ready: float | None, reserved: bool,
-        deliveries: int, until: float, blob: bytes,
-    ) -> dict[str, Any]:  # fmt: skip
-        return {
-            "id": rid, "lane": str(lane), "table": table, "destination": dest,
-            "ready": ready if lane is Lane.TIMED else None, "reserved": reserved,
-            "deliveries": deliveries, "lease_until": until, "blob": blob,
-        }  # fmt: skip
-
     def _peek_lease(self, x: Lease, until: float) -> dict[str, Any]:
-        return self._peek_item(
+        return peek_item(
             x.lane, x.table, x.id, x.destination, x.ready, x.reserved, x.deliveries, until, x.blob
         )
 
@@ -708,13 +653,13 @@ class Q4MQueue:
                 continue
             lists = [sorted(mine, key=lambda r: int(r["id"]))]
             for table in self.tables.lane(row_lane):
-                rows = await self._fetch(
+                rows = await self.db.fetch(
                     f"SELECT id, destination, deliveries, message FROM `{table}` LIMIT %s",
                     (int(want),),
                 )
                 lists.append([
-                    self._peek_item(row_lane, table, int(rid), dest, None, False, int(done),
-                                    0.0, bytes(blob))
+                    peek_item(row_lane, table, int(rid), dest, None, False, int(done),
+                              0.0, bytes(blob))
                     for rid, dest, done, blob in rows
                 ])  # fmt: skip
             out.extend(list(heapq.merge(*lists, key=lambda r: int(r["id"])))[:want])
@@ -729,7 +674,7 @@ class Q4MQueue:
         for table in self.tables.timed:
             keys.extend(
                 (int(ready) / US, int(rid), table)
-                for rid, ready in await self._fetch(f"SELECT id, ready FROM `{table}`")
+                for rid, ready in await self.db.fetch(f"SELECT id, ready FROM `{table}`")
             )
         keys.sort(key=lambda k: (k[0], k[1]))
         out: list[dict[str, Any]] = []
@@ -739,7 +684,7 @@ class Q4MQueue:
             if isinstance(source, dict):
                 out.append(source)
                 continue
-            rows = await self._fetch(
+            rows = await self.db.fetch(
                 "SELECT destination, reserved, deliveries, message "
                 f"FROM `{source}` WHERE id = %s LIMIT 1",
                 (rid,),
@@ -747,25 +692,15 @@ class Q4MQueue:
             if rows:
                 dest, reserved, done, blob = rows[0]
                 out.append(
-                    self._peek_item(Lane.TIMED, source, rid, dest, ready, bool(reserved),
-                                    int(done), 0.0, bytes(blob))
+                    peek_item(Lane.TIMED, source, rid, dest, ready, bool(reserved),
+                              int(done), 0.0, bytes(blob))
                 )  # fmt: skip
         return out
 
     # -- dead letters and purges ------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = await self._fetch(
-            "SELECT id, lane, destination, reason, deliveries, died_at, message "
-            f"FROM `{self.tables.dead}` LIMIT %s",
-            (int(limit),),
-        )
-        keys = ("id", "lane", "destination", "reason", "deliveries", "died_at", "blob")
-        out = [dict(zip(keys, row, strict=True)) for row in rows]
-        for item in out:
-            item["died_at"] /= US
-            item["blob"] = bytes(item["blob"])
-        return out
+        return await dead_letters(self.db, self.tables.dead, limit, by_id=False)
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
         """Dead letters back to their lane, each taken in owner mode on a dedicated
@@ -798,7 +733,7 @@ class Q4MQueue:
                         name = str(row[0])
                         lane = Lane(name) if name in {x.value for x in Lane} else Lane.NORMAL
                         table = random.choice(self.tables.lane(lane))
-                        now = _us(time.time())
+                        now = to_us(time.time())
                         args = self._insert_args(
                             table, self._ids(), row[1], now, False, bytes(row[2]), now, 0
                         )
@@ -815,16 +750,7 @@ class Q4MQueue:
     async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
         """Delete queued rows, and end this process's leases on matching rows (rows
         owned by other processes cannot be reached)."""
-        total = 0
-        for row_lane, table in self.tables.all():
-            if lane is not None and row_lane is not lane:
-                continue
-            if destination is None:
-                total += await self._execute(f"DELETE FROM `{table}`")
-            else:
-                total += await self._execute(
-                    f"DELETE FROM `{table}` WHERE destination = %s", (destination,)
-                )
+        total = await purge_lanes(self.db, self.tables, lane, destination)
         for lease, _ in self._local_leases():
             if (lane is None or lease.lane is lane) and destination in (None, lease.destination):
                 if await self._settle(lease, (), "queue_end"):
@@ -833,4 +759,4 @@ class Q4MQueue:
         return total
 
     async def purge_dead(self) -> int:
-        return await self._execute(f"DELETE FROM `{self.tables.dead}`")
+        return await self.db.execute(f"DELETE FROM `{self.tables.dead}`")

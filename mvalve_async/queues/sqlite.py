@@ -34,12 +34,21 @@ from ..errors import QueueError, QueueUnavailable, SchemaError
 from ..interfaces import Lane, Lease, QueueStats, Row
 from ..schema import render
 from ..urls import QueueSettings
+from ._common import (
+    DEAD_COLUMNS,
+    US,
+    claim_groups,
+    dead_letter,
+    row_args,
+    schema_sql,
+    table_names,
+    tally,
+)
 
 __all__ = ["HAS_RETURNING", "SQLiteQueue"]
 
 log = logging.getLogger(__name__)
 
-US = 1_000_000
 HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)  # UPDATE ... RETURNING
 _CHUNK = 500  # ids per IN (...) list, far below SQLITE_MAX_VARIABLE_NUMBER (999 before 3.32)
 _LANE_COLUMNS = {"id", "destination", "message", "created", "lease_until", "lease_token",
@@ -54,6 +63,7 @@ _SCHEMA_ERRORS = ("no such table", "no such column", "has no column named", "col
 
 
 def _us(t: float) -> int:
+    """Rounded, where the MySQL dialects truncate (`_common.to_us`)."""
     return round(t * US)
 
 
@@ -207,16 +217,18 @@ class SQLiteQueue:
         return lease.table
 
     def _groups(self, leases: Sequence[Lease]) -> dict[tuple[str, int], list[int]]:
-        out: dict[tuple[str, int], list[int]] = {}
-        for lease in leases:
-            if lease.token:  # token 0 is never a claim's: it would match unleased rows
-                out.setdefault((self._table(lease), lease.token), []).append(lease.id)
-        return out
+        """Lease ids by (table, token), skipping token 0: never a claim's, it would
+        match unleased rows."""
+        held = claim_groups(lease for lease in leases if lease.token)
+        return {
+            (self._table(group[0]), token): [lease.id for lease in group]
+            for (_, token), group in held.items()
+        }
 
     # -- schema -----------------------------------------------------------------
 
     def schema_sql(self) -> str:
-        return ";\n\n".join(render(self.dialect, self.tables)) + ";\n"
+        return schema_sql(self.dialect, self.tables)
 
     async def create_schema(self) -> None:
         shapes = [(t, "timed" if lane is Lane.TIMED else "lane") for lane, t in self.tables.all()]
@@ -233,8 +245,7 @@ class SQLiteQueue:
                 await db.execute(statement)
 
     async def drop_schema(self) -> None:
-        names = [t for _, t in self.tables.all()] + [self.tables.dead]
-        await self._run([(f"DROP TABLE IF EXISTS {t}", ()) for t in names])
+        await self._run([(f"DROP TABLE IF EXISTS {t}", ()) for t in table_names(self.tables)])
 
     # -- writing ----------------------------------------------------------------
 
@@ -242,18 +253,12 @@ class SQLiteQueue:
         if not rows:
             return
         table = random.choice(self.tables.lane(lane))
-        base = _us(time.time())  # + i: a batch's rows keep distinct, ordered `created`
-        args: list[tuple[Any, ...]] = []
         if lane is Lane.TIMED:
             sql = (f"INSERT INTO {table} (destination, ready, reserved, message, created) "
                    "VALUES (?, ?, ?, ?, ?)")  # fmt: skip
-            for i, r in enumerate(rows):
-                if r.ready is None:
-                    raise ValueError("a timed row needs ready")
-                args.append((r.destination, _us(r.ready), int(r.reserved), r.blob, base + i))
         else:
             sql = f"INSERT INTO {table} (destination, message, created) VALUES (?, ?, ?)"
-            args = [(r.destination, r.blob, base + i) for i, r in enumerate(rows)]
+        args = row_args(lane, rows, _us)
         if len(args) == 1:
             await self._run([(sql, args[0])])
             return
@@ -428,8 +433,7 @@ class SQLiteQueue:
             else:
                 key = "leased" if is_leased else kind
                 (leased if is_leased else queued)[Lane(kind)] += count
-            d = by_dest.setdefault(dest, {})
-            d[key] = d.get(key, 0) + count
+            tally(by_dest, dest, key, count)
         _, next_due = await self.poll(now)
         return QueueStats(queued, leased, dead, by_dest, next_due)
 
@@ -459,12 +463,9 @@ class SQLiteQueue:
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._fetch(
-            "SELECT id, lane, destination, reason, deliveries, died_at, message "
-            f"FROM {self.tables.dead} ORDER BY id LIMIT ?",
-            (int(limit),),
+            f"SELECT {DEAD_COLUMNS} FROM {self.tables.dead} ORDER BY id LIMIT ?", (int(limit),)
         )
-        keys = ("id", "lane", "destination", "reason", "deliveries", "died_at", "blob")
-        return [dict(zip(keys, (*r[:5], r[5] / US, bytes(r[6])), strict=True)) for r in rows]
+        return [dead_letter(r) for r in rows]
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
         """INSERT ... SELECT per lane (a lane name this version does not know: normal)."""
