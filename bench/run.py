@@ -35,6 +35,7 @@ SCENARIOS = {
     "reader": "bench.reader",  # claim + deliver + ack, 1/4/8 consumers vs a bare loop
     "latency": "bench.latency",  # idle pick-up latency and idle query rate
     "throttle": "bench.throttle",  # Rate(20/s) x 10 destinations, 4 processes, memcached
+    "sqlite": "bench.sqlite",  # the embedded default end to end vs a bare sqlite3 loop
     "peer": "bench.peer",  # the throttle drain, ours beside Dramatiq's rate limiter (.[bench])
 }
 HELP = "benchmark against raw baselines in the same run (needs the repository's bench/)"
