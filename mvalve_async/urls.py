@@ -1,6 +1,7 @@
 """URLs choose backends: settings dataclasses, parsing, and one explicit registry.
 
 Queues:  mysql+innodb://user:pass@host:3306/db?tables=...   (also mysql://)
+         mysql+innodb://user:pass@h1:3306,h2:3306/db   shards on several servers
          mysql+q4m://user:pass@host/db
          sqlite:///relative/path.db  sqlite:////absolute/path.db
          memory://
@@ -9,6 +10,10 @@ Stores:  memcached://h1:11211,h2:11211?namespace=mvalve
 
 Query options: emergency=, timed=, normal= (comma-separated table names),
 dead=, pool_size=, namespace=. Passwords never appear in a repr or an error.
+
+Shards: several comma-separated ``host[:port]`` in one innodb URL (IPv6 in
+brackets) make a `ShardedQueue`, one child queue per server; every shard shares
+the user, password, database and query options (the same table names on each).
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ class QueueSettings:
     pool_size: int = 10
     max_destination: int = 40
     connect_timeout: float = 5.0
+    shards: tuple[tuple[str, int], ...] = ()  # 2+ (host, port): a sharded queue
 
     @classmethod
     def from_url(cls, url: str) -> QueueSettings:
@@ -112,7 +118,16 @@ class QueueSettings:
         if self.dialect == "memory":
             return "memory://"
         auth = self.user + (":***" if self.password else "")
+        if self.shards:
+            hosts = ",".join(_hostport(h, p) for h, p in self.shards)
+            return f"mysql+{self.dialect}://{auth}@{hosts}/{self.database}"
         return f"mysql+{self.dialect}://{auth}@{self.host}:{self.port}/{self.database}"
+
+    def shard_settings(self) -> list[QueueSettings]:
+        """One single-server settings per shard (just `[self]` when not sharded)."""
+        if not self.shards:
+            return [self]
+        return [replace(self, host=h, port=p, shards=()) for h, p in self.shards]
 
     def __repr__(self) -> str:
         return f"QueueSettings({self.safe_url()!r})"
@@ -161,6 +176,31 @@ def _database(path: str) -> str:
     return name
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _shard_hosts(netloc: str) -> tuple[tuple[str, int], ...]:
+    """The ``h1:3306,h2:3307`` part of a netloc as (host, port) pairs (one pair when
+    there is no comma). Raises ConfigError naming the bad item (never the userinfo)."""
+    hostlist = netloc.rpartition("@")[2]
+    out: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        if not item.strip():
+            raise ConfigError("the URL's host list has an empty entry (a stray comma?)")
+        try:
+            sub = urlsplit("//" + item.strip())
+            host, port = sub.hostname, sub.port or 3306
+        except ValueError:
+            raise ConfigError(f"the URL's host {item!r} is malformed (host[:port])") from None
+        if not host or sub.path or sub.query or sub.fragment:
+            raise ConfigError(f"the URL's host {item!r} is malformed (host[:port])")
+        if (host, port) in out:
+            raise ConfigError(f"the URL names {_hostport(host, port)} twice")
+        out.append((host, port))
+    return tuple(out)
+
+
 def _scheme(url: str) -> str:
     if not isinstance(url, str) or "://" not in url:
         raise ConfigError("a backend URL looks like scheme://..., e.g. mysql+innodb://root@host/db")
@@ -178,7 +218,9 @@ def parse_queue_url(url: str) -> QueueSettings:
         )
     try:
         parts = urlsplit(url)
-        parts.hostname  # noqa: B018 - raises ValueError on a malformed IPv6 host
+        sharded = "," in parts.netloc.rpartition("@")[2]  # several hosts: checked below
+        if not sharded:
+            parts.hostname  # noqa: B018 - raises ValueError on a malformed IPv6 host
     except ValueError:
         raise ConfigError(f"the {scheme}:// URL is malformed") from None
     opts = _query(parts.query)
@@ -199,14 +241,22 @@ def parse_queue_url(url: str) -> QueueSettings:
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         settings = replace(settings, path=unquote(path) or DEFAULT_SQLITE_PATH)
     elif dialect in ("innodb", "q4m"):
-        try:
-            port = parts.port or 3306
-        except ValueError:
-            raise ConfigError("the URL's port is not a number") from None
+        shards: tuple[tuple[str, int], ...] = ()
+        if sharded:
+            if dialect != "innodb":
+                raise ConfigError("several hosts (shards) are supported by mysql+innodb:// only")
+            shards = _shard_hosts(parts.netloc)
+            host, port = shards[0]
+        else:
+            try:
+                host, port = parts.hostname or "127.0.0.1", parts.port or 3306
+            except ValueError:
+                raise ConfigError("the URL's port is not a number") from None
         settings = replace(
             settings,
-            host=parts.hostname or "127.0.0.1",
+            host=host,
             port=port,
+            shards=shards,
             user=unquote(parts.username or "root"),
             password=unquote(parts.password or ""),
             database=_database(parts.path),
@@ -300,6 +350,12 @@ def make_queue(url: str | QueueSettings | None = None) -> Queue:
     if url is None:
         url = os.environ.get("MVALVE_URL") or f"sqlite:///{DEFAULT_SQLITE_PATH}"
     settings = url if isinstance(url, QueueSettings) else parse_queue_url(url)
+    if len(settings.shards) > 1:
+        from .queues.sharded import ShardedQueue
+
+        factory = QUEUES[settings.dialect]
+        children = [factory(s) for s in settings.shard_settings()]
+        return ShardedQueue(children, settings=settings)
     return QUEUES[settings.dialect](settings)
 
 

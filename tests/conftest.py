@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -11,7 +12,7 @@ from mvalve_async.urls import QueueSettings, Tables, make_queue
 from tests.q4m_fixtures import q4m_server  # noqa: F401  (a fixture the q4m params use)
 from tests.services import MYSQL_URL, require_mysql
 
-DIALECTS = ["memory", "innodb", "sqlite", "q4m"]
+DIALECTS = ["memory", "innodb", "sqlite", "q4m", "sharded"]
 
 
 def unique_tables(prefix: str = "t") -> Tables:
@@ -48,6 +49,8 @@ async def open_queue(dialect: str, tmp_path: object, request: pytest.FixtureRequ
     elif dialect == "q4m":
         server = request.getfixturevalue("q4m_server")
         settings = QueueSettings("q4m", port=server.port, tables=tables, database="test")
+    elif dialect == "sharded":
+        return await open_sharded_queue()
     else:  # pragma: no cover
         raise AssertionError(dialect)
     queue = make_queue(settings)
@@ -66,6 +69,22 @@ def _q4m_ready(request: pytest.FixtureRequest) -> None:
     params = callspec.params if callspec is not None else {}
     if "q4m" in (params.get("queue"), params.get("pipe")):
         request.getfixturevalue("q4m_server")
+
+
+async def open_sharded_queue(shards: int = 2) -> Queue:
+    """A ShardedQueue of `shards` innodb queues on the main MariaDB, each with its own
+    table set: "servers" simulated by table sets (the ring keys are fixed, `shard<i>`,
+    so placement is the same on every run). tests/faults/test_shards.py uses real
+    separate servers."""
+    from mvalve_async.queues.sharded import ShardedQueue
+
+    require_mysql()
+    base = QueueSettings.from_url(MYSQL_URL)
+    children = [make_queue(replace(base, tables=unique_tables(f"s{i}"))) for i in range(shards)]
+    queue = ShardedQueue(children, keys=[f"shard{i}" for i in range(shards)])
+    await queue.connect()
+    await queue.create_schema()
+    return queue
 
 
 @pytest.fixture(params=DIALECTS)
