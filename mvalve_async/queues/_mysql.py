@@ -25,7 +25,7 @@ from ..interfaces import Lane
 from ..urls import QueueSettings, Tables
 from ._common import DEAD_COLUMNS, dead_letter, tally
 
-__all__ = ["MySQLPool", "count_dead", "dead_letters", "purge_lanes", "translate"]
+__all__ = ["MySQLPool", "count_dead", "purge_lanes", "read_dead_letters", "translate"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -221,7 +221,7 @@ async def count_dead(db: MySQLPool, dead: str, by_dest: dict[str, dict[str, int]
     return total
 
 
-async def dead_letters(
+async def read_dead_letters(
     db: MySQLPool, dead: str, limit: int, *, by_id: bool
 ) -> list[dict[str, Any]]:
     """The first `limit` dead letters; `by_id` where the engine can sort (Q4M cannot)."""

@@ -19,7 +19,7 @@ from ..interfaces import Lane, Lease, QueueStats, Row
 from ..schema import render
 from ..urls import QueueSettings
 from ._common import US, claim_groups, peek_item, row_args, schema_sql, table_names, tally, to_us
-from ._mysql import MySQLPool, count_dead, dead_letters, purge_lanes
+from ._mysql import MySQLPool, count_dead, purge_lanes, read_dead_letters
 
 __all__ = ["InnoDBQueue"]
 
@@ -310,7 +310,7 @@ class InnoDBQueue:
         return out
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        return await dead_letters(self.db, self.tables.dead, limit, by_id=True)
+        return await read_dead_letters(self.db, self.tables.dead, limit, by_id=True)
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
         dead = self.tables.dead

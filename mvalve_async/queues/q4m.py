@@ -54,6 +54,9 @@ FIFO place) or goes away (it goes back too). One connection owns one row, so:
   this process's leases.
 - Cancelling any call on an owner closes that connection: whatever row it
   owned goes back to the queue (Q4M's restored_by_close), nothing is stranded.
+
+Beside this module: `_q4m_owners` (the owner connections) and `_q4m_rows` (row
+ids, statement text, rewriting rows by id).
 """
 
 from __future__ import annotations
@@ -63,21 +66,19 @@ import collections
 import heapq
 import logging
 import random
-import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
-
-import aiomysql
-import pymysql
 
 from ..errors import SchemaError
 from ..interfaces import Lane, Lease, QueueStats, Row
 from ..schema import render
 from ..urls import QueueSettings
+from . import _q4m_rows
 from ._common import US, peek_item, schema_sql, table_names, tally, to_us
-from ._mysql import MySQLPool, _lost, count_dead, dead_letters, purge_lanes, translate
+from ._mysql import MySQLPool, _lost, count_dead, purge_lanes, read_dead_letters, translate
+from ._q4m_owners import DRIVER_ERRORS, Owner, Owners
+from ._q4m_rows import Ids, Q4MSql, Statement
 
 __all__ = ["Q4MQueue"]
 
@@ -85,37 +86,10 @@ log = logging.getLogger(__name__)
 
 _RANK = {Lane.EMERGENCY: 0, Lane.TIMED: 1, Lane.NORMAL: 2}
 _SCAN = 1000  # `ready` values read per table by poll to find the next due time
-_DRIVER_ERRORS = (pymysql.err.MySQLError, OSError)  # TimeoutError is an OSError
-Statement = tuple[str, tuple[Any, ...]]
 
 
 def _always(value: int) -> Callable[[int], int]:
     return lambda _: value
-
-
-class _Ids:
-    """Row ids: microseconds << 10 plus a per-process salt, strictly increasing in
-    this process (Q4M has no AUTO_INCREMENT). Unique in practice across processes."""
-
-    def __init__(self) -> None:
-        self._last = 0
-        self._salt = secrets.randbits(10)
-
-    def __call__(self) -> int:
-        self._last = max(self._last + 1, (time.time_ns() // 1000) << 10 | self._salt)
-        return self._last
-
-
-@dataclass(eq=False)
-class _Owner:
-    """A connection reserved for owner mode; `lease` is the row it owns, if any."""
-
-    conn: Any
-    thread_id: int
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    lease: Lease | None = None
-    until: float = 0.0  # this process's lease end (claim's now + lease_seconds)
-    created: int = 0  # the owned row's `created`, kept by re-inserts
 
 
 class Q4MQueue:
@@ -136,20 +110,30 @@ class Q4MQueue:
         self.settings = settings
         self.tables = settings.tables
         self.db = MySQLPool(settings)
-        self.max_owners = owners or settings.pool_size
-        self.owner_wait = owner_wait
+        self._owners = Owners(settings, owners or settings.pool_size, owner_wait)
+        self._sql = Q4MSql(self.tables)
         self._memo_size = memo
-        self._lane_of = {table: lane for lane, table in self.tables.all()}
-        self._ids = _Ids()
-        self._owners: set[_Owner] = set()
-        self._idle: list[_Owner] = []
-        self._opening = 0
-        self._waiters: collections.deque[asyncio.Future[_Owner | None]] = collections.deque()
+        self._ids = Ids()
         self._seen: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._select = {table: self._select_sql(lane, table) for lane, table in self.tables.all()}
 
     def __repr__(self) -> str:
         return f"Q4MQueue({self.settings.safe_url()!r})"
+
+    @property
+    def max_owners(self) -> int:
+        return self._owners.max_owners
+
+    @max_owners.setter
+    def max_owners(self, value: int) -> None:
+        self._owners.max_owners = value
+
+    @property
+    def owner_wait(self) -> float:
+        return self._owners.owner_wait
+
+    @owner_wait.setter
+    def owner_wait(self, value: float) -> None:
+        self._owners.owner_wait = value
 
     # -- connections ------------------------------------------------------------
 
@@ -158,101 +142,8 @@ class Q4MQueue:
 
     async def close(self) -> None:
         """Close every owner connection (Q4M returns their rows), then the pool."""
-        owners = list(self._owners)
-        self._owners.clear()
-        self._idle.clear()
-        for owner in owners:
-            owner.lease = None
-            owner.conn.close()
-        while self._waiters:  # they find no idle owner and open a new one
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        self._owners.close()
         await self.db.close()
-
-    async def _connect(self) -> Any:
-        s = self.settings
-        try:
-            return await aiomysql.connect(
-                host=s.host, port=s.port, user=s.user, password=s.password, db=s.database,
-                autocommit=True, charset="utf8mb4", connect_timeout=s.connect_timeout,
-            )  # fmt: skip
-        except _DRIVER_ERRORS as exc:
-            raise translate(exc, self.db.where) from None
-
-    async def _open(self) -> _Owner:
-        self._opening += 1
-        try:
-            conn = await self._connect()
-        finally:
-            self._opening -= 1
-        owner = _Owner(conn, int(conn.server_thread_id[0]))
-        self._owners.add(owner)
-        return owner
-
-    async def _take_owner(self, wait: bool) -> _Owner | None:
-        """An idle owner (or a new one, below the cap). With `wait`, queue up to
-        `owner_wait` seconds for one; without, give way to callers that wait."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.owner_wait
-        while True:
-            if self._idle:
-                return self._idle.pop()
-            room = len(self._owners) + self._opening < self.max_owners
-            if room and (wait or not self._waiters):
-                return await self._open()
-            if not wait or (left := deadline - loop.time()) <= 0:
-                return None
-            waiter: asyncio.Future[_Owner | None] = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                async with asyncio.timeout(left):
-                    owner = await waiter
-            except BaseException as exc:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                if waiter.done() and not waiter.cancelled():  # handed over as we gave up
-                    handed = waiter.result()
-                    if handed is not None:
-                        self._free(handed)
-                    else:
-                        self._wake_one()
-                if isinstance(exc, TimeoutError):
-                    return None
-                raise
-            if owner is not None:
-                return owner
-            # None: an owner was closed, so there is room for a new one: try again
-
-    def _free(self, owner: _Owner) -> None:
-        """`owner` owns nothing: hand it to the first waiter, else make it idle."""
-        owner.lease = None
-        if owner not in self._owners:  # closed meanwhile (close())
-            owner.conn.close()
-            return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(owner)
-                return
-        self._idle.append(owner)
-
-    def _discard(self, owner: _Owner) -> None:
-        """Close `owner`'s connection: the row it owned, if any, goes back (Q4M)."""
-        owner.lease = None
-        owner.conn.close()
-        if owner in self._owners:
-            self._owners.remove(owner)
-            if owner in self._idle:
-                self._idle.remove(owner)
-            self._wake_one()
-
-    def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
 
     # -- the delivery-count memo ----------------------------------------------------
 
@@ -277,30 +168,7 @@ class Q4MQueue:
         names = table_names(self.tables)
         await self.db.execute("DROP TABLE IF EXISTS " + ", ".join(f"`{t}`" for t in names))
 
-    def _select_sql(self, lane: Lane, table: str) -> str:
-        extra = ", reserved" if lane is Lane.TIMED else ""
-        return f"SELECT id, destination, message, deliveries, created, ready{extra} FROM `{table}`"
-
     # -- writing ------------------------------------------------------------------
-
-    def _insert_sql(self, table: str) -> str:
-        if self._lane_of[table] is Lane.TIMED:
-            return (
-                f"INSERT INTO `{table}` (id, destination, ready, reserved, message, created, "
-                "deliveries) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-            )
-        return (
-            f"INSERT INTO `{table}` (id, destination, ready, message, created, deliveries) "
-            "VALUES (%s, %s, %s, %s, %s, %s)"
-        )
-
-    def _insert_args(
-        self, table: str, rid: int, dest: str, ready: int, reserved: bool, blob: bytes,
-        created: int, deliveries: int,
-    ) -> tuple[Any, ...]:  # fmt: skip
-        if self._lane_of[table] is Lane.TIMED:
-            return (rid, dest, ready, int(reserved), blob, created, deliveries)
-        return (rid, dest, ready, blob, created, deliveries)
 
     async def insert(self, lane: Lane, rows: Sequence[Row]) -> None:
         if not rows:
@@ -313,44 +181,30 @@ class Q4MQueue:
                 raise ValueError("a timed row needs ready")
             ready = to_us(r.ready) if lane is Lane.TIMED and r.ready is not None else 0
             args.append(
-                self._insert_args(
+                self._sql.insert_args(
                     table, self._ids(), r.destination, ready, r.reserved, r.blob, base + i, 0
                 )
             )
-        await self.db.insert(self._insert_sql(table), args)
+        await self.db.insert(self._sql.insert_sql(table), args)
 
     # -- claiming -----------------------------------------------------------------
-
-    def _wait_call(self, now_us: int) -> tuple[str, list[str], list[tuple[Lane, str]]]:
-        """`SELECT queue_wait(...)`: lanes in priority order, a lane's tables shuffled
-        (served fairly), every table asked for rows with ready <= now; timeout 0."""
-        args: list[str] = []
-        targets: list[tuple[Lane, str]] = []
-        for lane in Lane:
-            tables = list(self.tables.lane(lane))
-            random.shuffle(tables)
-            for table in tables:
-                args.append(f"{table}:ready<={now_us}")
-                targets.append((lane, table))
-        sql = "SELECT queue_wait(" + ", ".join(["%s"] * len(args)) + ", 0)"
-        return sql, args, targets
 
     async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
         """Up to `limit` rows, capped by the idle owner connections (see the module
         docstring). Emergency first, then due timed rows (by ready), then normal."""
-        await self._reap(now)
-        sql, args, targets = self._wait_call(to_us(now))
+        await self._owners.reap(now)
+        sql, args, targets = self._sql.wait_call(to_us(now))
         leases: list[Lease] = []
         retries = self.max_owners + 1  # idle owners may all be dead (server restart)
         try:
             while len(leases) < limit:
-                owner = await self._take_owner(wait=not leases)
+                owner = await self._owners.take(wait=not leases)
                 if owner is None:
                     break
                 try:
                     lease = await self._claim_one(owner, sql, args, targets, now, lease_seconds)
-                except _DRIVER_ERRORS as exc:
-                    self._discard(owner)
+                except DRIVER_ERRORS as exc:
+                    self._owners.discard(owner)
                     if _lost(exc) and not leases and retries > 0:
                         retries -= 1
                         continue
@@ -359,21 +213,21 @@ class Q4MQueue:
                         break
                     raise translate(exc, self.db.where) from None
                 except BaseException:
-                    self._discard(owner)
+                    self._owners.discard(owner)
                     raise
                 if lease is None:
-                    self._free(owner)
+                    self._owners.free(owner)
                     break
                 leases.append(lease)
         except BaseException:
             for lease in leases:  # never handed out: close their owners, the rows go back
-                self._discard(lease.handle)
+                self._owners.discard(lease.handle)
             raise
         leases.sort(key=lambda x: (_RANK[x.lane], x.ready or 0.0))  # stable: FIFO otherwise
         return leases
 
     async def _claim_one(
-        self, owner: _Owner, sql: str, args: list[str], targets: list[tuple[Lane, str]],
+        self, owner: Owner, sql: str, args: list[str], targets: list[tuple[Lane, str]],
         now: float, lease_seconds: float,
     ) -> Lease | None:  # fmt: skip
         async with owner.conn.cursor() as cur:
@@ -387,7 +241,7 @@ class Q4MQueue:
             if not index:
                 return None
             lane, table = targets[int(index) - 1]
-            await cur.execute(self._select[table])
+            await cur.execute(self._sql.select(table))
             row = await cur.fetchone()
             if row is None:  # the table was truncated or dropped under us
                 await cur.execute("SELECT queue_end()")
@@ -405,50 +259,7 @@ class Q4MQueue:
         owner.lease, owner.until, owner.created = lease, now + lease_seconds, int(created)
         return lease
 
-    async def _reap(self, now: float) -> None:
-        """Abort this process's leases that outlived their lease_seconds."""
-        for owner in [o for o in self._owners if o.lease is not None and o.until <= now]:
-            lease = owner.lease
-            if lease is None or owner.lock.locked():
-                continue  # being settled right now
-            log.warning(
-                "lease on row %s of %s expired unsettled: returning it to the queue",
-                lease.id, lease.table,
-            )  # fmt: skip
-            await self._settle(lease, (), "queue_abort")
-
     # -- settling -----------------------------------------------------------------
-
-    async def _settle(self, lease: Lease, statements: Iterable[Statement], end: str) -> bool:
-        """Run `statements`, then `end` (queue_end or queue_abort), on the owner of
-        `lease`. False when the lease is no longer held (settled, expired, or its
-        connection was lost: the row went back to the queue by itself)."""
-        owner = lease.handle
-        if not isinstance(owner, _Owner) or owner.lease is not lease:
-            return False
-        async with owner.lock:
-            if owner.lease is not lease:
-                return False
-            try:
-                async with owner.conn.cursor() as cur:
-                    for sql, args in statements:
-                        await cur.execute(sql, args)
-                    await cur.execute(f"SELECT {end}()")
-                    await cur.fetchall()
-            except _DRIVER_ERRORS as exc:
-                self._discard(owner)
-                if _lost(exc):
-                    log.info(
-                        "the connection owning row %s of %s was lost: the row went back",
-                        lease.id, lease.table,
-                    )  # fmt: skip
-                    return False
-                raise translate(exc, self.db.where) from None
-            except BaseException:
-                self._discard(owner)
-                raise
-            self._free(owner)
-        return True
 
     async def _settle_all(
         self, leases: Sequence[Lease], make: Callable[[Lease], Iterable[Statement]]
@@ -458,7 +269,7 @@ class Q4MQueue:
         if not leases:
             return
         results = await asyncio.gather(
-            *(self._settle(lease, make(lease), "queue_end") for lease in leases),
+            *(self._owners.settle(lease, make(lease), "queue_end") for lease in leases),
             return_exceptions=True,
         )
         for lease, result in zip(leases, results, strict=True):
@@ -471,11 +282,10 @@ class Q4MQueue:
     def _reinsert(
         self, lease: Lease, table: str, ready: int, reserved: bool, deliveries: int
     ) -> Statement:
-        created = lease.handle.created if isinstance(lease.handle, _Owner) else 0
-        args = self._insert_args(
+        created = lease.handle.created if isinstance(lease.handle, Owner) else 0
+        return self._sql.insert(
             table, lease.id, lease.destination, ready, reserved, lease.blob, created, deliveries
         )
-        return self._insert_sql(table), args
 
     async def ack(self, leases: Sequence[Lease]) -> None:
         await self._settle_all(leases, lambda lease: ())
@@ -485,7 +295,7 @@ class Q4MQueue:
         when this process claims it). delay > 0: re-inserted into its own table,
         invisible until then, keeping its deliveries."""
         if delay <= 0:
-            await self._settle(lease, (), "queue_abort")
+            await self._owners.settle(lease, (), "queue_abort")
             return
         ready = to_us(time.time() + delay)
         stmt = self._reinsert(lease, lease.table, ready, lease.reserved, lease.deliveries)
@@ -524,47 +334,12 @@ class Q4MQueue:
         (same id, created and deliveries; in new-ready order) and `queue_end()`ed.
         Rows a reader owns at that moment are skipped: its valve still applies the
         pause or hold to them when it handles them."""
-        conn = await self._connect()
-        try:
-            async with conn.cursor() as cur:
-                found: list[tuple[int, int, int, str]] = []
-                for where, args, new_ready in finds:
-                    for table in self.tables.timed:  # no queue_wait yet: every unowned row
-                        await cur.execute(f"SELECT id, ready FROM `{table}` WHERE {where}", args)
-                        found.extend(
-                            (new_ready(int(ready)), int(rid), int(ready), table)
-                            for rid, ready in await cur.fetchall()
-                        )
-                moved = 0
-                for new, rid, ready, table in sorted(set(found)):
-                    await cur.execute(
-                        "SELECT queue_wait(%s, 0)", (f"{table}:id={rid} and ready={ready}",)
-                    )
-                    (index,) = await cur.fetchone()
-                    if not index:
-                        continue
-                    await cur.execute(self._select[table])
-                    row = await cur.fetchone()
-                    if row is not None:
-                        args = self._insert_args(
-                            table, rid, row[1], new, True, bytes(row[2]), int(row[4]), int(row[3])
-                        )
-                        await cur.execute(self._insert_sql(table), args)
-                        moved += 1
-                    await cur.execute("SELECT queue_end()")
-                    await cur.fetchall()
-                return moved
-        except _DRIVER_ERRORS as exc:
-            raise translate(exc, self.db.where) from None
-        finally:
-            conn.close()
+        async with self._owners.dedicated() as cur:
+            return await _q4m_rows.retime(cur, self._sql, finds)
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         died = to_us(time.time())
-        sql = (
-            f"INSERT INTO `{self.tables.dead}` (id, lane, destination, message, reason, "
-            "deliveries, died_at) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-        )
+        sql = self._sql.insert_dead()
 
         def make(lease: Lease) -> tuple[Statement]:
             args = (self._ids(), str(lease.lane), lease.destination, lease.blob, reason[:255],
@@ -574,9 +349,6 @@ class Q4MQueue:
         await self._settle_all(leases, make)
 
     # -- looking ------------------------------------------------------------------
-
-    def _local_leases(self) -> list[tuple[Lease, float]]:
-        return [(o.lease, o.until) for o in self._owners if o.lease is not None]
 
     async def _scan(self, now: float) -> tuple[bool, float | None]:
         """(a row is claimable, the earliest future ready): per table the first
@@ -607,8 +379,8 @@ class Q4MQueue:
         returns this process's expired leases to the queue. While every owner
         connection holds a row nothing is claimable by this process: (False, None)
         without a query, so a reader waits `idle_interval` instead of spinning."""
-        await self._reap(now)
-        if not self._idle and len(self._owners) + self._opening >= self.max_owners:
+        await self._owners.reap(now)
+        if self._owners.exhausted:
             return False, None
         return await self._scan(now)
 
@@ -624,7 +396,7 @@ class Q4MQueue:
             ):
                 queued[lane] += int(count)
                 tally(by_dest, dest, str(lane), int(count))
-        for lease, _ in self._local_leases():
+        for lease, _ in self._owners.leases():
             leased[lease.lane] += 1
             tally(by_dest, lease.destination, "leased", 1)
         dead = await count_dead(self.db, self.tables.dead, by_dest)
@@ -642,7 +414,7 @@ class Q4MQueue:
         processes are invisible. Emergency and normal: FIFO (tables merged by id);
         timed: by (ready, id)."""
         out: list[dict[str, Any]] = []
-        local = self._local_leases()
+        local = self._owners.leases()
         for row_lane in Lane if lane is None else (lane,):
             want = limit - len(out)
             if want <= 0:
@@ -700,60 +472,23 @@ class Q4MQueue:
     # -- dead letters and purges ------------------------------------------------------
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        return await dead_letters(self.db, self.tables.dead, limit, by_id=False)
+        return await read_dead_letters(self.db, self.tables.dead, limit, by_id=False)
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
         """Dead letters back to their lane, each taken in owner mode on a dedicated
         connection (`queue_wait('dead:id=N', 0)`), re-inserted, then `queue_end()`:
         two concurrent requeues never both copy a row (a lost connection between
         the INSERT and queue_end can: at least once)."""
-        dead = self.tables.dead
-        conn = await self._connect()
-        try:
-            async with conn.cursor() as cur:
-                if ids is None:
-                    await cur.execute(f"SELECT COUNT(*) FROM `{dead}`")
-                    (count,) = await cur.fetchone()
-                    targets = [dead] * int(count)
-                else:
-                    targets = [f"{dead}:id={int(i)}" for i in ids]
-                moved = 0
-                for target in targets:
-                    await cur.execute("SELECT queue_wait(%s, 0)", (target,))
-                    (index,) = await cur.fetchone()
-                    if index is None:
-                        raise SchemaError(f"{self.db.where}: table {dead} is missing")
-                    if not index:
-                        if ids is None:
-                            break
-                        continue
-                    await cur.execute(f"SELECT lane, destination, message FROM `{dead}`")
-                    row = await cur.fetchone()
-                    if row is not None:
-                        name = str(row[0])
-                        lane = Lane(name) if name in {x.value for x in Lane} else Lane.NORMAL
-                        table = random.choice(self.tables.lane(lane))
-                        now = to_us(time.time())
-                        args = self._insert_args(
-                            table, self._ids(), row[1], now, False, bytes(row[2]), now, 0
-                        )
-                        await cur.execute(self._insert_sql(table), args)
-                        moved += 1
-                    await cur.execute("SELECT queue_end()")
-                    await cur.fetchall()
-                return moved
-        except _DRIVER_ERRORS as exc:
-            raise translate(exc, self.db.where) from None
-        finally:
-            conn.close()
+        async with self._owners.dedicated() as cur:
+            return await _q4m_rows.requeue_dead(cur, self._sql, ids, self._ids, self.db.where)
 
     async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
         """Delete queued rows, and end this process's leases on matching rows (rows
         owned by other processes cannot be reached)."""
         total = await purge_lanes(self.db, self.tables, lane, destination)
-        for lease, _ in self._local_leases():
+        for lease, _ in self._owners.leases():
             if (lane is None or lease.lane is lane) and destination in (None, lease.destination):
-                if await self._settle(lease, (), "queue_end"):
+                if await self._owners.settle(lease, (), "queue_end"):
                     self._forget(lease.id)
                     total += 1
         return total
