@@ -55,15 +55,14 @@ FIFO place) or goes away (it goes back too). One connection owns one row, so:
 - Cancelling any call on an owner closes that connection: whatever row it
   owned goes back to the queue (Q4M's restored_by_close), nothing is stranded.
 
-Beside this module: `_q4m_owners` (the owner connections) and `_q4m_rows` (row
-ids, statement text, rewriting rows by id).
+Beside this module: `_q4m_owners` (the owner connections), `_q4m_rows` (row ids,
+statement text, rewriting rows by id) and `_q4m_look` (poll, stats, peek).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
 import logging
 import random
 import time
@@ -74,9 +73,9 @@ from ..errors import SchemaError
 from ..interfaces import Lane, Lease, QueueStats, Row
 from ..schema import render
 from ..urls import QueueSettings
-from . import _q4m_rows
-from ._common import US, peek_item, schema_sql, table_names, tally, to_us
-from ._mysql import MySQLPool, _lost, count_dead, purge_lanes, read_dead_letters, translate
+from . import _q4m_look, _q4m_rows
+from ._common import US, schema_sql, table_names, to_us
+from ._mysql import MySQLPool, _lost, purge_lanes, read_dead_letters, translate
 from ._q4m_owners import DRIVER_ERRORS, Owner, Owners
 from ._q4m_rows import Ids, Q4MSql, Statement
 
@@ -85,7 +84,6 @@ __all__ = ["Q4MQueue"]
 log = logging.getLogger(__name__)
 
 _RANK = {Lane.EMERGENCY: 0, Lane.TIMED: 1, Lane.NORMAL: 2}
-_SCAN = 1000  # `ready` values read per table by poll to find the next due time
 
 
 def _always(value: int) -> Callable[[int], int]:
@@ -350,30 +348,6 @@ class Q4MQueue:
 
     # -- looking ------------------------------------------------------------------
 
-    async def _scan(self, now: float) -> tuple[bool, float | None]:
-        """(a row is claimable, the earliest future ready): per table the first
-        `_SCAN` ready values in FIFO order (exactly re-checked past that), so with
-        more future rows than that the next due time is an upper bound."""
-        now_us = to_us(now)
-
-        async def run(conn: Any) -> tuple[bool, float | None]:
-            ready, future = False, list[int]()
-            async with conn.cursor() as cur:
-                for _, table in self.tables.all():
-                    await cur.execute(f"SELECT ready FROM `{table}` LIMIT %s", (_SCAN + 1,))
-                    values = [int(r[0]) for r in await cur.fetchall()]
-                    if any(v <= now_us for v in values):
-                        ready = True
-                    elif len(values) > _SCAN and not ready:
-                        await cur.execute(
-                            f"SELECT id FROM `{table}` WHERE ready <= %s LIMIT 1", (now_us,)
-                        )
-                        ready = bool(await cur.fetchall())
-                    future.extend(v for v in values if v > now_us)
-            return ready, (min(future) / US if future else None)
-
-        return await self.db.run(run)
-
     async def poll(self, now: float) -> tuple[bool, float | None]:
         """Plain SELECTs on a pool connection (owned rows are invisible there); first
         returns this process's expired leases to the queue. While every owner
@@ -382,92 +356,19 @@ class Q4MQueue:
         await self._owners.reap(now)
         if self._owners.exhausted:
             return False, None
-        return await self._scan(now)
+        return await _q4m_look.scan(self.db, self.tables, now)
 
     async def stats(self, now: float) -> QueueStats:
         """Queued rows as the server shows them; `leased`: this process's leases
         (Q4M hides the rows other connections own)."""
-        queued = {lane: 0 for lane in Lane}
-        leased = {lane: 0 for lane in Lane}
-        by_dest: dict[str, dict[str, int]] = {}
-        for lane, table in self.tables.all():
-            for dest, count in await self.db.fetch(
-                f"SELECT destination, COUNT(*) FROM `{table}` GROUP BY destination"
-            ):
-                queued[lane] += int(count)
-                tally(by_dest, dest, str(lane), int(count))
-        for lease, _ in self._owners.leases():
-            leased[lease.lane] += 1
-            tally(by_dest, lease.destination, "leased", 1)
-        dead = await count_dead(self.db, self.tables.dead, by_dest)
-        _, next_due = await self._scan(now)
-        return QueueStats(queued, leased, dead, by_dest, next_due)
-
-    def _peek_lease(self, x: Lease, until: float) -> dict[str, Any]:
-        return peek_item(
-            x.lane, x.table, x.id, x.destination, x.ready, x.reserved, x.deliveries, until, x.blob
-        )
+        return await _q4m_look.stats(self.db, self.tables, self._owners, now)
 
     async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:
         """Plain SELECTs on a pool connection: nothing is claimed. Rows owned by this
         process are shown with their (process-local) lease end; rows owned by other
         processes are invisible. Emergency and normal: FIFO (tables merged by id);
         timed: by (ready, id)."""
-        out: list[dict[str, Any]] = []
-        local = self._owners.leases()
-        for row_lane in Lane if lane is None else (lane,):
-            want = limit - len(out)
-            if want <= 0:
-                break
-            mine = [self._peek_lease(x, until) for x, until in local if x.lane is row_lane]
-            if row_lane is Lane.TIMED:
-                out.extend(await self._peek_timed(mine, want))
-                continue
-            lists = [sorted(mine, key=lambda r: int(r["id"]))]
-            for table in self.tables.lane(row_lane):
-                rows = await self.db.fetch(
-                    f"SELECT id, destination, deliveries, message FROM `{table}` LIMIT %s",
-                    (int(want),),
-                )
-                lists.append([
-                    peek_item(row_lane, table, int(rid), dest, None, False, int(done),
-                              0.0, bytes(blob))
-                    for rid, dest, done, blob in rows
-                ])  # fmt: skip
-            out.extend(list(heapq.merge(*lists, key=lambda r: int(r["id"])))[:want])
-        return out
-
-    async def _peek_timed(self, mine: list[dict[str, Any]], want: int) -> list[dict[str, Any]]:
-        """Q4M cannot ORDER BY: read (ready, id) of every timed row, then the
-        `want` first rows one by one (a row claimed meanwhile is skipped)."""
-        keys: list[tuple[float, int, str | dict[str, Any]]] = [
-            (float(r["ready"] or 0.0), int(r["id"]), r) for r in mine
-        ]
-        for table in self.tables.timed:
-            keys.extend(
-                (int(ready) / US, int(rid), table)
-                for rid, ready in await self.db.fetch(f"SELECT id, ready FROM `{table}`")
-            )
-        keys.sort(key=lambda k: (k[0], k[1]))
-        out: list[dict[str, Any]] = []
-        for ready, rid, source in keys:
-            if len(out) >= want:
-                break
-            if isinstance(source, dict):
-                out.append(source)
-                continue
-            rows = await self.db.fetch(
-                "SELECT destination, reserved, deliveries, message "
-                f"FROM `{source}` WHERE id = %s LIMIT 1",
-                (rid,),
-            )
-            if rows:
-                dest, reserved, done, blob = rows[0]
-                out.append(
-                    peek_item(Lane.TIMED, source, rid, dest, ready, bool(reserved),
-                              int(done), 0.0, bytes(blob))
-                )  # fmt: skip
-        return out
+        return await _q4m_look.peek(self.db, self.tables, self._owners, limit, lane)
 
     # -- dead letters and purges ------------------------------------------------------
 
