@@ -56,7 +56,7 @@ class Valve:
         self.fifo_grace = fifo_grace
         self.retry_max = retry_max
         self.margin = margin
-        self._epoch: float | None = None
+        self._epochs: dict[str, float] = {}  # epoch record key -> the epoch seen
 
     def rate_for(self, destination: str) -> Rate | None:
         return self.rates.get(destination, self.rate)
@@ -98,7 +98,7 @@ class Valve:
                 decision = await self.store.update(key_for(destination), step, ttl=RECORD_TTL)
                 if decision is not None:
                     return decision
-                fresh[:] = [await self._quarantine()]
+                fresh[:] = [await self._quarantine(destination)]
                 continue
             except StoreError as exc:
                 log.warning(
@@ -110,7 +110,7 @@ class Valve:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max)
 
-    async def _quarantine(self) -> float:
+    async def _quarantine(self, destination: str) -> float:
         """A destination's record is missing: a new destination, or lost state (a
         memcached restart or eviction)? The store's epoch record tells: it is
         created once, so finding it missing (or different) after this process saw
@@ -118,19 +118,22 @@ class Valve:
         `epoch + per`: every window holding a forgotten delivery has ended by then.
         Wastes up to `per` seconds of slots after a loss; never grants one."""
         now = time.time()
-        seen = self._epoch
+        # One epoch per memcached server, on the server of the destination's record.
+        colocated = getattr(self.store, "colocated", None)
+        epoch_key = colocated(EPOCH_KEY, key_for(destination)) if colocated else EPOCH_KEY
+        seen = self._epochs.get(epoch_key)
         payload = orjson.dumps([now, seen is not None])
 
         def fn(raw: bytes | None) -> tuple[bytes | None, bytes]:
             return (payload, payload) if raw is None else (None, raw)
 
-        raw = await self.store.update(EPOCH_KEY, fn, ttl=0)
+        raw = await self.store.update(epoch_key, fn, ttl=0)
         try:
             created, lost = orjson.loads(raw)
             created = float(created)
         except (ValueError, TypeError):
             created, lost = now, True
-        self._epoch = created
+        self._epochs[epoch_key] = created
         if lost or (seen is not None and seen != created):
             until = created + self.max_per()
             if until > now:

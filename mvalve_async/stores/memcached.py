@@ -204,6 +204,7 @@ class MemcachedStore:
             self._servers[server.label] = server
         self._only: _Server | None = None
         self._ring: Any = None
+        self._colocated: dict[tuple[str, str], str] = {}
         if len(self._servers) == 1:
             self._only = next(iter(self._servers.values()))
         else:
@@ -235,6 +236,23 @@ class MemcachedStore:
                     return raw
         digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()
         return f"{self.namespace}:h:{digest}".encode()
+
+    def colocated(self, base: str, key: str) -> str:
+        """A key named after `base` that lives on the same server as `key` (the first
+        of base:0, base:1, ... that the ring puts there; the same in every process).
+        The valve keeps one epoch record per server this way: a restart of any one
+        server is then seen by the destinations whose records it held."""
+        target = self.server_for(key)
+        cached = self._colocated.get((base, target))
+        if cached is None:
+            for i in range(100_000):
+                if self.server_for(f"{base}:{i}") == target:
+                    cached = f"{base}:{i}"
+                    break
+            else:  # pragma: no cover - a ring always has points for every server
+                cached = base
+            self._colocated[(base, target)] = cached
+        return cached
 
     def server_for(self, key: str) -> str:
         """``host:port`` of the server that holds `key`."""

@@ -1,0 +1,49 @@
+"""Lost schedule state is detected per memcached server: a restart of the server
+holding a destination's record holds that destination back, whichever server
+holds other records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mvalve_async.schedule import Action, Rate
+from mvalve_async.stores.memcached import MemcachedStore
+from mvalve_async.valve import EPOCH_KEY, Valve, key_for
+from tests.memcached_proc import MemcachedProcess
+
+
+@pytest.mark.parametrize("restart", ["record's server", "other server"])
+async def test_a_restart_of_any_server_is_seen_by_its_destinations(
+    tmp_path: Path, restart: str
+) -> None:
+    servers = [MemcachedProcess(tmp_path), MemcachedProcess(tmp_path)]
+    for s in servers:
+        s.start()
+    store = MemcachedStore([("127.0.0.1", s.port) for s in servers], namespace="ep")
+    try:
+        valve = Valve(store, rate=Rate(1, per=30.0))
+        # the global epoch key's server, and the other one, which holds the record
+        by_label = {s.label: s for s in servers}
+        epoch_server = store.server_for(EPOCH_KEY)
+        record_server = next(label for label in by_label if label != epoch_server)
+        dest = next(
+            f"d{i}" for i in range(1000) if store.server_for(key_for(f"d{i}")) == record_server
+        )
+        first = await valve.decide(dest, duration=None, emergency=False, reserved=False)
+        assert first is not None and first.action is Action.DELIVER
+        victim = by_label[record_server if restart == "record's server" else epoch_server]
+        victim.stop()
+        victim.start()
+        again = await valve.decide(dest, duration=None, emergency=False, reserved=False)
+        assert again is not None
+        if restart == "record's server":
+            # the record is gone: without the epoch on its server this would deliver
+            assert again.action is Action.DEFER and again.at >= first.at + 30.0 - 1e-3
+        else:
+            assert again.action is Action.DEFER  # the record survived: plain rate
+    finally:
+        await store.close()
+        for s in servers:
+            s.stop()
