@@ -1,36 +1,26 @@
 """The sqlite dialect: one embedded file shared by the processes of one host.
 
-The file is opened in WAL mode (readers never block the writer), with a busy
-timeout and `synchronous=NORMAL`. A claim is one `BEGIN IMMEDIATE` transaction
-over the lanes in priority order, leasing rows with the innodb lease columns
-(`lease_until` in epoch microseconds, a random `lease_token` per claim); nothing
-is held while user code runs. Ack, release, move and dead act only on rows still
-held under the claim's token, so a late settle of a lost lease does nothing.
-
-One aiosqlite connection (one worker thread) per queue. Every statement on it
-would join an open transaction, so an asyncio.Lock keeps each operation's
-statements together. Statements queued on the worker thread run even when the
-awaiting task is cancelled; a transaction interrupted by a cancellation is rolled
-back at once, and again (harmlessly) before the connection's next use.
+The file is opened in WAL mode, through one aiosqlite connection per queue that
+keeps each operation's statements together (`_sqlite_conn`). A claim is one
+`BEGIN IMMEDIATE` transaction over the lanes in priority order, leasing rows
+with the innodb lease columns (`lease_until` in epoch microseconds, a random
+`lease_token` per claim); nothing is held while user code runs. Ack, release,
+move and dead act only on rows still held under the claim's token, so a late
+settle of a lost lease does nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import os
 import random
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiosqlite
 
-from ..errors import QueueError, QueueUnavailable, SchemaError
+from ..errors import SchemaError
 from ..interfaces import Lane, Lease, QueueStats, Row
 from ..schema import render
 from ..urls import QueueSettings
@@ -44,10 +34,9 @@ from ._common import (
     table_names,
     tally,
 )
+from ._sqlite_conn import SQLiteConnection
 
 __all__ = ["HAS_RETURNING", "SQLiteQueue"]
-
-log = logging.getLogger(__name__)
 
 HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)  # UPDATE ... RETURNING
 _CHUNK = 500  # ids per IN (...) list, far below SQLITE_MAX_VARIABLE_NUMBER (999 before 3.32)
@@ -59,7 +48,6 @@ _SHAPES = {
     "dead": {"id", "lane", "destination", "message", "reason", "deliveries", "died_at"},
 }
 _GUARD = "WHERE id = ? AND lease_token = ? AND lease_token <> 0"  # still held by this lease
-_SCHEMA_ERRORS = ("no such table", "no such column", "has no column named", "columns but")
 
 
 def _us(t: float) -> int:
@@ -74,11 +62,6 @@ def _chunks(ids: Sequence[int]) -> Iterator[tuple[str, list[int]]]:
         yield ",".join("?" * len(part)), part
 
 
-def _make_parent(path: str) -> None:
-    if path != ":memory:" and not path.startswith("file:"):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-
 class SQLiteQueue:
     name = "sqlite"
     dialect = "sqlite"
@@ -86,130 +69,31 @@ class SQLiteQueue:
     def __init__(self, settings: QueueSettings, *, busy_timeout: float = 5.0) -> None:
         self.settings = settings
         self.tables = settings.tables
-        self.busy_timeout = busy_timeout
         self.use_returning = HAS_RETURNING
         self._lane_of = {table: lane for lane, table in self.tables.all()}
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()  # one operation's statements at a time
-        self._open_lock = asyncio.Lock()
-        self._closed = False
-        self._dirty = False  # a transaction may be open: roll back before the next use
+        self._conn = SQLiteConnection(settings, busy_timeout)
         self._poll_sql = self._build_poll()
 
     def __repr__(self) -> str:
         return f"SQLiteQueue({self.settings.safe_url()!r})"
 
-    # -- connection and transactions ------------------------------------------
+    @property
+    def busy_timeout(self) -> float:
+        return self._conn.busy_timeout
+
+    @busy_timeout.setter
+    def busy_timeout(self, value: float) -> None:
+        self._conn.busy_timeout = value
+
+    # -- connection -------------------------------------------------------------
 
     async def connect(self) -> None:
-        async with self._open_lock:
-            if self._db is not None:
-                return
-            path = self.settings.path
-            try:
-                _make_parent(path)
-                db = aiosqlite.connect(path, isolation_level=None, timeout=self.busy_timeout)
-                # aiosqlite's worker thread is not a daemon: a process that never closes
-                # the queue (an unhandled error) would hang at exit. Dying is safe: as kill -9.
-                thread = getattr(db, "_thread", db)
-                if isinstance(thread, threading.Thread):
-                    thread.daemon = True
-                await db
-            except (OSError, sqlite3.Error) as exc:
-                raise QueueUnavailable(f"cannot open {self.settings.safe_url()}: {exc}") from exc
-            try:
-                await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                (mode,) = next(iter(await db.execute_fetchall("PRAGMA journal_mode = WAL")))
-                await db.execute("PRAGMA synchronous = NORMAL")
-            except sqlite3.Error as exc:
-                await db.close()
-                raise self._translate(exc) from exc
-            if str(mode).lower() != "wal" and path != ":memory:":
-                log.warning("%s: journal_mode is %s, not wal", self.settings.safe_url(), mode)
-            self._db, self._closed, self._dirty = db, False, False
+        await self._conn.connect()
 
     async def close(self) -> None:
-        self._closed = True
-        if self._db is not None:
-            await asyncio.shield(self._close())
+        await self._conn.close()
 
-    async def _close(self) -> None:
-        async with self._lock:  # let the operation in progress finish
-            db, self._db = self._db, None
-            if db is not None:
-                with contextlib.suppress(sqlite3.Error, ValueError):
-                    await db.close()  # rolls back an open transaction
-
-    def _translate(self, exc: sqlite3.Error) -> QueueError:
-        text, where = str(exc), self.settings.safe_url()
-        if any(hint in text for hint in _SCHEMA_ERRORS):
-            return SchemaError(
-                f"{where}: {text}: the queue tables are missing or malformed; run "
-                "`mvalve create` (or open the pipe with create=True)"
-            )
-        if "locked" in text or "busy" in text:
-            return QueueError(f"{where}: {text} (busy_timeout is {self.busy_timeout} s)")
-        return QueueError(f"{where}: {text}")
-
-    @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The connection, for this task alone; sqlite errors become QueueError."""
-        async with self._lock:
-            try:
-                if self._db is None:
-                    if self._closed:
-                        raise QueueError(f"{self.settings.safe_url()}: the queue is closed")
-                    await self.connect()
-                assert self._db is not None
-                if self._dirty:
-                    await self._rollback(self._db)
-                yield self._db
-            except sqlite3.Error as exc:
-                raise self._translate(exc) from exc
-            except ValueError as exc:  # aiosqlite: "Connection closed"
-                if "onnection" not in str(exc):
-                    raise
-                raise QueueError(f"{self.settings.safe_url()}: {exc}") from exc
-
-    @contextlib.asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A BEGIN IMMEDIATE transaction, committed if the body succeeds."""
-        async with self._session() as db:
-            self._dirty = True
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                yield db
-                await db.execute("COMMIT")
-            except BaseException:
-                # Queued on the worker thread at once, after whatever the body left
-                # there, so it runs even if this task is cancelled again meanwhile.
-                await self._rollback(db)
-                raise
-            self._dirty = False
-
-    async def _rollback(self, db: aiosqlite.Connection) -> None:
-        """Never raises: it runs in cleanups, where it must not mask the first error."""
-        try:
-            await db.execute("ROLLBACK")
-        except (sqlite3.Error, ValueError) as exc:
-            if "no transaction" not in str(exc):
-                log.warning("%s: ROLLBACK failed: %s", self.settings.safe_url(), exc)
-                return  # still dirty: tried again before the next use
-        self._dirty = False
-
-    async def _run(self, statements: list[tuple[str, Sequence[Any]]]) -> int:
-        """Run statements (one: autocommit; more: one transaction); rows changed."""
-        if not statements:
-            return 0
-        if len(statements) == 1:
-            async with self._session() as db:
-                return (await db.execute(*statements[0])).rowcount
-        async with self._tx() as db:
-            return sum([(await db.execute(sql, args)).rowcount for sql, args in statements])
-
-    async def _fetch(self, sql: str, args: Any = ()) -> list[Any]:
-        async with self._session() as db:
-            return list(await db.execute_fetchall(sql, args))
+    # -- leases -------------------------------------------------------------------
 
     def _table(self, lease: Lease) -> str:
         if lease.table not in self._lane_of:  # never put a foreign name into SQL
@@ -232,7 +116,7 @@ class SQLiteQueue:
 
     async def create_schema(self) -> None:
         shapes = [(t, "timed" if lane is Lane.TIMED else "lane") for lane, t in self.tables.all()]
-        async with self._tx() as db:
+        async with self._conn.tx() as db:
             for table, shape in [*shapes, (self.tables.dead, "dead")]:  # tables already there
                 rows = await db.execute_fetchall("SELECT name FROM pragma_table_info(?)", (table,))
                 missing = _SHAPES[shape] - {r[0] for r in rows} if rows else set()
@@ -245,7 +129,7 @@ class SQLiteQueue:
                 await db.execute(statement)
 
     async def drop_schema(self) -> None:
-        await self._run([(f"DROP TABLE IF EXISTS {t}", ()) for t in table_names(self.tables)])
+        await self._conn.run([(f"DROP TABLE IF EXISTS {t}", ()) for t in table_names(self.tables)])
 
     # -- writing ----------------------------------------------------------------
 
@@ -260,9 +144,9 @@ class SQLiteQueue:
             sql = f"INSERT INTO {table} (destination, message, created) VALUES (?, ?, ?)"
         args = row_args(lane, rows, _us)
         if len(args) == 1:
-            await self._run([(sql, args[0])])
+            await self._conn.run([(sql, args[0])])
             return
-        async with self._tx() as db:
+        async with self._conn.tx() as db:
             await db.executemany(sql, args)
 
     # -- claiming ---------------------------------------------------------------
@@ -273,7 +157,7 @@ class SQLiteQueue:
         params = {"now": _us(now), "until": _us(now + lease_seconds),
                   "token": secrets.randbits(62) + 1}  # fmt: skip
         leases: list[Lease] = []
-        async with self._tx() as db:
+        async with self._conn.tx() as db:
             for lane in Lane:
                 want = limit - len(leases)
                 if want <= 0:
@@ -330,7 +214,7 @@ class SQLiteQueue:
     # -- settling ---------------------------------------------------------------
 
     async def ack(self, leases: Sequence[Lease]) -> None:
-        await self._run([
+        await self._conn.run([
             (f"DELETE FROM {table} WHERE lease_token = ? AND id IN ({marks})", [token, *part])
             for (table, token), ids in self._groups(leases).items()
             for marks, part in _chunks(ids)
@@ -338,7 +222,7 @@ class SQLiteQueue:
 
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
         until = _us(time.time() + delay) if delay > 0 else 0
-        await self._run([(
+        await self._conn.run([(
             f"UPDATE {self._table(lease)} SET lease_until = ?, lease_token = 0 {_GUARD}",
             (until, lease.id, lease.token),
         )])  # fmt: skip
@@ -347,14 +231,14 @@ class SQLiteQueue:
         table = self._table(lease)
         keep = "0" if reserved else "deliveries"
         if lease.lane is Lane.TIMED:  # stays in its table: keeps its id, hence its place
-            await self._run([(
+            await self._conn.run([(
                 f"UPDATE {table} SET ready = ?, reserved = ?, deliveries = {keep}, "
                 f"lease_until = 0, lease_token = 0 {_GUARD}",
                 (_us(ready), int(reserved), lease.id, lease.token),
             )])  # fmt: skip
             return
         target = random.choice(self.tables.timed)
-        async with self._tx() as db:
+        async with self._conn.tx() as db:
             cur = await db.execute(
                 f"INSERT INTO {target} (destination, ready, reserved, message, created, "
                 f"deliveries) SELECT destination, ?, ?, message, created, {keep} "
@@ -366,7 +250,7 @@ class SQLiteQueue:
 
     async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
         now = _us(time.time())
-        return await self._run([
+        return await self._conn.run([
             (f"UPDATE {table} SET ready = ? WHERE destination = ? AND reserved = 1 "
              "AND created = ? AND lease_until <= ?", (_us(new), destination, created, now))
             for created, _old, new in moves
@@ -374,7 +258,7 @@ class SQLiteQueue:
         ])  # fmt: skip
 
     async def shift(self, destination: str, after: float, delta: float) -> int:
-        return await self._run([
+        return await self._conn.run([
             (f"UPDATE {table} SET ready = ready + ? "
              "WHERE destination = ? AND reserved = 1 AND ready > ?",
              (_us(delta), destination, _us(after)))
@@ -386,7 +270,7 @@ class SQLiteQueue:
         if not groups:
             return
         died = _us(time.time())
-        async with self._tx() as db:
+        async with self._conn.tx() as db:
             for (table, token), ids in groups.items():
                 for marks, part in _chunks(ids):
                     guard = f"WHERE lease_token = ? AND id IN ({marks})"
@@ -413,7 +297,7 @@ class SQLiteQueue:
         return f"SELECT {' OR '.join(exists)}, (SELECT MIN(m) FROM ({mins}))"
 
     async def poll(self, now: float) -> tuple[bool, float | None]:
-        ((ready, due),) = await self._fetch(self._poll_sql, {"now": _us(now)})
+        ((ready, due),) = await self._conn.fetch(self._poll_sql, {"now": _us(now)})
         return bool(ready), (due / US if due is not None else None)
 
     async def stats(self, now: float) -> QueueStats:
@@ -422,7 +306,7 @@ class SQLiteQueue:
             for lane, t in self.tables.all()
         ]
         parts.append(f"SELECT 'dead', destination, 0, COUNT(*) FROM {self.tables.dead} GROUP BY 2")
-        rows = await self._fetch(" UNION ALL ".join(parts), {"now": _us(now)})
+        rows = await self._conn.fetch(" UNION ALL ".join(parts), {"now": _us(now)})
         queued = {lane: 0 for lane in Lane}
         leased = {lane: 0 for lane in Lane}
         dead = 0
@@ -449,7 +333,7 @@ class SQLiteQueue:
             for row_lane, t in self.tables.all()
             if lane is None or row_lane == lane
         ]
-        rows = await self._fetch(" UNION ALL ".join(parts), {"n": int(limit)})
+        rows = await self._conn.fetch(" UNION ALL ".join(parts), {"n": int(limit)})
         rows.sort(key=lambda r: (order.index(Lane(r[0])), r[4] or 0, r[2]))
         keys = ("lane", "table", "id", "destination", "ready", "reserved", "deliveries",
                 "lease_until", "blob")  # fmt: skip
@@ -462,7 +346,7 @@ class SQLiteQueue:
         return out
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = await self._fetch(
+        rows = await self._conn.fetch(
             f"SELECT {DEAD_COLUMNS} FROM {self.tables.dead} ORDER BY id LIMIT ?", (int(limit),)
         )
         return [dead_letter(r) for r in rows]
@@ -473,7 +357,7 @@ class SQLiteQueue:
         chunks = [("", [])] if ids is None else [
             (f" AND id IN ({marks})", part) for marks, part in _chunks(sorted(set(ids)))
         ]  # fmt: skip
-        async with self._tx() as db:
+        async with self._conn.tx() as db:
             for where, part in chunks:
                 for lane in Lane:
                     table, timed = random.choice(self.tables.lane(lane)), lane is Lane.TIMED
@@ -494,11 +378,11 @@ class SQLiteQueue:
         where, args = (
             ("", ()) if destination is None else (" WHERE destination = ?", (destination,))
         )
-        return await self._run([
+        return await self._conn.run([
             (f"DELETE FROM {t}{where}", args)
             for row_lane, t in self.tables.all()
             if lane is None or row_lane == lane
         ])  # fmt: skip
 
     async def purge_dead(self) -> int:
-        return await self._run([(f"DELETE FROM {self.tables.dead}", ())])
+        return await self._conn.run([(f"DELETE FROM {self.tables.dead}", ())])

@@ -396,10 +396,11 @@ async def test_transaction_left_open_is_rolled_back_on_next_use(tmp_path: Path) 
     path = tmp_path / "q.db"
     q = await opened(path)
     await insert_n(q, 1)
-    assert q._db is not None
-    await q._db.execute("BEGIN IMMEDIATE")  # as if a cleanup never ran ...
-    await q._db.execute("UPDATE q_incoming SET deliveries = 99")
-    q._dirty = True  # ... which is what the flag records
+    conn = q._conn
+    assert conn.db is not None
+    await conn.db.execute("BEGIN IMMEDIATE")  # as if a cleanup never ran ...
+    await conn.db.execute("UPDATE q_incoming SET deliveries = 99")
+    conn.dirty = True  # ... which is what the flag records
     assert not can_write(path)
     (lease,) = await q.claim(1, time.time(), 30)
     assert lease.deliveries == 1 and can_write(path)
