@@ -23,9 +23,16 @@ import pymysql
 from ..errors import QueueError, QueueUnavailable, SchemaError
 from ..interfaces import Lane
 from ..urls import QueueSettings, Tables
-from ._common import DEAD_COLUMNS, dead_letter, tally
+from ._common import DEAD_COLUMNS, dead_letter, table_names, tally
 
-__all__ = ["MySQLPool", "count_dead", "purge_lanes", "read_dead_letters", "translate"]
+__all__ = [
+    "MySQLPool",
+    "count_dead",
+    "drop_tables",
+    "purge_lanes",
+    "read_dead_letters",
+    "translate",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -191,6 +198,11 @@ class MySQLPool:
 
 
 # -- what innodb and q4m ask of their tables alike --------------------------------
+
+
+async def drop_tables(db: MySQLPool, tables: Tables) -> None:
+    names = table_names(tables)
+    await db.execute("DROP TABLE IF EXISTS " + ", ".join(f"`{t}`" for t in names))
 
 
 async def purge_lanes(

@@ -18,8 +18,8 @@ from typing import Any
 from ..interfaces import Lane, Lease, QueueStats, Row
 from ..schema import render
 from ..urls import QueueSettings
-from ._common import US, claim_groups, peek_item, row_args, schema_sql, table_names, tally, to_us
-from ._mysql import MySQLPool, count_dead, purge_lanes, read_dead_letters
+from ._common import US, claim_groups, peek_item, row_args, schema_sql, tally, to_us
+from ._mysql import MySQLPool, count_dead, drop_tables, purge_lanes, read_dead_letters
 
 __all__ = ["InnoDBQueue"]
 
@@ -57,8 +57,7 @@ class InnoDBQueue:
         await self.db.script(render(self.dialect, self.tables))
 
     async def drop_schema(self) -> None:
-        names = table_names(self.tables)
-        await self.db.execute("DROP TABLE IF EXISTS " + ", ".join(f"`{t}`" for t in names))
+        await drop_tables(self.db, self.tables)
 
     # -- writing --------------------------------------------------------------
 

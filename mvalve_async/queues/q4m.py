@@ -74,8 +74,8 @@ from ..interfaces import Lane, Lease, QueueStats, Row
 from ..schema import render
 from ..urls import QueueSettings
 from . import _q4m_look, _q4m_rows
-from ._common import US, schema_sql, table_names, to_us
-from ._mysql import MySQLPool, _lost, purge_lanes, read_dead_letters, translate
+from ._common import US, schema_sql, to_us
+from ._mysql import MySQLPool, _lost, drop_tables, purge_lanes, read_dead_letters, translate
 from ._q4m_owners import DRIVER_ERRORS, Owner, Owners
 from ._q4m_rows import Ids, Q4MSql, Statement
 
@@ -163,8 +163,7 @@ class Q4MQueue:
         await self.db.script(render(self.dialect, self.tables))
 
     async def drop_schema(self) -> None:
-        names = table_names(self.tables)
-        await self.db.execute("DROP TABLE IF EXISTS " + ", ".join(f"`{t}`" for t in names))
+        await drop_tables(self.db, self.tables)
 
     # -- writing ------------------------------------------------------------------
 
