@@ -55,7 +55,7 @@ class Reader:
         ack_batch: int = 64,
         max_deliveries: int = 10,
         max_destination: int = DEFAULT_MAX_DESTINATION,
-        idle_interval: float = 0.05,
+        idle_interval: float = 0.06,
         notifier: Notifier | None = None,
         observers: Sequence[Observer] = (),
         margin: float | None = None,
