@@ -29,6 +29,12 @@ def _id_list(ids: Iterable[int]) -> str:
     return ",".join(str(int(i)) for i in ids)
 
 
+async def _drain(cur: Any) -> None:
+    """Read the remaining results of a multi-statement query (or the next one fails)."""
+    while await cur.nextset():
+        pass
+
+
 class InnoDBQueue:
     name = "innodb"
     dialect = "innodb"
@@ -36,7 +42,7 @@ class InnoDBQueue:
     def __init__(self, settings: QueueSettings) -> None:
         self.settings = settings
         self.tables = settings.tables
-        self.db = MySQLPool(settings)
+        self.db = MySQLPool(settings, multi_statements=True)
         self._lane_of = {table: lane for lane, table in self.tables.all()}
         self._poll_sql = self._build_poll()
         self._claim_sql = self._claim_sql_text()
@@ -101,32 +107,42 @@ class InnoDBQueue:
         lanes = self.tables.all()
         rank = {lane: i for i, lane in enumerate(Lane)}
 
-        async def work(cur: Any) -> list[Lease]:
+        async def work(conn: Any) -> list[Lease]:
+            # Two round trips: START TRANSACTION + the SELECT ... SKIP LOCKED, then
+            # the lease UPDATEs + COMMIT (the pool allows multi-statements for this).
             token = secrets.randbits(62) + 1
-            await cur.execute(self._claim_sql, {"now": now_us, "limit": limit})
-            rows = list(await cur.fetchall())
-            if not rows:
-                return []
-            # Priority by lane; FIFO within a lane (timed: by ready, then insertion). Several
-            # tables of one lane interleave by id, so none starves.
-            rows.sort(
-                key=lambda r: (
-                    rank[lanes[r[0]][0]],
-                    r[5] or 0,
-                    r[7] if r[5] is not None else 0,
-                    r[1],
-                )
-            )
-            rows = rows[:limit]
-            by_table: dict[str, list[int]] = {}
-            for r in rows:
-                by_table.setdefault(lanes[r[0]][1], []).append(r[1])
-            for table, ids in by_table.items():
+            async with conn.cursor() as cur:
                 await cur.execute(
-                    f"UPDATE `{table}` SET lease_until = %s, lease_token = %s, "
-                    f"deliveries = deliveries + 1 WHERE id IN ({_id_list(ids)})",
-                    (until, token),
+                    "START TRANSACTION; " + self._claim_sql, {"now": now_us, "limit": limit}
                 )
+                await cur.nextset()
+                rows = list(await cur.fetchall())
+                await _drain(cur)
+                if not rows:
+                    await cur.execute("COMMIT")
+                    return []
+                # Priority by lane; FIFO within a lane (timed: by ready, then insertion).
+                # Several tables of one lane interleave by id, so none starves.
+                rows.sort(
+                    key=lambda r: (
+                        rank[lanes[r[0]][0]],
+                        r[5] or 0,
+                        r[7] if r[5] is not None else 0,
+                        r[1],
+                    )
+                )
+                rows = rows[:limit]
+                by_table: dict[str, list[int]] = {}
+                for r in rows:
+                    by_table.setdefault(lanes[r[0]][1], []).append(r[1])
+                updates = [
+                    f"UPDATE `{table}` SET lease_until = {int(until)}, "
+                    f"lease_token = {int(token)}, deliveries = deliveries + 1 "
+                    f"WHERE id IN ({_id_list(ids)})"
+                    for table, ids in by_table.items()
+                ]
+                await cur.execute("; ".join([*updates, "COMMIT"]))
+                await _drain(cur)
             return [
                 Lease(
                     lanes[r[0]][0],
@@ -143,7 +159,7 @@ class InnoDBQueue:
                 for r in rows
             ]
 
-        return await self.db.transaction(work)
+        return await self.db.run(work)
 
     async def ack(self, leases: Sequence[Lease]) -> None:
         groups = claim_groups(leases)
