@@ -187,8 +187,9 @@ class MemoryQueue:
         by_dest: dict[str, dict[str, int]] = {}
         for lane, table in self.tables.all():
             for r in self._rows[table].values():
-                key = "leased" if r.lease_until > now else str(lane)
-                (leased if r.lease_until > now else queued)[lane] += 1
+                held = r.lease_until > now and r.token != 0  # not a retry's delay
+                key = "leased" if held else str(lane)
+                (leased if held else queued)[lane] += 1
                 d = by_dest.setdefault(r.destination, {})
                 d[key] = d.get(key, 0) + 1
         for item in self._dead.values():

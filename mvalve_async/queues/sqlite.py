@@ -302,7 +302,8 @@ class SQLiteQueue:
 
     async def stats(self, now: float) -> QueueStats:
         parts = [
-            f"SELECT '{lane}', destination, lease_until > :now, COUNT(*) FROM {t} GROUP BY 2, 3"
+            f"SELECT '{lane}', destination, lease_until > :now AND lease_token <> 0, "
+            f"COUNT(*) FROM {t} GROUP BY 2, 3"
             for lane, t in self.tables.all()
         ]
         parts.append(f"SELECT 'dead', destination, 0, COUNT(*) FROM {self.tables.dead} GROUP BY 2")

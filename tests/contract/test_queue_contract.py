@@ -190,3 +190,12 @@ async def test_shift_moves_only_the_destinations_reserved_future_rows(queue: Que
     await queue.ack(due)
     (moved,) = await claim_all(queue, now + 111)
     assert moved.blob == b"future" and moved.ready == pytest.approx(now + 110)
+
+
+async def test_a_delayed_retry_counts_as_queued_not_leased(queue: Queue) -> None:
+    await queue.insert(Lane.NORMAL, [row("a", b"x")])
+    (lease,) = await claim_all(queue)
+    assert (await queue.stats(time.time())).leased[Lane.NORMAL] == 1
+    await queue.release(lease, delay=60)
+    stats = await queue.stats(time.time())
+    assert stats.leased[Lane.NORMAL] == 0 and stats.queued[Lane.NORMAL] == 1
