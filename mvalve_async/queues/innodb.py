@@ -281,8 +281,8 @@ class InnoDBQueue:
         by_dest: dict[str, dict[str, int]] = {}
         for lane, table in self.tables.all():
             rows = await self.db.fetch(
-                f"SELECT destination, SUM(lease_until > %s AND lease_token <> 0), COUNT(*) FROM `{table}` "
-                "GROUP BY destination",
+                "SELECT destination, SUM(lease_until > %s AND lease_token <> 0), COUNT(*) "
+                f"FROM `{table}` GROUP BY destination",
                 (now_us,),
             )
             for dest, n_leased, total in rows:
