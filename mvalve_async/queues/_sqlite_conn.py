@@ -7,6 +7,9 @@ each operation's statements together (`session`, `tx`). Statements queued on
 the worker thread run even when the awaiting task is cancelled; a transaction
 interrupted by a cancellation is rolled back at once, and again (harmlessly)
 before the connection's next use. sqlite errors become library errors.
+
+`open_sqlite` (the file opened, its directory made, a daemon worker thread) is
+shared with the stats log's SQLite backend, which keeps its own PRAGMAs.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import aiosqlite
 from ..errors import QueueError, QueueUnavailable, SchemaError
 from ..urls import QueueSettings
 
-__all__ = ["SQLiteConnection"]
+__all__ = ["SQLiteConnection", "open_sqlite"]
 
 log = logging.getLogger("mvalve_async.queues.sqlite")  # the dialect's logger
 
@@ -35,6 +38,23 @@ _SCHEMA_ERRORS = ("no such table", "no such column", "has no column named", "col
 def _make_parent(path: str) -> None:
     if path != ":memory:" and not path.startswith("file:"):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+async def open_sqlite(settings: QueueSettings, busy_timeout: float) -> aiosqlite.Connection:
+    """An aiosqlite connection to the settings' file (its directory made if missing),
+    in autocommit mode; no PRAGMA run yet. Failing to open is QueueUnavailable."""
+    path = settings.path
+    try:
+        _make_parent(path)
+        pending = aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
+        # aiosqlite's worker thread is not a daemon: a process that never closes the
+        # connection (an unhandled error) would hang at exit. Dying is safe: as kill -9.
+        thread = getattr(pending, "_thread", None)
+        if isinstance(thread, threading.Thread) and not thread.is_alive():
+            thread.daemon = True
+        return await pending
+    except (OSError, sqlite3.Error) as exc:
+        raise QueueUnavailable(f"cannot open {settings.safe_url()}: {exc}") from exc
 
 
 class SQLiteConnection:
@@ -52,17 +72,7 @@ class SQLiteConnection:
             if self.db is not None:
                 return
             path = self.settings.path
-            try:
-                _make_parent(path)
-                db = aiosqlite.connect(path, isolation_level=None, timeout=self.busy_timeout)
-                # aiosqlite's worker thread is not a daemon: a process that never closes
-                # the queue (an unhandled error) would hang at exit. Dying is safe: as kill -9.
-                thread = getattr(db, "_thread", db)
-                if isinstance(thread, threading.Thread):
-                    thread.daemon = True
-                await db
-            except (OSError, sqlite3.Error) as exc:
-                raise QueueUnavailable(f"cannot open {self.settings.safe_url()}: {exc}") from exc
+            db = await open_sqlite(self.settings, self.busy_timeout)
             try:
                 await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
                 (mode,) = next(iter(await db.execute_fetchall("PRAGMA journal_mode = WAL")))
