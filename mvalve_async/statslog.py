@@ -23,7 +23,8 @@ reply is lost after the server committed it is retried too, so a count can be
 too high after a connection failure, never silently too low.
 
 `mvalve statslog` shows the table (messages handed out per minute and destination).
-The DDL is in `schema/statslog_<dialect>.sql`.
+The DDL is in `schema/statslog_<dialect>.sql`; the MySQL and SQLite backends (the
+connection and the dialect's upsert) in `_statslog_backends.py`.
 """
 
 from __future__ import annotations
@@ -31,17 +32,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sqlite3
-import threading
 import time
-import warnings
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, QueueError, QueueUnavailable, SchemaError
+from ._statslog_backends import Backend, CountRow, open_backend
+from .errors import ConfigError
 from .schema import sections
 from .urls import QueueSettings, parse_queue_url, validate_identifier
 
@@ -51,206 +48,14 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_TABLE", "StatsLog"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DEFAULT_TABLE = "q_statslog"
 DESTINATION_WIDTH = 255  # the columns' widths (schema/statslog_innodb.sql)
 ACTION_WIDTH = 32
 MAX_BACKOFF = 60.0  # seconds between retries of a failing flush, at most
 WARN_EVERY = 60.0  # seconds between two warnings of the same kind
-# Rows per upsert statement: one statement per flush below this many counters.
-MYSQL_ROWS = 5000
-SQLITE_ROWS = 5000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 249  # 4 params a row
 
 Key = tuple[str, str, int]  # destination, action, epoch minute
-CountRow = tuple[str, str, int, int]  # destination, action, minute, count
-
-
-class _Backend(Protocol):
-    dialect: str
-    where: str
-    max_rows: int
-
-    async def connect(self) -> None: ...
-    async def close(self) -> None: ...
-    async def ddl(self, statements: Sequence[str]) -> None: ...
-    async def upsert(self, table: str, rows: Sequence[CountRow]) -> None: ...
-    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]: ...
-    async def execute(self, sql: str, args: Sequence[Any]) -> int: ...
-    def quote(self, name: str) -> str: ...
-    def placeholder(self) -> str: ...
-
-
-class _MySQL:
-    """Its own aiomysql pool of one connection (flushes are serialized anyway)."""
-
-    dialect = "innodb"
-    max_rows = MYSQL_ROWS
-
-    def __init__(self, settings: QueueSettings) -> None:
-        from .queues._mysql import MySQLPool
-
-        self.db = MySQLPool(replace(settings, pool_size=1))
-        self.where = settings.safe_url()
-
-    async def connect(self) -> None:
-        await self.db.connect()
-
-    async def close(self) -> None:
-        await self.db.close()
-
-    def quote(self, name: str) -> str:
-        return f"`{name}`"
-
-    async def _run(self, fn: Callable[[Any], Awaitable[T]], *, idempotent: bool = True) -> T:
-        try:
-            return await self.db.run(fn, idempotent=idempotent)
-        except SchemaError as exc:  # 1146: the pool's hint names the queue's tables
-            raise SchemaError(
-                f"{self.where}: the stats log table is missing (run `mvalve statslog create`)"
-            ) from exc
-
-    def placeholder(self) -> str:
-        return "%s"
-
-    async def ddl(self, statements: Sequence[str]) -> None:
-        async def run(conn: Any) -> None:
-            async with conn.cursor() as cur:
-                with warnings.catch_warnings():  # "table already exists" notes
-                    warnings.simplefilter("ignore")
-                    for statement in statements:
-                        await cur.execute(statement)
-
-        await self._run(run)
-
-    async def upsert(self, table: str, rows: Sequence[CountRow]) -> None:
-        sql = (
-            f"INSERT INTO `{table}` (`destination`, `action`, `minute`, `count`) VALUES "
-            + ", ".join(["(%s, %s, %s, %s)"] * len(rows))
-            + " ON DUPLICATE KEY UPDATE `count` = `count` + VALUES(`count`)"
-        )
-        args = [value for row in rows for value in row]
-
-        async def run(conn: Any) -> None:
-            async with conn.cursor() as cur:
-                await cur.execute(sql, args)
-
-        # Not idempotent: resent only when the request never reached the server.
-        await self._run(run, idempotent=False)
-
-    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-        async def run(conn: Any) -> list[tuple[Any, ...]]:
-            async with conn.cursor() as cur:
-                await cur.execute(sql, tuple(args))
-                return list(await cur.fetchall())
-
-        return await self._run(run)
-
-    async def execute(self, sql: str, args: Sequence[Any]) -> int:
-        async def run(conn: Any) -> int:
-            async with conn.cursor() as cur:
-                return int(await cur.execute(sql, tuple(args) or None))
-
-        return await self._run(run)
-
-
-def _make_parent(path: str) -> None:
-    if path != ":memory:" and not path.startswith("file:"):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-
-class _SQLite:
-    """Its own aiosqlite connection to the queue's file (WAL: readers never block)."""
-
-    dialect = "sqlite"
-    max_rows = SQLITE_ROWS
-
-    def __init__(self, settings: QueueSettings, busy_timeout: float) -> None:
-        self.path = settings.path
-        self.where = settings.safe_url()
-        self.busy_timeout = busy_timeout
-        self._db: Any = None
-        self._lock = asyncio.Lock()
-
-    async def connect(self) -> None:
-        import aiosqlite
-
-        async with self._lock:
-            if self._db is not None:
-                return
-            try:
-                _make_parent(self.path)
-                pending = aiosqlite.connect(
-                    self.path, isolation_level=None, timeout=self.busy_timeout
-                )
-                # Its worker thread is not a daemon: a stats log never closed would
-                # keep the process alive at exit. Dying mid-write is safe for SQLite.
-                thread = getattr(pending, "_thread", None)
-                if isinstance(thread, threading.Thread) and not thread.is_alive():
-                    thread.daemon = True
-                db = await pending
-            except (OSError, sqlite3.Error) as exc:
-                raise QueueUnavailable(f"cannot open {self.where}: {exc}") from exc
-            try:
-                # Fetched, so no statement stays open (DROP TABLE would be "locked").
-                await db.execute_fetchall(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                await db.execute_fetchall("PRAGMA journal_mode = WAL")
-            except sqlite3.Error as exc:
-                await db.close()
-                raise self._translate(exc) from exc
-            self._db = db
-
-    async def close(self) -> None:
-        async with self._lock:
-            db, self._db = self._db, None
-        if db is not None:
-            with contextlib.suppress(sqlite3.Error, ValueError):
-                await asyncio.shield(db.close())
-
-    def quote(self, name: str) -> str:
-        return f'"{name}"'
-
-    def placeholder(self) -> str:
-        return "?"
-
-    def _translate(self, exc: sqlite3.Error) -> QueueError:
-        if "no such table" in str(exc):
-            return SchemaError(f"{self.where}: {exc} (run `mvalve statslog create`)")
-        return QueueError(f"{self.where}: {exc}")
-
-    async def _run(self, sql: str, args: Sequence[Any], fetch: bool = False) -> Any:
-        """Rows (`fetch`) or the rowcount; the cursor is closed either way (an open
-        statement would make DROP TABLE fail with "database table is locked")."""
-        await self.connect()
-        try:
-            async with self._db.execute(sql, tuple(args)) as cursor:
-                if fetch:
-                    return [tuple(row) for row in await cursor.fetchall()]
-                return int(cursor.rowcount)
-        except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
-        except ValueError as exc:  # aiosqlite: "Connection closed"
-            raise QueueError(f"{self.where}: {exc}") from exc
-
-    async def ddl(self, statements: Sequence[str]) -> None:
-        for statement in statements:
-            await self._run(statement, ())
-
-    async def upsert(self, table: str, rows: Sequence[CountRow]) -> None:
-        sql = (
-            f"INSERT INTO {table} (destination, action, minute, count) VALUES "
-            + ", ".join(["(?, ?, ?, ?)"] * len(rows))
-            + " ON CONFLICT (destination, action, minute) "
-            "DO UPDATE SET count = count + excluded.count"
-        )
-        await self._run(sql, [value for row in rows for value in row])
-
-    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-        rows: list[tuple[Any, ...]] = await self._run(sql, args, fetch=True)
-        return rows
-
-    async def execute(self, sql: str, args: Sequence[Any]) -> int:
-        return int(await self._run(sql, args))
 
 
 def _settings(target: str | QueueSettings | Queue) -> QueueSettings:
@@ -303,16 +108,7 @@ class StatsLog:
         self.flush_interval = float(flush_interval)
         self.max_keys = int(max_keys)
         self._clock = clock
-        self._backend: _Backend
-        if settings.dialect in ("innodb", "q4m"):  # q4m: a MySQL server; the table is InnoDB
-            self._backend = _MySQL(settings)
-        elif settings.dialect == "sqlite":
-            self._backend = _SQLite(settings, busy_timeout)
-        else:
-            raise ConfigError(
-                f"the stats log needs a MySQL or SQLite database, not {settings.safe_url()} "
-                "(for memory://, use mvalve_async.metrics or an observer of your own)"
-            )
+        self._backend: Backend = open_backend(settings, busy_timeout)
         self.where = settings.safe_url()
         self._pending: dict[Key, int] = {}
         self._inflight = 0  # events of the flush in progress
