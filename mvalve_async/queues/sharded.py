@@ -60,92 +60,25 @@ Everything else
     its ``shard``). `stats`, `peek`, the dead-letter calls, `purge`, and the schema
     calls need every shard and raise `QueueUnavailable` naming the one missing:
     a partial answer would be mistaken for a whole one.
+
+Beside this module: `_shards` (the ring, and which shards are up: marking down,
+probing, the acks kept for a down shard). This one holds the `Queue` operations.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import contextlib
-import hashlib
 import heapq
-import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from ..errors import QueueError, QueueUnavailable
 from ..interfaces import Lane, Lease, Queue, QueueStats, Row
+from ._shards import BACKOFF, HashRing, Shard, ShardSet
 
 __all__ = ["HashRing", "ShardedQueue"]
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
 _RANK = {lane: i for i, lane in enumerate(Lane)}
-_BACKOFF = (1.0, 1.0, 2.0, 2.0, 3.0, 4.0, 5.0)  # seconds between probes of a down shard
-
-
-def _md5(text: str) -> bytes:
-    return hashlib.md5(text.encode(), usedforsecurity=False).digest()
-
-
-class HashRing:
-    """Ketama-style consistent hashing: 40 MD5 digests x 4 points per key."""
-
-    def __init__(self, keys: Sequence[str], replicas: int = 40) -> None:
-        if not keys:
-            raise ValueError("a ring needs at least one key")
-        points: list[tuple[int, int]] = []
-        for index, key in enumerate(keys):
-            for i in range(replicas):
-                digest = _md5(f"{key}-{i}")
-                points.extend(
-                    (int.from_bytes(digest[4 * k : 4 * k + 4], "little"), index) for k in range(4)
-                )
-        points.sort()
-        self._hashes = [h for h, _ in points]
-        self._owners = [i for _, i in points]
-        self._cache: dict[str, int] = {}
-
-    def lookup(self, name: str) -> int:
-        """The index of the key that owns `name`."""
-        found = self._cache.get(name)
-        if found is None:
-            h = int.from_bytes(_md5(name)[:4], "little")
-            found = self._owners[bisect.bisect(self._hashes, h) % len(self._hashes)]
-            if len(self._cache) >= 65536:
-                self._cache.clear()
-            self._cache[name] = found
-        return found
-
-
-@dataclass(eq=False)
-class _Shard:
-    index: int
-    key: str  # its name on the ring
-    label: str  # for logs and errors (host:port, never a password)
-    queue: Queue
-    down_since: float | None = None  # monotonic; None: up
-    reason: str = ""
-    probe: asyncio.Task[None] | None = None
-    pending_acks: list[Lease] = field(default_factory=list)
-
-    @property
-    def up(self) -> bool:
-        return self.down_since is None
-
-    def unavailable(self) -> QueueUnavailable:
-        return QueueUnavailable(f"queue shard {self.label} is unavailable ({self.reason})")
-
-
-def _label(queue: Queue, index: int) -> str:
-    settings = getattr(queue, "settings", None)
-    host, port = getattr(settings, "host", None), getattr(settings, "port", None)
-    if host is None or settings is None or settings.dialect in ("sqlite", "memory"):
-        return f"shard{index}"
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _order(lease: Lease) -> tuple[int, float, int]:
@@ -191,7 +124,7 @@ class ShardedQueue:
         *,
         keys: Sequence[str] | None = None,
         timeout: float = 10.0,
-        backoff: Sequence[float] = _BACKOFF,
+        backoff: Sequence[float] = BACKOFF,
         settings: Any = None,
     ) -> None:
         if not queues:
@@ -200,24 +133,9 @@ class ShardedQueue:
         if len(dialects) != 1:
             raise ValueError(f"the shards must share one dialect, got {sorted(dialects)}")
         self.dialect = queues[0].name
-        labels = [_label(q, i) for i, q in enumerate(queues)]
-        if keys is None:
-            keys = (
-                labels
-                if len(set(labels)) == len(labels)
-                else [f"shard{i}" for i in range(len(queues))]
-            )
-        if len(keys) != len(queues) or len(set(keys)) != len(keys):
-            raise ValueError("one distinct key per shard is needed")
-        if len(set(labels)) != len(labels):
-            labels = [f"{label}#{i}" for i, label in enumerate(labels)]
-        self.shards = [
-            _Shard(i, key, label, q)
-            for i, (key, label, q) in enumerate(zip(keys, labels, queues, strict=True))
-        ]
-        self.ring = HashRing(list(keys))
-        self.timeout = timeout
-        self.backoff = tuple(backoff) or _BACKOFF
+        self._set = ShardSet(queues, keys, timeout, backoff)
+        self.shards = self._set.shards
+        self.ring = self._set.ring
         self.settings = settings if settings is not None else getattr(queues[0], "settings", None)
         self.tables = getattr(queues[0], "tables", None)
         self.can_update = all(getattr(q, "can_update", True) for q in queues)
@@ -234,134 +152,35 @@ class ShardedQueue:
         """The index of the shard that holds `destination`'s rows."""
         return self.ring.lookup(destination)
 
-    # -- outages --------------------------------------------------------------
+    @property
+    def timeout(self) -> float:
+        """Seconds one shard's claim or poll may take before it counts as down."""
+        return self._set.timeout
 
-    def _mark_down(self, shard: _Shard, exc: BaseException) -> None:
-        if shard.up:
-            shard.down_since = time.monotonic()
-            shard.reason = str(exc) or type(exc).__name__
-            log.warning(
-                "queue shard %s is unavailable (%s): serving the other shards, "
-                "retrying it every few seconds",
-                shard.label,
-                shard.reason,
-            )
-        if shard.probe is None or shard.probe.done():
-            with contextlib.suppress(RuntimeError):  # no running loop: probe lazily later
-                shard.probe = asyncio.get_running_loop().create_task(self._probe(shard))
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._set.timeout = value
 
-    async def _probe(self, shard: _Shard) -> None:
-        attempt = 0
-        while True:
-            await asyncio.sleep(self.backoff[min(attempt, len(self.backoff) - 1)])
-            attempt += 1
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await shard.queue.poll(time.time())
-                    if shard.pending_acks:
-                        acks = list(shard.pending_acks)
-                        await shard.queue.ack(acks)
-                        del shard.pending_acks[: len(acks)]
-            except (QueueUnavailable, TimeoutError):
-                continue
-            except Exception as exc:  # answering, but wrongly: keep probing, say why
-                shard.reason = str(exc) or type(exc).__name__
-                continue
-            down_for = time.monotonic() - (shard.down_since or time.monotonic())
-            shard.down_since = None
-            shard.probe = None
-            log.warning("queue shard %s is back after %.1f s", shard.label, down_for)
-            return
+    @property
+    def backoff(self) -> tuple[float, ...]:
+        """Seconds between probes of a down shard (the last one repeats)."""
+        return self._set.backoff
 
-    async def _on(self, shard: _Shard, fn: Callable[[Queue], Awaitable[T]]) -> T:
-        """Run `fn(child)`; fail at once while the shard is down, mark it down when it
-        raises QueueUnavailable."""
-        if not shard.up:
-            raise shard.unavailable()
-        try:
-            return await fn(shard.queue)
-        except QueueUnavailable as exc:
-            self._mark_down(shard, exc)
-            raise
-
-    async def _bounded(self, shard: _Shard, fn: Callable[[Queue], Awaitable[T]]) -> T:
-        """`_on` within `timeout` (claims and polls: a hung server counts as down).
-        Cancelling a claim is safe by contract: its leases expire."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await self._on(shard, fn)
-        except TimeoutError:
-            exc = QueueUnavailable(
-                f"queue shard {shard.label} did not answer in {self.timeout:g} s"
-            )
-            self._mark_down(shard, exc)
-            raise exc from None
-
-    async def _everywhere(self, fn: Callable[[Queue], Awaitable[T]]) -> list[T]:
-        """`fn` on every shard concurrently; QueueUnavailable if any shard is down."""
-        for shard in self.shards:
-            if not shard.up:
-                raise shard.unavailable()
-        results = await asyncio.gather(
-            *(self._on(s, fn) for s in self.shards), return_exceptions=True
-        )
-        out: list[T] = []
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-            out.append(r)
-        return out
+    @backoff.setter
+    def backoff(self, value: tuple[float, ...]) -> None:
+        self._set.backoff = value
 
     # -- lifecycle --------------------------------------------------------------
 
     async def connect(self) -> None:
         """Connect every shard; those that cannot be reached are marked down (and
         probed) so that the others serve. Raises only if none can be reached."""
-
-        async def one(shard: _Shard) -> None:
-            try:
-                await shard.queue.connect()
-            except QueueUnavailable as exc:
-                self._mark_down(shard, exc)
-
-        await asyncio.gather(*(one(s) for s in self.shards))
-        if not any(s.up for s in self.shards):
-            error = QueueUnavailable("no queue shard can be reached: " + self._down_list())
-            await self.close()  # stops the probes
-            raise error
-
-    def _live(self) -> list[_Shard]:
-        """The shards that are up; a down one without a running probe gets one."""
-        for s in self.shards:
-            if not s.up and (s.probe is None or s.probe.done()):
-                s.probe = asyncio.get_running_loop().create_task(self._probe(s))
-        return [s for s in self.shards if s.up]
-
-    def _down_list(self) -> str:
-        return ", ".join(f"{s.label} ({s.reason})" for s in self.shards if not s.up)
+        await self._set.connect()
 
     async def close(self) -> None:
-        probes = [s.probe for s in self.shards if s.probe is not None]
-        for task in probes:
-            task.cancel()
-        await asyncio.gather(*probes, return_exceptions=True)
-        for shard in self.shards:
-            shard.probe = None
-            if shard.pending_acks:
-                acks, shard.pending_acks = shard.pending_acks, []
-                try:
-                    async with asyncio.timeout(min(self.timeout, 2.0)):
-                        await shard.queue.ack(acks)
-                except (QueueError, TimeoutError):
-                    log.warning(
-                        "%d acks to queue shard %s could not be sent: those messages "
-                        "will be delivered again when their leases expire",
-                        len(acks),
-                        shard.label,
-                    )
-        await asyncio.gather(*(s.queue.close() for s in self.shards), return_exceptions=True)
-        for shard in self.shards:
-            shard.down_since = None
+        """Stop the probes, send the acks kept for down shards (or log them), and
+        close every shard."""
+        await self._set.close()
 
     def schema_sql(self) -> str:
         parts = []
@@ -371,10 +190,10 @@ class ShardedQueue:
         return "\n".join(parts)
 
     async def create_schema(self) -> None:
-        await self._everywhere(lambda q: q.create_schema())
+        await self._set.everywhere(lambda q: q.create_schema())
 
     async def drop_schema(self) -> None:
-        await self._everywhere(lambda q: q.drop_schema())
+        await self._set.everywhere(lambda q: q.drop_schema())
 
     # -- writing --------------------------------------------------------------
 
@@ -388,11 +207,11 @@ class ShardedQueue:
                 raise shard.unavailable()
         if len(groups) == 1:
             ((index, group),) = groups.items()
-            await self._on(self.shards[index], lambda q: q.insert(lane, group))
+            await self._set.on(self.shards[index], lambda q: q.insert(lane, group))
             return
 
         results = await asyncio.gather(
-            *(self._on(self.shards[i], _call("insert", lane, g)) for i, g in groups.items()),
+            *(self._set.on(self.shards[i], _call("insert", lane, g)) for i, g in groups.items()),
             return_exceptions=True,
         )
         for result in results:
@@ -405,18 +224,20 @@ class ShardedQueue:
         n = len(self.shards)
         start = self._turn % n
         self._turn += 1
-        up = set(self._live())
+        up = set(self._set.live())
         live = [s for s in (self.shards[(start + k) % n] for k in range(n)) if s in up]
         if not live:
-            raise QueueUnavailable("every queue shard is down: " + self._down_list())
+            raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
         got: dict[int, list[Lease]] = {}
         errors: list[BaseException] = []
         unavailable = 0
 
-        async def take(shard: _Shard, count: int) -> None:
+        async def take(shard: Shard, count: int) -> None:
             nonlocal unavailable
             try:
-                leases = await self._bounded(shard, lambda q: q.claim(count, now, lease_seconds))
+                leases = await self._set.bounded(
+                    shard, lambda q: q.claim(count, now, lease_seconds)
+                )
             except QueueUnavailable:
                 unavailable += 1
                 return
@@ -443,7 +264,7 @@ class ShardedQueue:
             await asyncio.gather(*(self.release(x) for x in leases), return_exceptions=True)
             raise errors[0]
         if unavailable == len(live) and not got:
-            raise QueueUnavailable("every queue shard is down: " + self._down_list())
+            raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
         return _merge([got[i] for i in sorted(got)])
 
     async def ack(self, leases: Sequence[Lease]) -> None:
@@ -451,33 +272,33 @@ class ShardedQueue:
         for lease in leases:
             groups.setdefault(lease.shard, []).append(lease)
 
-        async def one(shard: _Shard, items: list[Lease]) -> None:
+        async def one(shard: Shard, items: list[Lease]) -> None:
             if not shard.up:
                 shard.pending_acks.extend(items)
                 return
             try:
-                await self._on(shard, lambda q: q.ack(items))
+                await self._set.on(shard, lambda q: q.ack(items))
             except QueueUnavailable:
                 shard.pending_acks.extend(items)  # sent by the probe when it is back
 
         await asyncio.gather(*(one(self.shards[i], items) for i, items in groups.items()))
 
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
-        await self._on(self.shards[lease.shard], lambda q: q.release(lease, delay))
+        await self._set.on(self.shards[lease.shard], lambda q: q.release(lease, delay))
 
     async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
-        await self._on(self.shards[lease.shard], lambda q: q.move(lease, ready, reserved))
+        await self._set.on(self.shards[lease.shard], lambda q: q.move(lease, ready, reserved))
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups: dict[int, list[Lease]] = {}
         for lease in leases:
             groups.setdefault(lease.shard, []).append(lease)
         for index, items in groups.items():
-            await self._on(self.shards[index], _call("dead", items, reason))
+            await self._set.on(self.shards[index], _call("dead", items, reason))
 
     async def shift(self, destination: str, after: float, delta: float) -> int:
         shard = self.shards[self.ring.lookup(destination)]
-        return await self._on(shard, lambda q: q.shift(destination, after, delta))
+        return await self._set.on(shard, lambda q: q.shift(destination, after, delta))
 
     async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
         """Routed to the destination's shard (children without it: 0)."""
@@ -489,29 +310,29 @@ class ShardedQueue:
         async def run(_q: Queue) -> int:
             return int(await method(destination, moves))
 
-        return await self._on(shard, run)
+        return await self._set.on(shard, run)
 
     # -- looking --------------------------------------------------------------
 
     async def poll(self, now: float) -> tuple[bool, float | None]:
-        live = self._live()
+        live = self._set.live()
         if not live:
-            raise QueueUnavailable("every queue shard is down: " + self._down_list())
+            raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
         results = await asyncio.gather(
-            *(self._bounded(s, lambda q: q.poll(now)) for s in live), return_exceptions=True
+            *(self._set.bounded(s, lambda q: q.poll(now)) for s in live), return_exceptions=True
         )
         answers = [r for r in results if not isinstance(r, BaseException)]
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, QueueUnavailable):
                 raise r
         if not answers:
-            raise QueueUnavailable("every queue shard is down: " + self._down_list())
+            raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
         ready = any(a[0] for a in answers)
         dues = [a[1] for a in answers if a[1] is not None]
         return ready, (min(dues) if dues else None)
 
     async def stats(self, now: float) -> QueueStats:
-        parts = await self._everywhere(lambda q: q.stats(now))
+        parts = await self._set.everywhere(lambda q: q.stats(now))
         queued = {lane: sum(p.queued.get(lane, 0) for p in parts) for lane in Lane}
         leased = {lane: sum(p.leased.get(lane, 0) for p in parts) for lane in Lane}
         by_dest: dict[str, dict[str, int]] = {}
@@ -525,7 +346,7 @@ class ShardedQueue:
         return QueueStats(queued, leased, dead, by_dest, min(dues) if dues else None)
 
     async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:
-        parts = await self._everywhere(lambda q: q.peek(limit, lane))
+        parts = await self._set.everywhere(lambda q: q.peek(limit, lane))
 
         def key(row: dict[str, Any]) -> tuple[int, float]:
             row_lane = Lane(row["lane"])
@@ -537,7 +358,7 @@ class ShardedQueue:
         return list(heapq.merge(*parts, key=key))[:limit]
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        parts = await self._everywhere(lambda q: q.dead_letters(limit))
+        parts = await self._set.everywhere(lambda q: q.dead_letters(limit))
         n = len(self.shards)
         out: list[dict[str, Any]] = []
         for shard, rows in zip(self.shards, parts, strict=True):
@@ -550,20 +371,20 @@ class ShardedQueue:
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
         if ids is None:
-            return sum(await self._everywhere(lambda q: q.requeue_dead(None)))
+            return sum(await self._set.everywhere(lambda q: q.requeue_dead(None)))
         n = len(self.shards)
         groups: dict[int, list[int]] = {}
         for i in ids:
             groups.setdefault(int(i) % n, []).append(int(i) // n)
         total = 0
         for index, local in groups.items():
-            total += await self._on(self.shards[index], _call("requeue_dead", local))
+            total += await self._set.on(self.shards[index], _call("requeue_dead", local))
         return total
 
     async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
         # Every shard, even with a destination: after a shard was added some of a
         # destination's rows may still be on its previous shard.
-        return sum(await self._everywhere(lambda q: q.purge(lane, destination)))
+        return sum(await self._set.everywhere(lambda q: q.purge(lane, destination)))
 
     async def purge_dead(self) -> int:
-        return sum(await self._everywhere(lambda q: q.purge_dead()))
+        return sum(await self._set.everywhere(lambda q: q.purge_dead()))
