@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 
 import orjson
@@ -31,6 +32,7 @@ RECORD_TTL = 86400
 
 
 EPOCH_KEY = "epoch"
+_EPOCHS: weakref.WeakKeyDictionary[Store, dict[str, float]] = weakref.WeakKeyDictionary()
 
 
 def key_for(destination: str) -> str:
@@ -56,7 +58,9 @@ class Valve:
         self.fifo_grace = fifo_grace
         self.retry_max = retry_max
         self.margin = margin
-        self._epochs: dict[str, float] = {}  # epoch record key -> the epoch seen
+        # epoch record key -> the epoch seen, shared by every valve of this store: a
+        # reader created after a memcached restart must know an epoch was seen before
+        self._epochs = _EPOCHS.setdefault(store, {})
 
     def rate_for(self, destination: str) -> Rate | None:
         return self.rates.get(destination, self.rate)

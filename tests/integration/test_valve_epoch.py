@@ -47,3 +47,24 @@ async def test_a_restart_of_any_server_is_seen_by_its_destinations(
         await store.close()
         for s in servers:
             s.stop()
+
+
+async def test_a_valve_made_after_the_restart_still_sees_it(tmp_path: Path) -> None:
+    """A reader started after memcached restarted (same pipe, same store) must not
+    take the restarted epoch as the first one (the soak found this)."""
+    server = MemcachedProcess(tmp_path)
+    server.start()
+    store = MemcachedStore([("127.0.0.1", server.port)], namespace="ep2")
+    try:
+        first = await Valve(store, rate=Rate(1, per=30.0)).decide(
+            "d", duration=None, emergency=False, reserved=False
+        )
+        assert first is not None and first.action is Action.DELIVER
+        server.stop()
+        server.start()
+        fresh = Valve(store, rate=Rate(1, per=30.0))  # e.g. a reader task restarted
+        again = await fresh.decide("d", duration=None, emergency=False, reserved=False)
+        assert again is not None and again.action is Action.DEFER
+    finally:
+        await store.close()
+        server.stop()
