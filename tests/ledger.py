@@ -11,6 +11,7 @@ readers record every delivery. The checker reports:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mvalve_async import Message, Rate
@@ -70,6 +71,17 @@ class Ledger:
             delivered=len(delivered),
             acknowledged=len(self.acknowledged),
         )
+
+
+def max_in_window(times: Sequence[float], per: float, eps: float = 0.0) -> int:
+    """Most deliveries in any half-open window of `per` seconds (two-pointer sweep);
+    `eps` forgives float noise below the microsecond the records keep."""
+    ordered, best, start = sorted(times), 0, 0
+    for end, t in enumerate(ordered):
+        while t >= ordered[start] + per - eps:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
 
 
 def windows_over(times: list[float], n: int, per: float) -> int:

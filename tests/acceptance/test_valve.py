@@ -9,16 +9,7 @@ import time
 import pytest
 
 from mvalve_async import Message, Pipe, Rate
-
-
-def max_in_window(times: list[float], per: float) -> int:
-    times = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while times[lo] <= t - per:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
+from tests.ledger import max_in_window
 
 
 async def test_original_scenario_one_per_half_second(pipe: Pipe) -> None:

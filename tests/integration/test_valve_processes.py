@@ -16,8 +16,8 @@ import pytest
 
 import mvalve_async
 from mvalve_async import Message
-from tests.acceptance.test_valve import max_in_window
 from tests.conftest import unique_tables
+from tests.ledger import max_in_window
 from tests.services import MEMCACHED_URL, MYSQL_URL, require_memcached, require_mysql
 
 ROOT = Path(__file__).resolve().parents[2]

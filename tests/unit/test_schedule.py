@@ -33,6 +33,7 @@ from mvalve_async.schedule import (
     pause,
     resume,
 )
+from tests.ledger import max_in_window as _max_in_window
 
 T0 = 1_700_000_000.0
 # Records keep microseconds and epoch floats resolve ~0.24 µs: compare to the µs.
@@ -123,13 +124,7 @@ def shift_reserved(events: list[tuple[float, int, int, bool]], now: float, shift
 
 
 def max_in_window(times: Sequence[float], per: float) -> int:
-    """Most hand-outs in any half-open window of `per` seconds (two-pointer sweep)."""
-    ordered, best, start = sorted(times), 0, 0
-    for end, t in enumerate(ordered):
-        while t >= ordered[start] + per - EPS:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
+    return _max_in_window(times, per, EPS)
 
 
 def assert_all_handed_out_once(run: Run, msgs: Sequence[Msg]) -> None:

@@ -13,18 +13,14 @@ import random
 import pytest
 
 from mvalve_async.schedule import Rate, Record, admit
+from tests.ledger import max_in_window as _max_in_window
 
 # Epoch floats near 1.8e9 resolve about 0.24 µs: compare to the microsecond.
 EPS = 1e-6
 
 
 def max_in_window(times: list[float], per: float) -> int:
-    ordered, best, start = sorted(times), 0, 0
-    for end, t in enumerate(ordered):
-        while t >= ordered[start] + per - EPS:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
+    return _max_in_window(times, per, EPS)
 
 
 @pytest.mark.parametrize(
