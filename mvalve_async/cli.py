@@ -104,7 +104,9 @@ class Context:
 # -- argument types -------------------------------------------------------------
 
 
-def _number(convert: Callable[[str], Any], low: float, what: str) -> Callable[[str], Any]:
+def number(convert: Callable[[str], Any], low: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: `convert(text)`, at least `low`, finite (for plugins too)."""
+
     def parse(text: str) -> Any:
         try:
             value = convert(text)
@@ -117,8 +119,8 @@ def _number(convert: Callable[[str], Any], low: float, what: str) -> Callable[[s
     return parse
 
 
-_seconds = _number(float, 0.0, "a non-negative number of seconds")
-_positive = _number(int, 1, "a positive integer")
+_seconds = number(float, 0.0, "a non-negative number of seconds")
+_positive = number(int, 1, "a positive integer")
 
 
 def _header(text: str) -> tuple[str, str]:

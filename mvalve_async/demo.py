@@ -37,6 +37,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from .cli import number
 from .errors import ConfigError
 from .interfaces import Lane
 from .message import Message
@@ -149,16 +150,8 @@ def max_in_window(times: Sequence[float], per: float) -> int:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     def positive(convert: type[int] | type[float]) -> Callable[[str], int | float]:
-        def parse(text: str) -> int | float:
-            try:
-                value = convert(text)
-            except ValueError:
-                value = 0
-            if not 0 < value < math.inf:
-                raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-            return value
-
-        return parse
+        low = 1 if convert is int else math.ulp(0.0)
+        return number(convert, low, "a positive number")
 
     parser.add_argument("--messages", type=positive(int), default=300, metavar="N",
                         help="how many messages to write (default 300)")  # fmt: skip

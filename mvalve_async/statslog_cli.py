@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .cli import number
 from .events import ACTIONS
 from .statslog import DEFAULT_TABLE, StatsLog
 
@@ -33,12 +34,7 @@ HELP = "messages per minute and destination, from the stats log table (StatsLog)
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    value: int = number(int, 1, "a positive integer")(text)
     return value
 
 
