@@ -40,6 +40,9 @@ class Reader:
     rate window by that many seconds (default: 1 % of `per`, at most 10 ms) so the
     promise also holds on the times the consumer receives messages, not only on
     the valve's `delivered_at`; 0 gives the last percent of throughput back.
+    While the store is unreachable the reader waits and retries; with
+    `fallback_store=MemoryStore()` it throttles locally instead (opt-in: the rate
+    then holds per process only, until the store is back).
     """
 
     def __init__(
@@ -59,11 +62,15 @@ class Reader:
         notifier: Notifier | None = None,
         observers: Sequence[Observer] = (),
         margin: float | None = None,
+        fallback_store: Store | None = None,
     ) -> None:
         if lease <= 0 or batch < 1 or max_deliveries < 1:
             raise ValueError("lease, batch and max_deliveries must be positive")
         self.queue = queue
-        self.valve = Valve(store, rate=rate, rates=rates, policy=emergency_policy, margin=margin)
+        self.valve = Valve(
+            store, rate=rate, rates=rates, policy=emergency_policy, margin=margin,
+            fallback=fallback_store,
+        )  # fmt: skip
         self.lease = lease
         self.batch = batch
         self.ack_batch = ack_batch

@@ -50,8 +50,13 @@ class Valve:
         fifo_grace: float = 1.0,
         retry_max: float = 2.0,
         margin: float | None = None,
+        fallback: Store | None = None,
     ) -> None:
+        """`fallback`: a local store (e.g. `MemoryStore()`) used while `store` is
+        unreachable, instead of waiting. Opt-in: the rate then holds per process only."""
         self.store = store
+        self.fallback = fallback
+        self._on_fallback = False
         self.rate = rate
         self.rates = dict(rates or {})
         self.policy = EmergencyPolicy(policy)
@@ -100,11 +105,23 @@ class Valve:
         while True:
             try:
                 decision = await self.store.update(key_for(destination), step, ttl=RECORD_TTL)
+                if self._on_fallback:
+                    self._on_fallback = False
+                    log.warning("state store is back: the rate is shared again")
                 if decision is not None:
                     return decision
                 fresh[:] = [await self._quarantine(destination)]
                 continue
             except StoreError as exc:
+                if self.fallback is not None:
+                    if not self._on_fallback:
+                        self._on_fallback = True
+                        log.warning(
+                            "state store unavailable (%s): using the local fallback, the "
+                            "rate holds per process until it is back", exc,
+                        )  # fmt: skip
+                    fresh[:] = fresh or [0.0]  # a local record needs no epoch check
+                    return await self.fallback.update(key_for(destination), step, RECORD_TTL)
                 log.warning(
                     "state store unavailable (%s); retrying in %.2fs", exc, delay,
                     extra={"destination": destination},
