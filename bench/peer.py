@@ -313,7 +313,7 @@ def _worker(cfg: dict[str, Any]) -> None:
     broker, _ = _declare(cfg, rows, exceeded)
     broker.client.ping()
     worker = dramatiq.Worker(broker, worker_threads=THREADS)
-    _say({"ready": True})
+    throttle._say({"ready": True})
     if sys.stdin.readline().strip() != "go":
         return
     cpu0, trips0 = time.process_time(), trips.n
@@ -322,12 +322,7 @@ def _worker(cfg: dict[str, Any]) -> None:
     worker.stop()
     cpu, n = time.process_time() - cpu0, trips.n - trips0
     broker.close()
-    _say({"rows": rows, "exceeded": exceeded.n, "trips": n, "cpu": cpu})
-
-
-def _say(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    throttle._say({"rows": rows, "exceeded": exceeded.n, "trips": n, "cpu": cpu})
 
 
 if __name__ == "__main__":
