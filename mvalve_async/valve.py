@@ -104,6 +104,11 @@ class Valve:
         delay = 0.05
         while True:
             try:
+                if not fresh and self._epoch_key(destination) not in self._epochs:
+                    # Learn the epoch at the first decision, not at the first miss: a
+                    # process that only ever found records present would otherwise
+                    # take a restarted epoch for the first one and see no loss.
+                    fresh[:] = [await self._quarantine(destination)]
                 decision = await self.store.update(key_for(destination), step, ttl=RECORD_TTL)
                 if self._on_fallback:
                     self._on_fallback = False
@@ -139,9 +144,7 @@ class Valve:
         `epoch + per`: every window holding a forgotten delivery has ended by then.
         Wastes up to `per` seconds of slots after a loss; never grants one."""
         now = time.time()
-        # One epoch per memcached server, on the server of the destination's record.
-        colocated = getattr(self.store, "colocated", None)
-        epoch_key = colocated(EPOCH_KEY, key_for(destination)) if colocated else EPOCH_KEY
+        epoch_key = self._epoch_key(destination)
         seen = self._epochs.get(epoch_key)
         payload = orjson.dumps([now, seen is not None])
 
@@ -161,6 +164,11 @@ class Valve:
                 log.warning("schedule state was lost; fresh destinations wait %.2fs", until - now)
                 return until
         return 0.0
+
+    def _epoch_key(self, destination: str) -> str:
+        """One epoch per memcached server, on the server of the destination's record."""
+        colocated = getattr(self.store, "colocated", None)
+        return colocated(EPOCH_KEY, key_for(destination)) if colocated else EPOCH_KEY
 
     def margin_for(self, rate: Rate | None) -> float:
         """Default: 1 % of the period, at most 10 ms (scheduling lag of a busy reader)."""

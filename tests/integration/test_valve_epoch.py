@@ -68,3 +68,32 @@ async def test_a_valve_made_after_the_restart_still_sees_it(tmp_path: Path) -> N
     finally:
         await store.close()
         server.stop()
+
+
+async def test_a_process_that_never_missed_a_record_still_sees_the_restart(
+    tmp_path: Path,
+) -> None:
+    """Two reader processes: A creates the destination's record, B only ever finds
+    it present. B must know the epoch anyway, or after a restart B would create the
+    epoch anew as "first seen" and deliver into A's forgotten window (the soak
+    found this: 4 windows over the rate after memcached restarts)."""
+    server = MemcachedProcess(tmp_path)
+    server.start()
+    store_a = MemcachedStore([("127.0.0.1", server.port)], namespace="ep3")
+    store_b = MemcachedStore([("127.0.0.1", server.port)], namespace="ep3")
+    try:
+        rate = Rate(2, per=30.0)
+        a, b = Valve(store_a, rate=rate), Valve(store_b, rate=rate)
+        first = await a.decide("d", duration=None, emergency=False, reserved=False)
+        second = await b.decide("d", duration=None, emergency=False, reserved=False)
+        assert first is not None and first.action is Action.DELIVER
+        assert second is not None and second.action is Action.DELIVER
+        server.stop()
+        server.start()
+        after = await b.decide("d", duration=None, emergency=False, reserved=False)
+        assert after is not None and after.action is Action.DEFER
+        assert after.at >= first.at + 30.0 - 1e-3
+    finally:
+        await store_a.close()
+        await store_b.close()
+        server.stop()
