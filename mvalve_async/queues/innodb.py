@@ -18,7 +18,7 @@ from typing import Any
 from ..interfaces import Lane, Lease, QueueStats, Row
 from ..schema import render
 from ..urls import QueueSettings
-from ._common import US, claim_groups, peek_item, row_args, schema_sql, tally, to_us
+from ._common import US, peek_item, row_args, schema_sql, tally, to_us
 from ._mysql import MySQLPool, count_dead, drop_tables, purge_lanes, read_dead_letters
 
 __all__ = ["InnoDBQueue"]
@@ -27,6 +27,25 @@ __all__ = ["InnoDBQueue"]
 def _id_list(ids: Iterable[int]) -> str:
     """Ids inlined as SQL (integers only), for `id IN (...)`."""
     return ",".join(str(int(i)) for i in ids)
+
+
+def _held(items: Sequence[Lease]) -> str:
+    """WHERE clause for leased rows of one table (integers inlined): still held under
+    the token each was claimed with. One claim's rows share a token; rows of
+    several claims (acks of batch-1 reads) are matched pairwise, in one statement."""
+    ids = _id_list(x.id for x in items)
+    tokens = {x.token for x in items}
+    if len(tokens) == 1:
+        return f"lease_token = {int(tokens.pop())} AND id IN ({ids})"
+    pairs = ",".join(f"({int(x.id)},{int(x.token)})" for x in items)
+    return f"id IN ({ids}) AND (id, lease_token) IN ({pairs})"
+
+
+def _by_table(leases: Iterable[Lease]) -> dict[str, list[Lease]]:
+    out: dict[str, list[Lease]] = {}
+    for lease in leases:
+        out.setdefault(lease.table, []).append(lease)
+    return out
 
 
 async def _drain(cur: Any) -> None:
@@ -85,19 +104,22 @@ class InnoDBQueue:
     def _claim_sql_text(self) -> str:
         """One statement over every lane table (a round trip, not one per table):
         each part locks its first rows with SKIP LOCKED; the client keeps the
-        best `limit` by (lane, ready, id) and the rest unlock at COMMIT."""
+        best `limit` by (lane, ready, id) and the rest unlock at COMMIT. The numbers
+        come packed in one text column: every result column costs the client a
+        column definition to parse, and that was the claim's largest CPU cost."""
         parts = []
         for k, (lane, table) in enumerate(self.tables.all()):
             if lane is Lane.TIMED:
                 parts.append(
-                    f"(SELECT {k}, id, destination, message, deliveries, ready, reserved, created "
-                    f"FROM `{table}` WHERE ready <= %(now)s AND lease_until <= %(now)s "
+                    f"(SELECT CONCAT_WS(' ', {k}, id, deliveries, created, ready, reserved), "
+                    f"destination, message FROM `{table}` "
+                    "WHERE ready <= %(now)s AND lease_until <= %(now)s "
                     "ORDER BY ready, created, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 )
             else:
                 parts.append(
-                    f"(SELECT {k}, id, destination, message, deliveries, NULL, 0, created "
-                    f"FROM `{table}` WHERE lease_until <= %(now)s "
+                    f"(SELECT CONCAT_WS(' ', {k}, id, deliveries, created), "
+                    f"destination, message FROM `{table}` WHERE lease_until <= %(now)s "
                     "ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 )
         return " UNION ALL ".join(parts)
@@ -105,7 +127,7 @@ class InnoDBQueue:
     async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
         now_us, until = to_us(now), to_us(now + lease_seconds)
         lanes = self.tables.all()
-        rank = {lane: i for i, lane in enumerate(Lane)}
+        rank = [list(Lane).index(lane) for lane, _ in lanes]
 
         async def work(conn: Any) -> list[Lease]:
             # Two round trips: START TRANSACTION + the SELECT ... SKIP LOCKED, then
@@ -116,25 +138,26 @@ class InnoDBQueue:
                     "START TRANSACTION; " + self._claim_sql, {"now": now_us, "limit": limit}
                 )
                 await cur.nextset()
-                rows = list(await cur.fetchall())
+                found = list(await cur.fetchall())
                 await _drain(cur)
-                if not rows:
+                if not found:
                     await cur.execute("COMMIT")
                     return []
+                # (k, id, deliveries, created[, ready, reserved]), destination, message
+                rows = [([int(x) for x in nums.split()], dest, blob) for nums, dest, blob in found]
                 # Priority by lane; FIFO within a lane (timed: by ready, then insertion).
                 # Several tables of one lane interleave by id, so none starves.
                 rows.sort(
                     key=lambda r: (
-                        rank[lanes[r[0]][0]],
-                        r[5] or 0,
-                        r[7] if r[5] is not None else 0,
-                        r[1],
+                        (rank[r[0][0]], r[0][4], r[0][3], r[0][1])
+                        if len(r[0]) > 4
+                        else (rank[r[0][0]], 0, 0, r[0][1])
                     )
                 )
                 rows = rows[:limit]
                 by_table: dict[str, list[int]] = {}
-                for r in rows:
-                    by_table.setdefault(lanes[r[0]][1], []).append(r[1])
+                for nums, _, _ in rows:
+                    by_table.setdefault(lanes[nums[0]][1], []).append(nums[1])
                 updates = [
                     f"UPDATE `{table}` SET lease_until = {int(until)}, "
                     f"lease_token = {int(token)}, deliveries = deliveries + 1 "
@@ -145,35 +168,35 @@ class InnoDBQueue:
                 await _drain(cur)
             return [
                 Lease(
-                    lanes[r[0]][0],
-                    lanes[r[0]][1],
-                    int(r[1]),
-                    r[2],
-                    bytes(r[3]),
-                    int(r[4]) + 1,
-                    r[5] / US if r[5] is not None else None,
-                    bool(r[6]),
+                    lanes[nums[0]][0],
+                    lanes[nums[0]][1],
+                    nums[1],
+                    dest,
+                    bytes(blob),
+                    nums[2] + 1,
+                    nums[4] / US if len(nums) > 4 else None,
+                    len(nums) > 4 and bool(nums[5]),
                     token,
-                    created=int(r[7]),
+                    created=nums[3],
                 )
-                for r in rows
+                for nums, dest, blob in rows
             ]
 
         return await self.db.run(work)
 
     async def ack(self, leases: Sequence[Lease]) -> None:
-        groups = claim_groups(leases)
-        if not groups:
+        deletes = [
+            f"DELETE FROM `{t}` WHERE {_held(items)}" for t, items in _by_table(leases).items()
+        ]
+        if not deletes:
             return
+        # One round trip and one commit, however many claims and tables are settled.
+        sql = deletes[0] if len(deletes) == 1 else "; ".join(["BEGIN", *deletes, "COMMIT"])
 
         async def run(conn: Any) -> None:
             async with conn.cursor() as cur:
-                for (table, token), items in groups.items():
-                    await cur.execute(
-                        f"DELETE FROM `{table}` WHERE lease_token = %s "
-                        f"AND id IN ({_id_list(x.id for x in items)})",
-                        (token,),
-                    )
+                await cur.execute(sql)
+                await _drain(cur)
 
         await self.db.run(run)
 
@@ -238,23 +261,21 @@ class InnoDBQueue:
         return await self.db.transaction(work)
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
-        groups = claim_groups(leases)
+        groups = _by_table(leases)
         if not groups:
             return
         died = to_us(time.time())
 
         async def work(cur: Any) -> None:
-            for (table, token), items in groups.items():
-                ids = _id_list(x.id for x in items)
+            for table, items in groups.items():
+                held = _held(items)
                 await cur.execute(
                     f"INSERT INTO `{self.tables.dead}` (lane, destination, message, reason, "
                     f"deliveries, died_at) SELECT %s, destination, message, %s, deliveries, %s "
-                    f"FROM `{table}` WHERE lease_token = %s AND id IN ({ids})",
-                    (str(self._lane_of[table]), reason[:255], died, token),
+                    f"FROM `{table}` WHERE {held}",
+                    (str(self._lane_of[table]), reason[:255], died),
                 )
-                await cur.execute(
-                    f"DELETE FROM `{table}` WHERE lease_token = %s AND id IN ({ids})", (token,)
-                )
+                await cur.execute(f"DELETE FROM `{table}` WHERE {held}")
 
         await self.db.transaction(work)
 

@@ -116,6 +116,26 @@ async def test_settling_a_lost_lease_does_nothing(queue: Queue) -> None:
     assert await claim_all(queue, now + 100) == []
 
 
+async def test_settling_many_claims_at_once_spares_a_stale_lease(queue: Queue) -> None:
+    """Acks and dead letters of several claims go out together (batch-1 reads): each
+    row matches its own claim's token, so a stale lease in the batch spares the row
+    another claim now holds, even when that claim's token is in the same batch."""
+    await queue.insert(Lane.NORMAL, [row("a", b"1"), row("a", b"2"), row("a", b"3")])
+    now = time.time()
+    (stale,) = await queue.claim(1, now, 1.0)
+    (second,) = await queue.claim(1, now, LEASE)
+    (third,) = await queue.claim(1, now, LEASE)
+    (again,) = await queue.claim(1, now + 2, LEASE)  # the first row, under a new token
+    assert again.blob == stale.blob
+    await queue.ack([stale, second])
+    await queue.dead([stale, third], "test")
+    assert [d["blob"] for d in await queue.dead_letters()] == [b"3"]
+    stats = await queue.stats(now + 2)
+    assert sum(stats.queued.values()) == 0 and sum(stats.leased.values()) == 1
+    await queue.ack([again])
+    assert await claim_all(queue, now + 100) == []
+
+
 async def test_dead_letters_and_requeue(queue: Queue) -> None:
     await queue.insert(Lane.NORMAL, [row("a", b"bad"), row("b", b"worse")])
     leases = await claim_all(queue)
