@@ -13,7 +13,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 
 from .errors import CodecError, InvalidMessage, QueueUnavailable, ReaderBusy
@@ -27,6 +27,8 @@ from .valve import Valve
 __all__ = ["Reader"]
 
 log = logging.getLogger(__name__)
+
+_ClaimSettling = Callable[[Sequence[Lease], int, float, float], Awaitable[list[Lease]]]
 
 MAX_ORDER_WAITS = 25  # x 2 ms: then the older message is presumed stuck and skipped
 
@@ -86,6 +88,8 @@ class Reader:
         self._acks_since = 0.0
         # q4m: every unsettled lease holds an owner connection, so acks go out first
         self._eager_acks = bool(getattr(queue, "leases_hold_connections", False))
+        # innodb: acks can ride in the next claim's transaction (no commit of their own)
+        self._claim_settling: _ClaimSettling | None = getattr(queue, "claim_settling", None)
         self._local_due: float | None = None
         self._busy = False
         self._closed = False
@@ -258,8 +262,13 @@ class Reader:
 
     async def _take(self) -> Lease | None:
         now = time.time()
+        settling = self._claim_settling if not self._buffer else None
         if self._acks and (
-            (not self._buffer and (len(self._acks) >= self.ack_batch or self._eager_acks))
+            (
+                not self._buffer
+                and not settling
+                and (len(self._acks) >= self.ack_batch or self._eager_acks)
+            )
             or now - self._acks_since > self.lease / 4
         ):  # batched, but never so late that the acked rows' leases could expire
             await self._flush_acks()
@@ -271,7 +280,17 @@ class Reader:
                 "dropping a prefetched lease near expiry (%s)", lease.destination,
                 extra={"destination": lease.destination},
             )  # fmt: skip
-        leases = await self.queue.claim(self.batch, now, self.lease)
+        if settling is not None and self._acks:  # the acks ride with the claim
+            acks, self._acks = self._acks, []
+            try:
+                leases = await settling(acks, self.batch, now, self.lease)
+            except BaseException:
+                self._acks[:0] = acks  # kept: retried with the next claim or flush
+                raise
+            for lease in acks:
+                self._emit("ack", lease.destination)
+        else:
+            leases = await self.queue.claim(self.batch, now, self.lease)
         if not leases:
             return None
         self._buffer.extend((lease, now) for lease in leases[1:])

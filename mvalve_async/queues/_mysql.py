@@ -114,9 +114,12 @@ class MySQLPool:
         if self._pool is None:
             await self.connect()
         try:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
-            async with asyncio.timeout(self.settings.connect_timeout):
+            if self._pool.freesize:  # an idle connection: no wait, no timer needed
                 conn = await self._pool.acquire()
+            else:
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+                async with asyncio.timeout(self.settings.connect_timeout):
+                    conn = await self._pool.acquire()
         except (TimeoutError, pymysql.err.MySQLError, OSError) as exc:
             raise translate(exc, self.where) from None
         try:

@@ -48,6 +48,11 @@ def _by_table(leases: Iterable[Lease]) -> dict[str, list[Lease]]:
     return out
 
 
+def _deletes(leases: Iterable[Lease]) -> list[str]:
+    """The acks of `leases`: one DELETE per table."""
+    return [f"DELETE FROM `{t}` WHERE {_held(items)}" for t, items in _by_table(leases).items()]
+
+
 async def _drain(cur: Any) -> None:
     """Read the remaining results of a multi-statement query (or the next one fails)."""
     while await cur.nextset():
@@ -125,6 +130,16 @@ class InnoDBQueue:
         return " UNION ALL ".join(parts)
 
     async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
+        return await self.claim_settling((), limit, now, lease_seconds)
+
+    async def claim_settling(
+        self, acks: Sequence[Lease], limit: int, now: float, lease_seconds: float
+    ) -> list[Lease]:
+        """`ack(acks)` and `claim(...)` in one transaction and the same round trips.
+        Readers use it: acks go out with the next claim, so they cost no commit of
+        their own, and acked rows are gone before the claim's SELECT (leased rows
+        left at the head of a table are rows every claim must step over)."""
+        deletes = _deletes(acks)
         now_us, until = to_us(now), to_us(now + lease_seconds)
         lanes = self.tables.all()
         rank = [list(Lane).index(lane) for lane, _ in lanes]
@@ -134,10 +149,12 @@ class InnoDBQueue:
             # the lease UPDATEs + COMMIT (the pool allows multi-statements for this).
             token = secrets.randbits(62) + 1
             async with conn.cursor() as cur:
+                head = "".join(f"{d.replace('%', '%%')}; " for d in deletes)
                 await cur.execute(
-                    "START TRANSACTION; " + self._claim_sql, {"now": now_us, "limit": limit}
+                    "START TRANSACTION; " + head + self._claim_sql, {"now": now_us, "limit": limit}
                 )
-                await cur.nextset()
+                for _ in range(1 + len(deletes)):
+                    await cur.nextset()
                 found = list(await cur.fetchall())
                 await _drain(cur)
                 if not found:
@@ -185,9 +202,7 @@ class InnoDBQueue:
         return await self.db.run(work)
 
     async def ack(self, leases: Sequence[Lease]) -> None:
-        deletes = [
-            f"DELETE FROM `{t}` WHERE {_held(items)}" for t, items in _by_table(leases).items()
-        ]
+        deletes = _deletes(leases)
         if not deletes:
             return
         # One round trip and one commit, however many claims and tables are settled.

@@ -1,0 +1,72 @@
+"""innodb readers send acks with their next claim: one transaction, no round trip
+or commit of their own, and nothing lost when that claim fails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiomysql.connection
+import pytest
+
+from mvalve_async import Message
+from mvalve_async.errors import QueueUnavailable
+from mvalve_async.reader import Reader
+from mvalve_async.stores.memory import MemoryStore
+from mvalve_async.writer import Writer
+from tests.conftest import open_queue
+
+
+async def rows_left(queue: Any) -> int:
+    rows = await queue.db.fetch(f"SELECT COUNT(*) FROM `{queue.tables.normal[0]}`")
+    return int(rows[0][0])
+
+
+async def test_acks_ride_with_the_next_claim_and_survive_its_failure(
+    tmp_path: object, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue: Any = await open_queue("innodb", tmp_path, request)
+    reader = Reader(queue, MemoryStore(), batch=1)
+    sent: list[str] = []
+    original = aiomysql.connection.Connection._execute_command
+
+    async def spy(self: Any, command: int, sql: Any) -> Any:
+        sent.append(sql.decode() if isinstance(sql, bytes | bytearray) else str(sql))
+        return await original(self, command, sql)
+
+    try:
+        await Writer(queue).insert_many([Message("d", i) for i in range(3)])
+        monkeypatch.setattr(aiomysql.connection.Connection, "_execute_command", spy)
+        first = await reader.next(timeout=0)
+        second = await reader.next(timeout=0)
+        assert first is not None and second is not None
+        assert (first.content, second.content) == (0, 1)
+        # the first message's ack went out inside the second claim's transaction
+        claims = [s for s in sent if "SKIP LOCKED" in s]
+        assert len(claims) == 2 and "DELETE" not in claims[0]
+        assert claims[1].startswith("START TRANSACTION; DELETE FROM")
+        assert not [s for s in sent if s.startswith("DELETE")]  # no ack of its own
+        assert await rows_left(queue) == 2
+
+        # the next claim fails once: its acks are kept and go out with the retry
+        settling = reader._claim_settling
+        assert settling is not None
+        failed: list[int] = []
+
+        async def flaky(acks: Any, *args: Any) -> Any:
+            if not failed:
+                failed.append(len(acks))
+                raise QueueUnavailable("test: connection lost")
+            return await settling(acks, *args)
+
+        reader._claim_settling = flaky
+        third = await reader.next(timeout=5)
+        assert third is not None and third.content == 2
+        assert failed == [1]
+        assert await rows_left(queue) == 1  # only the third, leased
+        await reader.close()  # flushes the last ack
+        assert await rows_left(queue) == 0
+    finally:
+        monkeypatch.undo()
+        await reader.close()
+        await queue.drop_schema()
+        await queue.close()
