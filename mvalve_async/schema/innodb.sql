@@ -16,6 +16,7 @@ CREATE TABLE IF NOT EXISTS `{table}` (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 -- section: timed
+-- KEY ready is the claim's order, (ready, created, id): due rows come without a sort.
 CREATE TABLE IF NOT EXISTS `{table}` (
   id          BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
   destination VARCHAR(255) NOT NULL,
@@ -27,7 +28,7 @@ CREATE TABLE IF NOT EXISTS `{table}` (
   lease_token BIGINT NOT NULL DEFAULT 0,
   deliveries  INT NOT NULL DEFAULT 0,
   PRIMARY KEY (id),
-  KEY ready (ready, id),
+  KEY ready (ready, created),
   KEY destination (destination)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 

@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS {table} (
   lease_token INTEGER NOT NULL DEFAULT 0,
   deliveries  INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS {table}_ready ON {table} (ready, id);
+CREATE INDEX IF NOT EXISTS {table}_ready ON {table} (ready, created, id);
 CREATE INDEX IF NOT EXISTS {table}_destination ON {table} (destination);
 
 -- section: dead

@@ -139,7 +139,7 @@ async def test_file_wal_schema_idempotent(tmp_path: Path) -> None:
     assert {"q_emerg", "q_timed", "q_incoming", "q_dead"} <= names
     ddl = q.schema_sql()
     assert "{table}" not in ddl and "CREATE TABLE IF NOT EXISTS q_timed" in ddl
-    assert "q_timed_ready ON q_timed (ready, id)" in ddl
+    assert "q_timed_ready ON q_timed (ready, created, id)" in ddl
     await q.drop_schema()
     await q.drop_schema()  # idempotent
     with pytest.raises(SchemaError):
