@@ -293,8 +293,21 @@ class Reader:
             leases = await self.queue.claim(self.batch, now, self.lease)
         if not leases:
             return None
+        if len(leases) > 1:
+            await self._announce(leases)
         self._buffer.extend((lease, now) for lease in leases[1:])
         return leases[0]
+
+    async def _announce(self, leases: Sequence[Lease]) -> None:
+        """Register a batch's throttled messages with the valve (see Valve.claimed):
+        readers that claimed younger ones of the same destinations let these go
+        first. One concurrent store round trip per destination."""
+        seqs: dict[str, list[int]] = {}
+        for lease in leases:
+            if lease.created and lease.lane is not Lane.EMERGENCY and not lease.reserved:
+                seqs.setdefault(lease.destination, []).append(lease.created)
+        if seqs:
+            await asyncio.gather(*(self.valve.claimed(d, s) for d, s in seqs.items()))
 
     async def _idle(self, deadline: float | None) -> bool:
         """Wait until a row may be claimable. False when the deadline passed."""

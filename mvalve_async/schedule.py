@@ -45,6 +45,7 @@ __all__ = [
     "Rate",
     "Record",
     "admit",
+    "claimed",
     "pause",
     "resume",
 ]
@@ -131,15 +132,18 @@ class Record:
     paused: float = 0.0
     emergency: float = 0.0
     deferred: float = 0.0
-    # future reservations of deferred messages as [slot, seq] (seq: the row's
-    # insertion order, integer µs), to hand an older message a younger one's slot
+    # reservations of deferred messages as [slot, seq] (seq: the row's insertion
+    # order, integer µs), to hand an older message a younger one's slot
     pending: list[list[float]] = field(default_factory=list)
+    # messages claimed by some reader, not admitted yet, as [claimed at, seq]
+    claims: list[list[float]] = field(default_factory=list)
 
     def dumps(self) -> bytes:
-        return orjson.dumps(
-            [2, self.slots, self.sent, self.busy, self.horizon, self.paused,
-             self.emergency, self.deferred, self.pending]
-        )  # fmt: skip
+        fields = [self.slots, self.sent, self.busy, self.horizon, self.paused,
+                  self.emergency, self.deferred, self.pending]  # fmt: skip
+        if self.claims:  # version 3 only when needed: smaller, and v2 readers read it
+            return orjson.dumps([3, *fields, self.claims])
+        return orjson.dumps([2, *fields])
 
     @classmethod
     def loads(cls, raw: bytes | None) -> Record:
@@ -147,12 +151,14 @@ class Record:
             return cls()
         try:
             v, slots, sent, busy, horizon, paused, emergency, deferred, *rest = orjson.loads(raw)
-            if type(v) is not int or v not in (1, 2) or len(rest) != v - 1:
+            if type(v) is not int or v not in (1, 2, 3) or len(rest) != v - 1:
                 raise ValueError(f"version {v!r}")
-            pending = [[_num(a), _num(b)] for a, b in rest[0]] if rest else []
+            pending, claims = (
+                [[_num(a), _num(b)] for a, b in part] for part in (*rest, [], [])[:2]
+            )
             return cls(
                 [_num(x) for x in slots], [_num(x) for x in sent], _num(busy),
-                _num(horizon), _num(paused), _num(emergency), _num(deferred), pending,
+                _num(horizon), _num(paused), _num(emergency), _num(deferred), pending, claims,
             )  # fmt: skip
         except (ValueError, TypeError) as exc:
             raise CodecError(f"schedule record is not valid: {exc}") from None
@@ -237,6 +243,8 @@ def admit(
         return Decision(Action.DELIVER, now, shift=shift)
 
     if now < rec.emergency and policy is EmergencyPolicy.DROP:
+        if seq is not None:
+            rec.claims = [c for c in rec.claims if c[1] != seq]
         return Decision(Action.DEAD, now, reason="emergency")
     window = max(rec.paused, rec.emergency if policy is EmergencyPolicy.HOLD else 0.0)
     if now < window:
@@ -251,9 +259,13 @@ def admit(
         if seq is not None:
             # Several readers hold due reserved rows (a burst of n shares a slot): the
             # older goes first. A reservation older than ORDER_WAIT is presumed lost.
-            older = [p for p in rec.pending if p[1] < seq and now - ORDER_WAIT < p[0] <= now]
-            if older and not force:
+            if _older_due(rec, now, seq) and not force:
                 return Decision(Action.WAIT, now + 0.002)
+            own = [t for t, q in rec.pending if q == seq]
+            if own and own[0] > now and not force:
+                # An older message took its slot while this reader held it (the move
+                # skipped a leased row): it goes at its new slot, still reserved.
+                return Decision(Action.DEFER, own[0], reserved=True)
             rec.pending = [p for p in rec.pending if p[1] != seq]
         # Its slot is already reserved: confirm against actual hand-outs only.
         at = _r(max(now, sent_floor))
@@ -270,6 +282,13 @@ def admit(
     backlog = rec.deferred > now - fifo_grace
     if backlog:
         slot = max(slot, rec.deferred)
+    if seq is not None:
+        if slot <= now and not backlog and not force and _older_due(rec, now, seq):
+            # Another reader claimed an older message of this destination and has not
+            # brought it here yet: let it go first (a deferral needs no wait: an
+            # older message arriving later takes a younger one's slot).
+            return Decision(Action.WAIT, now + 0.002)
+        rec.claims = [c for c in rec.claims if c[1] != seq]  # its claim is settled
     if slot <= now and not backlog:
         at = _r(now)
         _append(rec.slots, at, rate)
@@ -294,6 +313,29 @@ PENDING_MAX = 128
 ORDER_WAIT = 1.0
 
 
+def _older_due(rec: Record, now: float, seq: int) -> bool:
+    """An older message of this destination is due (its reserved slot has come, or
+    another reader announced its claim) and not handed out yet. After ORDER_WAIT
+    it is presumed lost (its reader died or returned it) and no longer waited for."""
+    return any(q < seq and now - ORDER_WAIT < t <= now for t, q in rec.pending) or any(
+        q < seq and t > now - ORDER_WAIT for t, q in rec.claims
+    )
+
+
+def claimed(rec: Record, now: float, seqs: list[int]) -> bool:
+    """A reader claimed these messages (by seq): until each is admitted, younger
+    messages claimed by other readers wait for it instead of overtaking it (what
+    inverted the first burst of a destination shared by several readers). Returns
+    False when nothing changed."""
+    have = {q for _, q in rec.claims}
+    new = [[now, float(q)] for q in seqs if q not in have]
+    if not new:
+        return False
+    live = [c for c in rec.claims if c[0] > now - ORDER_WAIT]  # the expired ones go
+    rec.claims = sorted(live + new, key=lambda c: c[1])[:PENDING_MAX]
+    return True
+
+
 def _take_older_place(
     rec: Record, now: float, slot: float, seq: int
 ) -> tuple[float, tuple[tuple[int, float, float], ...]]:
@@ -302,7 +344,9 @@ def _take_older_place(
     the earliest slot among the younger pending ones and each of those moves to
     the next slot, in insertion order: the set of slots (hence the rate) is the
     same, the order is FIFO again. Returns this message's slot and the moves."""
-    live = [p for p in rec.pending if p[0] > now]
+    # Reservations not handed out yet (a due one may be waiting for an older one):
+    # a younger one's slot, even a due one, goes to this older message.
+    live = [p for p in rec.pending if p[0] > now - ORDER_WAIT and p[1] != seq]
     younger = [p for p in live if p[1] > seq]
     moves: list[tuple[int, float, float]] = []
     mine = slot

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 
 import orjson
 
-from .errors import StoreError
+from .errors import CodecError, StoreError
 from .interfaces import Store
-from .schedule import Decision, EmergencyPolicy, Rate, Record, admit
+from .schedule import Decision, EmergencyPolicy, Rate, Record, admit, claimed
 from .schedule import pause as _pause
 from .schedule import resume as _resume
 
@@ -135,6 +135,30 @@ class Valve:
                     return None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max)
+
+    async def claimed(self, destination: str, seqs: list[int]) -> None:
+        """Tell the other readers that this one holds these messages (by seq) of a
+        throttled destination, so that their younger ones wait instead of
+        overtaking. A hint for order only: one try, and a store error just loses it."""
+        if not seqs or self.rate_for(destination) is None:
+            return
+        now = time.time()
+        fresh: list[float] = []
+
+        def step(raw: bytes | None) -> tuple[bytes | None, bool]:
+            if raw is None and not fresh:
+                return None, False  # a missing record: check the epoch first
+            rec = Record.loads(raw) if raw is not None else Record(busy=fresh[0])
+            return (rec.dumps() if claimed(rec, now, seqs) else None), True
+
+        try:
+            if self._epoch_key(destination) not in self._epochs:
+                fresh[:] = [await self._quarantine(destination)]
+            if not await self.store.update(key_for(destination), step, ttl=RECORD_TTL):
+                fresh[:] = [await self._quarantine(destination)]
+                await self.store.update(key_for(destination), step, ttl=RECORD_TTL)
+        except (StoreError, CodecError) as exc:
+            log.debug("order hint for %s lost: %s", destination, exc)
 
     async def _quarantine(self, destination: str) -> float:
         """A destination's record is missing: a new destination, or lost state (a
