@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 
+from ._held import Held, Slot
 from .errors import CodecError, InvalidMessage, QueueUnavailable, ReaderBusy
 from .events import Emitter, Observer
 from .interfaces import Lane, Lease, Queue, Store
@@ -30,7 +31,13 @@ log = logging.getLogger(__name__)
 
 _ClaimSettling = Callable[[Sequence[Lease], int, float, float], Awaitable[list[Lease]]]
 
-MAX_ORDER_WAITS = 25  # x 2 ms: then the older message is presumed stuck and skipped
+# Waiting for an older message: ask again after 2, 4, 8, then every 10 ms (each ask
+# is a store round trip); after MAX_ORDER_WAITS asks (~130 ms) it is presumed stuck.
+MAX_ORDER_WAITS = 15
+
+
+def _order_backoff(waits: int) -> float:
+    return min(0.002 * 2.0**waits, 0.010)
 
 
 class Reader:
@@ -82,7 +89,7 @@ class Reader:
         self._notifier = notifier
         self._emit = Emitter(observers)
         self._wake = notifier.subscribe() if notifier else asyncio.Event()
-        self._buffer: collections.deque[tuple[Lease, float]] = collections.deque()
+        self._held = Held(lease)
         self._current: tuple[Lease, Message] | None = None
         self._acks: list[Lease] = []
         self._acks_since = 0.0
@@ -112,13 +119,13 @@ class Reader:
             backoff = 0.05
             while True:
                 try:
-                    lease = await self._take()
-                    if lease is None:
+                    slot = await self._take()
+                    if slot is None:
                         await self._flush_acks()
                         if not await self._idle(deadline):
                             return None
                         continue
-                    msg = await self._process(lease, deadline)
+                    msg = await self._process(slot, deadline)
                 except QueueUnavailable as exc:
                     # The server went away (restart, network): wait and reconnect.
                     # Leases held meanwhile expire or come back by themselves.
@@ -130,7 +137,7 @@ class Reader:
                     continue
                 backoff = 0.05
                 if msg is not None:
-                    self._current = (lease, msg)
+                    self._current = (slot.lease, msg)
                     return msg
                 if deadline is not None and loop.time() >= deadline:
                     return None
@@ -205,9 +212,7 @@ class Reader:
         self._settle_current()
         with contextlib.suppress(Exception):
             await _shielded(self._flush_acks())
-        buffered = [lease for lease, _ in self._buffer]
-        self._buffer.clear()
-        for lease in buffered:
+        for lease in self._held.drain():
             with contextlib.suppress(Exception):
                 await _shielded(self.queue.release(lease))
         if self._background:
@@ -260,26 +265,24 @@ class Reader:
                 self._acks[:0] = acks  # keep them: retried on the next flush
                 raise
 
-    async def _take(self) -> Lease | None:
+    async def _take(self) -> Slot | None:
         now = time.time()
-        settling = self._claim_settling if not self._buffer else None
+        settling = self._claim_settling if not self._held else None
         if self._acks and (
             (
-                not self._buffer
+                not self._held
                 and not settling
                 and (len(self._acks) >= self.ack_batch or self._eager_acks)
             )
             or now - self._acks_since > self.lease / 4
         ):  # batched, but never so late that the acked rows' leases could expire
             await self._flush_acks()
-        while self._buffer:
-            lease, claimed = self._buffer.popleft()
-            if now - claimed < self.lease * 0.8:
-                return lease
-            log.warning(
-                "dropping a prefetched lease near expiry (%s)", lease.destination,
-                extra={"destination": lease.destination},
-            )  # fmt: skip
+        slot, wait = self._held.take(now)
+        if slot is None and self._held:  # only parked leases, none due yet
+            await asyncio.sleep(wait)
+            slot, _ = self._held.take(time.time())
+        if slot is not None:
+            return slot
         if settling is not None and self._acks:  # the acks ride with the claim
             acks, self._acks = self._acks, []
             try:
@@ -295,8 +298,8 @@ class Reader:
             return None
         if len(leases) > 1:
             await self._announce(leases)
-        self._buffer.extend((lease, now) for lease in leases[1:])
-        return leases[0]
+        self._held.add(leases, now)
+        return self._held.take(now)[0]
 
     async def _announce(self, leases: Sequence[Lease]) -> None:
         """Register a batch's throttled messages with the valve (see Valve.claimed):
@@ -304,7 +307,7 @@ class Reader:
         first. One concurrent store round trip per destination."""
         seqs: dict[str, list[int]] = {}
         for lease in leases:
-            if lease.created and lease.lane is not Lane.EMERGENCY and not lease.reserved:
+            if lease.created and lease.lane is not Lane.EMERGENCY:
                 seqs.setdefault(lease.destination, []).append(lease.created)
         if seqs:
             await asyncio.gather(*(self.valve.claimed(d, s) for d, s in seqs.items()))
@@ -336,16 +339,18 @@ class Reader:
                 self._local_due = None
                 return True
 
-    async def _process(self, lease: Lease, deadline: float | None) -> Message | None:
+    async def _process(self, slot: Slot, deadline: float | None) -> Message | None:
+        lease = slot.lease
         try:
-            return await self._process_inner(lease, deadline)
+            return await self._process_inner(slot, deadline)
         except asyncio.CancelledError:
             # Any queue operation may or may not have committed: release under the
             # lease token (a no-op if the row moved), never hand this lease out again.
             self._spawn(self.queue.release(lease))
             raise
 
-    async def _process_inner(self, lease: Lease, deadline: float | None) -> Message | None:
+    async def _process_inner(self, slot: Slot, deadline: float | None) -> Message | None:
+        lease = slot.lease
         try:
             msg = decode(lease.blob)
             if msg.destination != lease.destination:
@@ -367,7 +372,6 @@ class Reader:
             await self.queue.dead([lease], "too many deliveries")
             self._emit("dead", lease.destination)
             return None
-        waits = 0
         while True:
             decision = await self.valve.decide(
                 msg.destination,
@@ -376,14 +380,20 @@ class Reader:
                 reserved=lease.reserved,
                 deadline=deadline,
                 seq=lease.created,
-                force=waits >= MAX_ORDER_WAITS,
+                force=slot.waits >= MAX_ORDER_WAITS,
             )
             if decision is None or decision.action is not Action.WAIT:
                 break
-            waits += 1  # another reader is handing out an older message: let it go first
-            await asyncio.sleep(max(0.0, decision.at - time.time()))
+            # Another reader holds an older message of this destination: let it go
+            # first, and meanwhile go on with this reader's other messages.
+            retry = max(decision.at, time.time() + _order_backoff(slot.waits))
+            if self._held:
+                self._held.park(slot, retry)
+                return None
+            slot.waits += 1
+            await asyncio.sleep(max(0.0, retry - time.time()))
         if decision is None:  # store down past the caller's deadline: keep the lease
-            self._buffer.appendleft((lease, time.time()))
+            self._held.put_back(slot)
             return None
         if decision.shift > 0:  # an emergency opened a HOLD window: push the backlog back
             await self.queue.shift(msg.destination, decision.at, decision.shift)

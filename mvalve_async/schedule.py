@@ -224,8 +224,33 @@ def admit(
     `rate` None means unlimited (durations, pauses and emergencies still apply).
     `margin` (seconds) widens the hand-out window: a reader returns a message a
     little after its recorded hand-out, and the margin absorbs that lag so that
-    the promise also holds on the times the consumer sees.
+    the promise also holds on the times the consumer sees. `seq` (the row's
+    insertion order) lets several readers keep a destination's order; `force`
+    stops waiting for an older message (WAIT) presumed stuck.
     """
+    decision = _admit(
+        rec, now, rate, duration=duration, emergency=emergency, reserved=reserved,
+        policy=policy, fifo_grace=fifo_grace, margin=margin, seq=seq, force=force,
+    )  # fmt: skip
+    if seq is not None and rec.claims and decision.action is not Action.WAIT:
+        rec.claims = [c for c in rec.claims if c[1] != seq]  # its claim is settled
+    return decision
+
+
+def _admit(
+    rec: Record,
+    now: float,
+    rate: Rate | None,
+    *,
+    duration: float | None = None,
+    emergency: bool = False,
+    reserved: bool = False,
+    policy: EmergencyPolicy = EmergencyPolicy.DROP,
+    fifo_grace: float = 1.0,
+    margin: float = 0.0,
+    seq: int | None = None,
+    force: bool = False,
+) -> Decision:
     per = rate.per if rate is not None else 1.0
     if emergency:
         _append(rec.slots, now, rate)
@@ -243,8 +268,6 @@ def admit(
         return Decision(Action.DELIVER, now, shift=shift)
 
     if now < rec.emergency and policy is EmergencyPolicy.DROP:
-        if seq is not None:
-            rec.claims = [c for c in rec.claims if c[1] != seq]
         return Decision(Action.DEAD, now, reason="emergency")
     window = max(rec.paused, rec.emergency if policy is EmergencyPolicy.HOLD else 0.0)
     if now < window:
@@ -288,7 +311,6 @@ def admit(
             # brought it here yet: let it go first (a deferral needs no wait: an
             # older message arriving later takes a younger one's slot).
             return Decision(Action.WAIT, now + 0.002)
-        rec.claims = [c for c in rec.claims if c[1] != seq]  # its claim is settled
     if slot <= now and not backlog:
         at = _r(now)
         _append(rec.slots, at, rate)

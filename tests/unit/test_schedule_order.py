@@ -101,8 +101,8 @@ def test_readers_in_any_interleaving_deliver_in_order_within_the_rate(
             fresh = list(range(next_seq, min(next_seq + batch - len(due), total + 1)))
             next_seq += len(fresh)
             held[r] = [(q, True) for _, q in due] + [(q, False) for q in fresh]
-            if fresh:
-                claimed(rec, now, fresh)
+            if held[r]:  # the reader announces its batch, reserved rows included
+                claimed(rec, now, [q for q, _ in held[r]])
             if not held[r]:
                 continue
         seq, reserved = held[r][0]

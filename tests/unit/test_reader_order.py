@@ -1,0 +1,73 @@
+"""A reader whose message must wait for an older one held by another reader parks
+it and goes on with its other messages; the held leases keep their order."""
+
+from __future__ import annotations
+
+import time
+
+from mvalve_async import Message, Rate
+from mvalve_async._held import Held
+from mvalve_async.interfaces import Lane, Lease
+from mvalve_async.queues.memory import MemoryQueue
+from mvalve_async.reader import Reader
+from mvalve_async.stores.memory import MemoryStore
+from mvalve_async.valve import Valve
+from mvalve_async.writer import Writer
+
+
+def lease(i: int, dest: str = "d") -> Lease:
+    return Lease(Lane.NORMAL, "t", i, dest, b"", 1, created=i)
+
+
+async def test_a_waiting_message_is_parked_and_the_reader_goes_on() -> None:
+    queue, store = MemoryQueue(), MemoryStore()
+    await Writer(queue).insert_many([Message("a", "young a"), Message("b", "b")])
+    (first, *_) = await queue.peek(1)
+    # another reader holds an older message of "a" (seq 1) and announced it
+    other = Valve(store, rate=Rate(10))
+    await other.claimed("a", [1])
+    reader = Reader(queue, store, rate=Rate(10), batch=2)
+    msg = await reader.next(timeout=1)
+    assert msg is not None and msg.content == "b"  # "a" waits, "b" goes meanwhile
+    # the older "a" is handed out by the other reader: the parked one follows
+    decision = await other.decide("a", duration=None, emergency=False, reserved=False, seq=1)
+    assert decision is not None and decision.action.name == "DELIVER"
+    msg = await reader.next(timeout=1)
+    assert msg is not None and msg.content == "young a"
+    await reader.close()
+    assert first["destination"] == "a"
+
+
+async def test_an_older_message_stuck_elsewhere_is_waited_for_only_so_long() -> None:
+    queue, store = MemoryQueue(), MemoryStore()
+    await Writer(queue).insert(Message("a", "young a"))
+    await Valve(store, rate=Rate(10)).claimed("a", [1])  # its reader died
+    reader = Reader(queue, store, rate=Rate(10))
+    t0 = time.monotonic()
+    msg = await reader.next(timeout=5)
+    assert msg is not None and msg.content == "young a"
+    assert time.monotonic() - t0 < 1.0  # forced after MAX_ORDER_WAITS, not ORDER_WAIT
+    await reader.close()
+
+
+def test_held_hands_out_due_parked_leases_first_and_drops_expiring_ones() -> None:
+    held = Held(lease_seconds=10.0)
+    held.add([lease(1), lease(2), lease(3)], claimed=100.0)
+    slot, _ = held.take(100.0)
+    assert slot is not None and slot.lease.id == 1
+    held.park(slot, retry=100.5)
+    assert slot.waits == 1
+    nxt, _ = held.take(100.1)
+    assert nxt is not None and nxt.lease.id == 2  # 1 is parked until 100.5
+    again, _ = held.take(100.6)
+    assert again is not None and again.lease.id == 1  # due: before 3
+    held.park(again, retry=101.0)
+    rest, _ = held.take(100.7)
+    assert rest is not None and rest.lease.id == 3
+    none, wait = held.take(100.8)
+    assert none is None and abs(wait - 0.2) < 1e-9  # only a parked one, due in 0.2 s
+    held.add([lease(4)], claimed=100.0)
+    assert [x.id for x in held.drain()] == [1, 4] and len(held) == 0
+    held.add([lease(5)], claimed=100.0)
+    dropped, _ = held.take(108.5)  # past 80 % of its lease: another reader may have it
+    assert dropped is None and len(held) == 0
