@@ -25,6 +25,7 @@ class Slot:
     lease: Lease
     claimed: float  # when the claim was made (wall clock): its lease runs from then
     waits: int = 0  # WAIT answers so far
+    waiting: float = 0.0  # when the first came (wall clock), 0: none yet
     retry: float = 0.0  # parked until then
 
 

@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 
 _ClaimSettling = Callable[[Sequence[Lease], int, float, float], Awaitable[list[Lease]]]
 
-# Waiting for an older message: ask again after 2, 4, 8, then every 10 ms (each ask
-# is a store round trip); after MAX_ORDER_WAITS asks (~130 ms) it is presumed stuck.
-MAX_ORDER_WAITS = 15
+# Waiting for an older message: ask again when the valve says (about a store round
+# trip per older message ahead), but no sooner than 2, 4, 8, then 10 ms (each ask is a
+# store round trip); after ORDER_PATIENCE seconds the older one is presumed stuck.
+ORDER_PATIENCE = 0.15
 
 
 def _order_backoff(waits: int) -> float:
@@ -380,12 +381,13 @@ class Reader:
                 reserved=lease.reserved,
                 deadline=deadline,
                 seq=lease.created,
-                force=slot.waits >= MAX_ORDER_WAITS,
+                force=slot.waiting > 0 and time.time() - slot.waiting >= ORDER_PATIENCE,
             )
             if decision is None or decision.action is not Action.WAIT:
                 break
             # Another reader holds an older message of this destination: let it go
             # first, and meanwhile go on with this reader's other messages.
+            slot.waiting = slot.waiting or time.time()
             retry = max(decision.at, time.time() + _order_backoff(slot.waits))
             if self._held:
                 self._held.park(slot, retry)

@@ -282,8 +282,8 @@ def _admit(
         if seq is not None:
             # Several readers hold due reserved rows (a burst of n shares a slot): the
             # older goes first. A reservation older than ORDER_WAIT is presumed lost.
-            if _older_due(rec, now, seq) and not force:
-                return Decision(Action.WAIT, now + 0.002)
+            if (ahead := _older_due(rec, now, seq)) and not force:
+                return Decision(Action.WAIT, _ask_again(now, ahead))
             own = [t for t, q in rec.pending if q == seq]
             if own and own[0] > now and not force:
                 # An older message took its slot while this reader held it (the move
@@ -306,11 +306,12 @@ def _admit(
     if backlog:
         slot = max(slot, rec.deferred)
     if seq is not None:
-        if slot <= now and not backlog and not force and _older_due(rec, now, seq):
+        ahead = 0 if slot > now or backlog or force else _older_due(rec, now, seq)
+        if ahead:
             # Another reader claimed an older message of this destination and has not
             # brought it here yet: let it go first (a deferral needs no wait: an
             # older message arriving later takes a younger one's slot).
-            return Decision(Action.WAIT, now + 0.002)
+            return Decision(Action.WAIT, _ask_again(now, ahead))
     if slot <= now and not backlog:
         at = _r(now)
         _append(rec.slots, at, rate)
@@ -335,13 +336,18 @@ PENDING_MAX = 128
 ORDER_WAIT = 1.0
 
 
-def _older_due(rec: Record, now: float, seq: int) -> bool:
+def _ask_again(now: float, ahead: int) -> float:
+    """When to ask again: about a store round trip per older message ahead."""
+    return now + min(0.002 + 0.001 * (ahead - 1), 0.05)
+
+
+def _older_due(rec: Record, now: float, seq: int) -> int:
     """An older message of this destination is due (its reserved slot has come, or
     another reader announced its claim) and not handed out yet. After ORDER_WAIT
-    it is presumed lost (its reader died or returned it) and no longer waited for."""
-    return any(q < seq and now - ORDER_WAIT < t <= now for t, q in rec.pending) or any(
-        q < seq and t > now - ORDER_WAIT for t, q in rec.claims
-    )
+    it is presumed lost (its reader died or returned it) and no longer waited for.
+    Returns how many there are."""
+    due = {q for t, q in rec.pending if q < seq and now - ORDER_WAIT < t <= now}
+    return len(due | {q for t, q in rec.claims if q < seq and t > now - ORDER_WAIT})
 
 
 def claimed(rec: Record, now: float, seqs: list[int]) -> bool:
