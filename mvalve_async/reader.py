@@ -13,9 +13,10 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 
+from ._acks import Acks
 from ._held import Held, Slot
 from .errors import CodecError, InvalidMessage, QueueUnavailable, ReaderBusy
 from .events import Emitter, Observer
@@ -29,7 +30,6 @@ __all__ = ["Reader"]
 
 log = logging.getLogger(__name__)
 
-_ClaimSettling = Callable[[Sequence[Lease], int, float, float], Awaitable[list[Lease]]]
 
 # Waiting for an older message: ask again when the valve says (about a store round
 # trip per older message ahead), but no sooner than 2, 4, 8, then 10 ms (each ask is a
@@ -92,12 +92,7 @@ class Reader:
         self._wake = notifier.subscribe() if notifier else asyncio.Event()
         self._held = Held(lease)
         self._current: tuple[Lease, Message] | None = None
-        self._acks: list[Lease] = []
-        self._acks_since = 0.0
-        # q4m: every unsettled lease holds an owner connection, so acks go out first
-        self._eager_acks = bool(getattr(queue, "leases_hold_connections", False))
-        # innodb: acks can ride in the next claim's transaction (no commit of their own)
-        self._claim_settling: _ClaimSettling | None = getattr(queue, "claim_settling", None)
+        self._acks = Acks(queue, self._emit, lease, ack_batch)
         self._local_due: float | None = None
         self._busy = False
         self._closed = False
@@ -122,7 +117,7 @@ class Reader:
                 try:
                     slot = await self._take()
                     if slot is None:
-                        await self._flush_acks()
+                        await self._acks.flush()
                         if not await self._idle(deadline):
                             return None
                         continue
@@ -212,7 +207,7 @@ class Reader:
         self._closed = True
         self._settle_current()
         with contextlib.suppress(Exception):
-            await _shielded(self._flush_acks())
+            await _shielded(self._acks.flush())
         for lease in self._held.drain():
             with contextlib.suppress(Exception):
                 await _shielded(self.queue.release(lease))
@@ -250,51 +245,20 @@ class Reader:
 
     def _settle_current(self) -> None:
         if self._current is not None:
-            if not self._acks:
-                self._acks_since = time.time()
-            self._acks.append(self._current[0])
+            self._acks.add(self._current[0])
             self._current = None
-
-    async def _flush_acks(self) -> None:
-        if self._acks:
-            acks, self._acks = self._acks, []
-            try:
-                await self.queue.ack(acks)
-                for lease in acks:
-                    self._emit("ack", lease.destination)
-            except BaseException:
-                self._acks[:0] = acks  # keep them: retried on the next flush
-                raise
 
     async def _take(self) -> Slot | None:
         now = time.time()
-        settling = self._claim_settling if not self._held else None
-        if self._acks and (
-            (
-                not self._held
-                and not settling
-                and (len(self._acks) >= self.ack_batch or self._eager_acks)
-            )
-            or now - self._acks_since > self.lease / 4
-        ):  # batched, but never so late that the acked rows' leases could expire
-            await self._flush_acks()
+        if self._acks.due(now, claiming=not self._held):
+            await self._acks.flush()
         slot, wait = self._held.take(now)
         if slot is None and self._held:  # only parked leases, none due yet
             await asyncio.sleep(wait)
             slot, _ = self._held.take(time.time())
         if slot is not None:
             return slot
-        if settling is not None and self._acks:  # the acks ride with the claim
-            acks, self._acks = self._acks, []
-            try:
-                leases = await settling(acks, self.batch, now, self.lease)
-            except BaseException:
-                self._acks[:0] = acks  # kept: retried with the next claim or flush
-                raise
-            for lease in acks:
-                self._emit("ack", lease.destination)
-        else:
-            leases = await self.queue.claim(self.batch, now, self.lease)
+        leases = await self._acks.claim(self.batch, now, self.lease)
         if not leases:
             return None
         if len(leases) > 1:

@@ -289,9 +289,17 @@ def _admit(
                 # An older message took its slot while this reader held it (the move
                 # skipped a leased row): it goes at its new slot, still reserved.
                 return Decision(Action.DEFER, own[0], reserved=True)
-            rec.pending = [p for p in rec.pending if p[1] != seq]
         # Its slot is already reserved: confirm against actual hand-outs only.
         at = _r(max(now, sent_floor))
+        if at - now > MAX_LEAD:
+            # The hand-outs fill the window for a while yet (late ones, a duration):
+            # come back then rather than wait holding it. Lost state cannot then hide
+            # a hand-out more than MAX_LEAD after the loss (see Valve._quarantine).
+            if seq is not None:
+                rec.pending = [[at, p[1]] if p[1] == seq else p for p in rec.pending]
+            return Decision(Action.DEFER, at, reserved=True)
+        if seq is not None:
+            rec.pending = [p for p in rec.pending if p[1] != seq]
         _append(rec.sent, at, rate)
         if duration:
             rec.busy = max(rec.busy, at + duration)
@@ -332,6 +340,8 @@ def _admit(
     return Decision(Action.DEFER, mine, reserved=True, moves=moves)
 
 
+# The furthest ahead of `now` a hand-out is scheduled (the reader waits for it).
+MAX_LEAD = 0.05
 PENDING_MAX = 128
 ORDER_WAIT = 1.0
 
@@ -342,11 +352,12 @@ def _ask_again(now: float, ahead: int) -> float:
 
 
 def _older_due(rec: Record, now: float, seq: int) -> int:
-    """An older message of this destination is due (its reserved slot has come, or
-    another reader announced its claim) and not handed out yet. After ORDER_WAIT
+    """An older message of this destination is due (its reserved slot has come or
+    comes within MAX_LEAD, or another reader announced its claim) and not handed
+    out yet. After ORDER_WAIT
     it is presumed lost (its reader died or returned it) and no longer waited for.
     Returns how many there are."""
-    due = {q for t, q in rec.pending if q < seq and now - ORDER_WAIT < t <= now}
+    due = {q for t, q in rec.pending if q < seq and now - ORDER_WAIT < t <= now + MAX_LEAD}
     return len(due | {q for t, q in rec.claims if q < seq and t > now - ORDER_WAIT})
 
 

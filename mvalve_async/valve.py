@@ -17,7 +17,7 @@ import orjson
 
 from .errors import CodecError, StoreError
 from .interfaces import Store
-from .schedule import Decision, EmergencyPolicy, Rate, Record, admit, claimed
+from .schedule import MAX_LEAD, Decision, EmergencyPolicy, Rate, Record, admit, claimed
 from .schedule import pause as _pause
 from .schedule import resume as _resume
 
@@ -165,7 +165,8 @@ class Valve:
         memcached restart or eviction)? The store's epoch record tells: it is
         created once, so finding it missing (or different) after this process saw
         it means the schedule was lost. Fresh records then deliver nothing before
-        `epoch + per`: every window holding a forgotten delivery has ended by then.
+        `epoch + per + MAX_LEAD`: every window holding a forgotten hand-out (which may
+        be scheduled up to MAX_LEAD after the loss) has ended by then.
         Wastes up to `per` seconds of slots after a loss; never grants one."""
         now = time.time()
         epoch_key = self._epoch_key(destination)
@@ -183,7 +184,8 @@ class Valve:
             created, lost = now, True
         self._epochs[epoch_key] = created
         if lost or (seen is not None and seen != created):
-            until = created + self.max_per()
+            # a forgotten hand-out may be scheduled up to MAX_LEAD after the loss
+            until = created + self.max_per() + MAX_LEAD
             if until > now:
                 log.warning("schedule state was lost; fresh destinations wait %.2fs", until - now)
                 return until

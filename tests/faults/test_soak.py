@@ -32,6 +32,8 @@ async def test_soak_random_faults(private_mariadb: MariaDBProcess, tmp_path: Pat
     ledger = Ledger()
     stamps: dict[str, list[float]] = {}
     faults: list[str] = []
+    seen: list[tuple[float, str, str, str | None, int]] = []  # what each delivery was
+    timeline: list[tuple[float, str]] = []
     stop = asyncio.Event()
     rng = random.Random(2026)
     pipes = [mvalve_async.open(url, store, create=True) for _ in range(6)]
@@ -62,6 +64,8 @@ async def test_soak_random_faults(private_mariadb: MariaDBProcess, tmp_path: Pat
                         if msg is None:
                             continue
                         stamps.setdefault(msg.destination, []).append(msg.delivered_at or 0)
+                        seen.append((msg.delivered_at or 0, msg.destination, msg.id, msg.lane,
+                                     msg.deliveries))  # fmt: skip
                         if rng.random() < 0.02:
                             raise RuntimeError("handler failed")
                         ledger.delivered(msg, throttled=False)
@@ -80,6 +84,7 @@ async def test_soak_random_faults(private_mariadb: MariaDBProcess, tmp_path: Pat
                 break
             fault = rng.choice(["kill-conn", "kill-db", "kill-memcached", "cancel-reader"])
             faults.append(fault)
+            timeline.append((time.time(), fault))
             if fault == "kill-conn":
                 try:
                     admin = admin or await aiomysql.connect(
@@ -129,6 +134,18 @@ async def test_soak_random_faults(private_mariadb: MariaDBProcess, tmp_path: Pat
     report = ledger.check()
     report.exceedances = exceed
     print("\n" + report.line(f"soak {SECONDS:.0f}s"), f"faults {faults} drain {drained:.1f}s")
+    if exceed:  # what a reader of the CI log needs to find the cause
+        print("faults at", [(f, round(t, 3)) for t, f in timeline])
+        for dest, times in stamps.items():
+            times.sort()
+            lo = 0
+            for hi, t in enumerate(times):
+                while times[lo] <= t - RATE.per:
+                    lo += 1
+                if hi - lo + 1 > RATE.n:
+                    print(f"over in {dest}: {hi - lo + 1} in [{times[lo]:.3f}, {t:.3f}]")
+                    for x in sorted(s for s in seen if s[1] == dest and times[lo] <= s[0] <= t):
+                        print("   ", round(x[0], 4), *x[2:])
     assert len(faults) >= 5
     assert report.lost == 0 and report.unexpected == 0 and report.exceedances == 0
     assert report.acknowledged > 1000

@@ -48,7 +48,7 @@ async def test_acks_ride_with_the_next_claim_and_survive_its_failure(
         assert await rows_left(queue) == 2
 
         # the next claim fails once: its acks are kept and go out with the retry
-        settling = reader._claim_settling
+        settling = reader._acks.with_claim
         assert settling is not None
         failed: list[int] = []
 
@@ -58,7 +58,7 @@ async def test_acks_ride_with_the_next_claim_and_survive_its_failure(
                 raise QueueUnavailable("test: connection lost")
             return await settling(acks, *args)
 
-        reader._claim_settling = flaky
+        reader._acks.with_claim = flaky
         third = await reader.next(timeout=5)
         assert third is not None and third.content == 2
         assert failed == [1]

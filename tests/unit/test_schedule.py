@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from mvalve_async.errors import CodecError, ConfigError
 from mvalve_async.schedule import (
     MAX_EXACT_LOG,
+    MAX_LEAD,
     Action,
     Decision,
     EmergencyPolicy,
@@ -311,12 +312,24 @@ def test_a_late_hand_out_pushes_the_one_n_later() -> None:
     # the reader is delta late for messages 2 and 3; 4 and 5 come back on time
     h2, h3, h4, h5 = (admit(rec, t, rate, reserved=True) for t in
                       (T0 + 1 + delta, T0 + 1 + delta, T0 + 2, T0 + 2))  # fmt: skip
-    assert {h2.action, h3.action, h4.action, h5.action} == {DELIVER}
+    assert {h2.action, h3.action} == {DELIVER}
     assert h2.at == h3.at == T0 + 1 + delta
-    # message 2 + n waits delta (the reader sleeps, no retry) rather than bunching
-    assert h4.at >= h2.at + rate.per - EPS
+    # message 2 + n comes back delta later (still reserved) rather than bunching;
+    # further ahead than MAX_LEAD it is not handed out now with a wait
+    assert delta > MAX_LEAD and h4.action is h5.action is DEFER and h4.reserved
     assert h4.at == pytest.approx(T0 + 2 + delta, abs=EPS)
+    h4, h5 = (admit(rec, h4.at, rate, reserved=True) for _ in range(2))
+    assert {h4.action, h5.action} == {DELIVER}
+    assert h4.at >= h2.at + rate.per - EPS
     assert max_in_window([T0, T0, h2.at, h3.at, h4.at, h5.at], rate.per) <= rate.n
+
+
+def test_a_hand_out_a_moment_ahead_is_delivered_with_a_wait() -> None:
+    rate, rec = Rate(1, 1.0), Record()
+    assert admit(rec, T0, rate).action is DELIVER
+    assert admit(rec, T0 + 0.001, rate).at == T0 + 1  # reserved for T0 + 1
+    early = admit(rec, T0 + 1 - MAX_LEAD / 2, rate, reserved=True)  # a reader's clock
+    assert early.action is DELIVER and early.at == T0 + 1  # it waits MAX_LEAD / 2
 
 
 @prop
