@@ -292,9 +292,10 @@ def _admit(
         # Its slot is already reserved: confirm against actual hand-outs only.
         at = _r(max(now, sent_floor))
         if at - now > MAX_LEAD:
-            # The hand-outs fill the window for a while yet (late ones, a duration):
-            # come back then rather than wait holding it. Lost state cannot then hide
-            # a hand-out more than MAX_LEAD after the loss (see Valve._quarantine).
+            # The hand-outs fill the window for long yet (a duration, or a backlog
+            # handed out later and later): come back then rather than wait holding
+            # it. Lost state then never hides a hand-out more than MAX_LEAD after
+            # the loss (see Valve._quarantine).
             if seq is not None:
                 rec.pending = [[at, p[1]] if p[1] == seq else p for p in rec.pending]
             return Decision(Action.DEFER, at, reserved=True)
@@ -340,8 +341,9 @@ def _admit(
     return Decision(Action.DEFER, mine, reserved=True, moves=moves)
 
 
-# The furthest ahead of `now` a hand-out is scheduled (the reader waits for it).
-MAX_LEAD = 0.05
+# The furthest ahead of `now` a hand-out is scheduled (the reader waits for it): a
+# drained backlog drifts some ms per window behind its slots, so this is generous.
+MAX_LEAD = 1.0
 PENDING_MAX = 128
 ORDER_WAIT = 1.0
 
@@ -352,12 +354,11 @@ def _ask_again(now: float, ahead: int) -> float:
 
 
 def _older_due(rec: Record, now: float, seq: int) -> int:
-    """An older message of this destination is due (its reserved slot has come or
-    comes within MAX_LEAD, or another reader announced its claim) and not handed
-    out yet. After ORDER_WAIT
+    """An older message of this destination is due (its reserved slot has come, or
+    another reader announced its claim) and not handed out yet. After ORDER_WAIT
     it is presumed lost (its reader died or returned it) and no longer waited for.
     Returns how many there are."""
-    due = {q for t, q in rec.pending if q < seq and now - ORDER_WAIT < t <= now + MAX_LEAD}
+    due = {q for t, q in rec.pending if q < seq and now - ORDER_WAIT < t <= now}
     return len(due | {q for t, q in rec.claims if q < seq and t > now - ORDER_WAIT})
 
 

@@ -167,7 +167,7 @@ class Valve:
         it means the schedule was lost. Fresh records then deliver nothing before
         `epoch + per + MAX_LEAD`: every window holding a forgotten hand-out (which may
         be scheduled up to MAX_LEAD after the loss) has ended by then.
-        Wastes up to `per` seconds of slots after a loss; never grants one."""
+        Wastes up to `per + MAX_LEAD` seconds of slots after a loss; never grants one."""
         now = time.time()
         epoch_key = self._epoch_key(destination)
         seen = self._epochs.get(epoch_key)
