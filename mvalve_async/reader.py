@@ -271,10 +271,17 @@ class Reader:
         readers that claimed younger ones of the same destinations let these go
         first. One concurrent store round trip per destination."""
         seqs: dict[str, list[int]] = {}
+        rate_for = self.valve.rate_for
         for lease in leases:
             if lease.created and lease.lane is not Lane.EMERGENCY:
-                seqs.setdefault(lease.destination, []).append(lease.created)
-        if seqs:
+                if lease.destination in seqs:
+                    seqs[lease.destination].append(lease.created)
+                elif rate_for(lease.destination) is not None:  # unthrottled: no order kept
+                    seqs[lease.destination] = [lease.created]
+        if len(seqs) == 1:
+            ((dest, mine),) = seqs.items()
+            await self.valve.claimed(dest, mine)
+        elif seqs:
             await asyncio.gather(*(self.valve.claimed(d, s) for d, s in seqs.items()))
 
     async def _idle(self, deadline: float | None) -> bool:
