@@ -228,29 +228,10 @@ def admit(
     insertion order) lets several readers keep a destination's order; `force`
     stops waiting for an older message (WAIT) presumed stuck.
     """
-    decision = _admit(
-        rec, now, rate, duration=duration, emergency=emergency, reserved=reserved,
-        policy=policy, fifo_grace=fifo_grace, margin=margin, seq=seq, force=force,
-    )  # fmt: skip
-    if seq is not None and rec.claims and decision.action is not Action.WAIT:
-        rec.claims = [c for c in rec.claims if c[1] != seq]  # its claim is settled
-    return decision
-
-
-def _admit(
-    rec: Record,
-    now: float,
-    rate: Rate | None,
-    *,
-    duration: float | None = None,
-    emergency: bool = False,
-    reserved: bool = False,
-    policy: EmergencyPolicy = EmergencyPolicy.DROP,
-    fifo_grace: float = 1.0,
-    margin: float = 0.0,
-    seq: int | None = None,
-    force: bool = False,
-) -> Decision:
+    # Any answer but WAIT settles the message's claim (see `claimed`).
+    claim = [c for c in rec.claims if c[1] == seq]
+    if claim:
+        rec.claims = [c for c in rec.claims if c[1] != seq]
     per = rate.per if rate is not None else 1.0
     if emergency:
         _append(rec.slots, now, rate)
@@ -283,7 +264,7 @@ def _admit(
             # Several readers hold due reserved rows (a burst of n shares a slot): the
             # older goes first. A reservation older than ORDER_WAIT is presumed lost.
             if (ahead := _older_due(rec, now, seq)) and not force:
-                return Decision(Action.WAIT, _ask_again(now, ahead))
+                return _wait(rec, claim, now, ahead)
             own = [t for t, q in rec.pending if q == seq]
             if own and own[0] > now and not force:
                 # An older message took its slot while this reader held it (the move
@@ -320,7 +301,7 @@ def _admit(
             # Another reader claimed an older message of this destination and has not
             # brought it here yet: let it go first (a deferral needs no wait: an
             # older message arriving later takes a younger one's slot).
-            return Decision(Action.WAIT, _ask_again(now, ahead))
+            return _wait(rec, claim, now, ahead)
     if slot <= now and not backlog:
         at = _r(now)
         _append(rec.slots, at, rate)
@@ -348,9 +329,12 @@ PENDING_MAX = 128
 ORDER_WAIT = 1.0
 
 
-def _ask_again(now: float, ahead: int) -> float:
-    """When to ask again: about a store round trip per older message ahead."""
-    return now + min(0.002 + 0.001 * (ahead - 1), 0.05)
+def _wait(rec: Record, claim: list[list[float]], now: float, ahead: int) -> Decision:
+    """WAIT: the message is still held, so its claim stays. Ask again after about a
+    store round trip per older message ahead."""
+    if claim:
+        rec.claims = sorted(rec.claims + claim, key=lambda c: c[1])
+    return Decision(Action.WAIT, now + min(0.002 + 0.001 * (ahead - 1), 0.05))
 
 
 def _older_due(rec: Record, now: float, seq: int) -> int:
