@@ -3,8 +3,9 @@
 A claim is one short READ COMMITTED transaction: `SELECT ... FOR UPDATE SKIP
 LOCKED` per lane, then one `UPDATE` setting the lease; nothing is held while
 user code runs. Acks are one `DELETE ... WHERE lease_token = ? AND id IN (...)`
-per table and claim. Moves and dead letters are `INSERT ... SELECT` + `DELETE`
-guarded by the lease token, so repeating them after a lost connection is safe.
+per table, sent with the next claim. Moves and dead letters are `INSERT ...
+SELECT` + `DELETE` guarded by the lease token, so repeating them after a lost
+connection is safe; like reschedules, each is one transaction in one round trip.
 """
 
 from __future__ import annotations
@@ -215,6 +216,24 @@ class InnoDBQueue:
 
         await self.db.run(run)
 
+    async def _atomic(self, statements: Sequence[tuple[str, Any]]) -> list[int]:
+        """The statements in one transaction and one round trip (START TRANSACTION;
+        ...; COMMIT, values escaped client-side); the rows each changed. Retried on a
+        lost connection: callers guard their rows by lease token, so a repeat is a no-op."""
+        if not statements:
+            return []
+
+        async def work(conn: Any) -> list[int]:
+            async with conn.cursor() as cur:
+                body = [cur.mogrify(sql, args) for sql, args in statements]
+                await cur.execute("; ".join(["START TRANSACTION", *body, "COMMIT"]))
+                counts = []
+                while await cur.nextset():
+                    counts.append(int(cur.rowcount))
+            return counts[: len(statements)]
+
+        return await self.db.run(work)
+
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
         until = to_us(time.time() + delay) if delay > 0 else 0
         await self.db.execute(
@@ -233,21 +252,16 @@ class InnoDBQueue:
             )
             return
         target = random.choice(self.tables.timed)
-
-        async def work(cur: Any) -> None:
-            moved = await cur.execute(
-                f"INSERT INTO `{target}` (destination, ready, reserved, message, created, "
-                f"deliveries) SELECT destination, %s, %s, message, created, %s "
-                f"FROM `{lease.table}` WHERE id = %s AND lease_token = %s",
-                (to_us(ready), int(reserved), deliveries, lease.id, lease.token),
-            )
-            if moved:
-                await cur.execute(
-                    f"DELETE FROM `{lease.table}` WHERE id = %s AND lease_token = %s",
-                    (lease.id, lease.token),
-                )
-
-        await self.db.transaction(work)
+        # The DELETE needs no check of the INSERT's count: both match only while the
+        # row is held under this lease's token (tokens are never reused).
+        await self._atomic([
+            (f"INSERT INTO `{target}` (destination, ready, reserved, message, created, "
+             f"deliveries) SELECT destination, %s, %s, message, created, %s "
+             f"FROM `{lease.table}` WHERE id = %s AND lease_token = %s",
+             (to_us(ready), int(reserved), deliveries, lease.id, lease.token)),
+            (f"DELETE FROM `{lease.table}` WHERE id = %s AND lease_token = %s",
+             (lease.id, lease.token)),
+        ])  # fmt: skip
 
     async def shift(self, destination: str, after: float, delta: float) -> int:
         total = 0
@@ -261,38 +275,31 @@ class InnoDBQueue:
 
     async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
         now_us = to_us(time.time())
-
-        async def work(cur: Any) -> int:
-            total = 0
-            for created, _old, new in moves:
-                for table in self.tables.timed:
-                    total += await cur.execute(
-                        f"UPDATE `{table}` SET ready = %s WHERE destination = %s "
-                        "AND reserved = 1 AND created = %s AND lease_until <= %s",
-                        (to_us(new), destination, int(created), now_us),
-                    )
-            return int(total)
-
-        return await self.db.transaction(work)
+        counts = await self._atomic([
+            (f"UPDATE `{table}` SET ready = %s WHERE destination = %s "
+             "AND reserved = 1 AND created = %s AND lease_until <= %s",
+             (to_us(new), destination, int(created), now_us))
+            for created, _old, new in moves
+            for table in self.tables.timed
+        ])  # fmt: skip
+        return sum(counts)
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups = _by_table(leases)
         if not groups:
             return
         died = to_us(time.time())
-
-        async def work(cur: Any) -> None:
-            for table, items in groups.items():
-                held = _held(items)
-                await cur.execute(
-                    f"INSERT INTO `{self.tables.dead}` (lane, destination, message, reason, "
-                    f"deliveries, died_at) SELECT %s, destination, message, %s, deliveries, %s "
-                    f"FROM `{table}` WHERE {held}",
-                    (str(self._lane_of[table]), reason[:255], died),
-                )
-                await cur.execute(f"DELETE FROM `{table}` WHERE {held}")
-
-        await self.db.transaction(work)
+        statements: list[tuple[str, Any]] = []
+        for table, items in groups.items():
+            held = _held(items)
+            statements += [
+                (f"INSERT INTO `{self.tables.dead}` (lane, destination, message, reason, "
+                 f"deliveries, died_at) SELECT %s, destination, message, %s, deliveries, %s "
+                 f"FROM `{table}` WHERE {held}",
+                 (str(self._lane_of[table]), reason[:255], died)),
+                (f"DELETE FROM `{table}` WHERE {held}", None),
+            ]  # fmt: skip
+        await self._atomic(statements)
 
     # -- looking --------------------------------------------------------------
 

@@ -3,6 +3,7 @@ or commit of their own, and nothing lost when that claim fails."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import aiomysql.connection
@@ -10,6 +11,7 @@ import pytest
 
 from mvalve_async import Message
 from mvalve_async.errors import QueueUnavailable
+from mvalve_async.interfaces import Lane
 from mvalve_async.reader import Reader
 from mvalve_async.stores.memory import MemoryStore
 from mvalve_async.writer import Writer
@@ -68,5 +70,43 @@ async def test_acks_ride_with_the_next_claim_and_survive_its_failure(
     finally:
         monkeypatch.undo()
         await reader.close()
+        await queue.drop_schema()
+        await queue.close()
+
+
+async def test_moves_dead_letters_and_reschedules_are_one_round_trip_each(
+    tmp_path: object, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A throttled backlog moves every message to the timed lane once: four round
+    # trips there (BEGIN, INSERT ... SELECT, DELETE, COMMIT) were most of a drain's SQL.
+    queue: Any = await open_queue("innodb", tmp_path, request)
+    sent: list[str] = []
+    original = aiomysql.connection.Connection._execute_command
+
+    async def spy(self: Any, command: int, sql: Any) -> Any:
+        sent.append(sql.decode() if isinstance(sql, bytes | bytearray) else str(sql))
+        return await original(self, command, sql)
+
+    try:
+        await Writer(queue).insert_many([Message("d", i) for i in range(3)])
+        first, second, third = await queue.claim(3, time.time(), 30)
+        monkeypatch.setattr(aiomysql.connection.Connection, "_execute_command", spy)
+        await queue.move(first, time.time() + 60, True)
+        await queue.dead([second], "test")
+        assert await queue.reschedule("d", [(first.created, 0.0, time.time() + 30)]) == 1
+        await queue.move(third, time.time() + 60, False)
+        assert len(sent) == 4
+        assert all(s.startswith("START TRANSACTION; ") and s.endswith("; COMMIT") for s in sent)
+        monkeypatch.undo()
+        stats = await queue.stats(time.time())
+        assert stats.queued[Lane.TIMED] == 2 and stats.queued[Lane.NORMAL] == 0
+        assert stats.dead == 1
+        # a stale lease moves nothing and deletes nothing
+        await queue.move(first, time.time(), False)
+        await queue.dead([second], "again")
+        stats = await queue.stats(time.time())
+        assert stats.queued[Lane.TIMED] == 2 and stats.dead == 1
+    finally:
+        monkeypatch.undo()
         await queue.drop_schema()
         await queue.close()
