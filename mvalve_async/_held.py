@@ -4,7 +4,8 @@ Prefetched leases wait in claim order. A lease whose message must let an older
 one of its destination go first (the valve said WAIT) is parked rather than
 waited on, so the reader goes on with its other messages meanwhile: waiting in
 line would stall every destination behind one, and two readers each waiting on
-the other's older message would stall both.
+the other's older message would stall both. So is a message the valve let through
+for a time a little ahead: sleeping on it would hold back the due ones behind it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from .interfaces import Lease
+from .message import Message
 
 __all__ = ["Held", "Slot"]
 
@@ -27,6 +29,9 @@ class Slot:
     waits: int = 0  # WAIT answers so far
     waiting: float = 0.0  # when the first came (wall clock), 0: none yet
     retry: float = 0.0  # parked until then
+    # the valve's DELIVER, if it came for a time ahead: parked until then, and then
+    # handed out as it is (its hand-out is recorded: it must not be decided twice)
+    ready: Message | None = None
 
 
 class Held:

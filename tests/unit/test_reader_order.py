@@ -3,6 +3,7 @@ it and goes on with its other messages; the held leases keep their order."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from mvalve_async import Message, Rate
@@ -71,3 +72,58 @@ def test_held_hands_out_due_parked_leases_first_and_drops_expiring_ones() -> Non
     held.add([lease(5)], claimed=100.0)
     dropped, _ = held.take(108.5)  # past 80 % of its lease: another reader may have it
     assert dropped is None and len(held) == 0
+
+
+async def _a3_let_through_ahead(reader: Reader, writer: Writer) -> Message:
+    """Rate 1 per 0.3 s with a 0.1 s margin, a backlog a1, a2, a3: each hand-out
+    opens a window of 0.4 s, but the reservations a2 and a3 took were 0.3 s apart
+    (a3 behind a2's slot). So when a3 comes due, the valve lets it through for a
+    time still ahead (a2's hand-out + 0.4 s). b1 comes due with a3. Returns a2."""
+    await writer.insert_many([Message("a", "a1"), Message("a", "a2"), Message("a", "a3")])
+    got = await reader.next(timeout=1)
+    assert got is not None and got.content == "a1"
+    while len(reader._held):  # a2 and a3 go to the timed lane, reserved
+        assert await reader.next(timeout=0) is None
+    a3_slot = (await reader.valve.record("a")).slots[-1]
+    await writer.insert(Message("b", "b1", deliver_at=a3_slot))
+    a2 = await reader.next(timeout=2)
+    assert a2 is not None and a2.content == "a2" and a2.delivered_at is not None
+    assert a3_slot < a2.delivered_at + 0.4  # a3 is due before its window opens
+    return a2
+
+
+async def test_a_message_let_through_for_later_is_parked_while_due_ones_go() -> None:
+    queue, store = MemoryQueue(), MemoryStore()
+    writer = Writer(queue)
+    reader = Reader(queue, store, rate=Rate(1, per=0.3), margin=0.1, batch=4)
+    a2 = await _a3_let_through_ahead(reader, writer)
+    assert a2.delivered_at is not None
+    got = await reader.next(timeout=2)  # claims a3 and b1 together
+    assert got is not None and got.content == "b1"  # b1 did not wait behind a3
+    assert time.time() < a2.delivered_at + 0.4  # before a3's time
+    got = await reader.next(timeout=2)
+    assert got is not None and got.content == "a3"
+    assert got.delivered_at == round(a2.delivered_at + 0.4, 6)
+    assert time.time() >= got.delivered_at  # not before its time
+    await reader.close()
+
+
+async def test_a_parked_message_collected_too_late_is_decided_anew() -> None:
+    # The consumer comes back for a3 well past its time: handed out with that old
+    # time, it could crowd the next window; so its slot is given up (spent, never
+    # reused) and the valve decides it again.
+    queue, store = MemoryQueue(), MemoryStore()
+    writer = Writer(queue)
+    reader = Reader(queue, store, rate=Rate(1, per=0.3), margin=0.1, batch=4)
+    a2 = await _a3_let_through_ahead(reader, writer)
+    assert a2.delivered_at is not None
+    got = await reader.next(timeout=2)
+    assert got is not None and got.content == "b1"
+    await asyncio.sleep(max(0.0, a2.delivered_at + 0.6 - time.time()))  # a slow consumer
+    asked = time.time()
+    got = await reader.next(timeout=2)
+    assert got is not None and got.content == "a3" and got.delivered_at is not None
+    assert got.delivered_at >= asked
+    # one window for the slot given up (a2 + 0.4 s), then its own
+    assert got.delivered_at >= round(a2.delivered_at + 0.8, 6)
+    await reader.close()
