@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -41,6 +42,10 @@ T = TypeVar("T")
 # Server/client error codes that mean "this connection is unusable".
 _CONNECTION_LOST = {2003, 2006, 2013, 2055, 1927, 4031}
 _NOT_SENT = {2006}  # the request never reached the server: safe to resend anything
+# The server rolled the statement (lock wait timeout) or the whole transaction
+# (deadlock) back, and the connection is closed after it: nothing of it stays, so
+# anything can be resent. Concurrent SKIP LOCKED claims meet these now and then.
+_ROLLED_BACK = {1205, 1213}
 _ACCESS = {1044, 1045, 1698}
 _NO_TABLE = {1146}
 
@@ -137,17 +142,23 @@ class MySQLPool:
         self, fn: Callable[[Any], Awaitable[T]], *, idempotent: bool = True, attempts: int = 0
     ) -> T:
         """Run `fn(conn)`; on a lost connection retry with another one (all errors
-        for idempotent work, only "not sent" errors otherwise)."""
+        for idempotent work, only "not sent" errors otherwise); after a deadlock or
+        a lock wait timeout (rolled back by the server) retry any work."""
         tries = attempts or self.settings.pool_size + 1
         for attempt in range(tries):
             try:
                 async with self.connection() as conn:
                     return await fn(conn)
             except (TimeoutError, pymysql.err.MySQLError, OSError) as exc:
-                retry = _lost(exc) and (idempotent or _code(exc) in _NOT_SENT)
+                code = _code(exc)
+                retry = code in _ROLLED_BACK or (_lost(exc) and (idempotent or code in _NOT_SENT))
                 if not retry or attempt == tries - 1:
                     raise translate(exc, self.where) from None
-                log.info("connection to %s lost (%s); retrying", self.where, _code(exc))
+                if code in _ROLLED_BACK:
+                    log.info("%s on %s; retrying", exc.args[1], self.where)
+                    await asyncio.sleep(random.uniform(0.0, 0.002))  # desynchronise the two
+                    continue
+                log.info("connection to %s lost (%s); retrying", self.where, code)
         raise AssertionError("unreachable")
 
     async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:

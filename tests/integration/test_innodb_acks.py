@@ -3,6 +3,8 @@ or commit of their own, and nothing lost when that claim fails."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
@@ -110,3 +112,52 @@ async def test_moves_dead_letters_and_reschedules_are_one_round_trip_each(
         monkeypatch.undo()
         await queue.drop_schema()
         await queue.close()
+
+
+async def test_a_claim_chosen_as_deadlock_victim_is_retried(
+    tmp_path: object, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real deadlock: the claim deletes its acked row A, then waits for B, which
+    # another transaction holds; that one (heavier: it changed more rows) then asks
+    # for A. InnoDB rolls the claim back; the pool runs it again, acks included.
+    queue: Any = await open_queue("innodb", tmp_path, request)
+    table = queue.tables.normal[0]
+    other = await aiomysql.connect(
+        host=queue.settings.host, port=queue.settings.port, user=queue.settings.user,
+        password=queue.settings.password, db=queue.settings.database, autocommit=False,
+    )  # fmt: skip
+    try:
+        await Writer(queue).insert_many([Message("d", i) for i in range(6)])
+        a, b = await queue.claim(2, time.time(), 30)
+        async with other.cursor() as cur:
+            await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            await cur.execute("BEGIN")
+            # weigh this transaction: InnoDB rolls back the one that changed least
+            await cur.execute(f"UPDATE `{table}` SET deliveries = 7 WHERE id > %s", (b.id,))
+            await cur.execute(f"SELECT id FROM `{table}` WHERE id = %s FOR UPDATE", (b.id,))
+            caplog.set_level(logging.INFO, logger="mvalve_async.queues._mysql")
+            claim = asyncio.ensure_future(queue.claim_settling([a, b], 4, time.time(), 30))
+            await _until_a_lock_wait(queue)  # the claim waits for B
+            await cur.execute(f"SELECT id FROM `{table}` WHERE id = %s FOR UPDATE", (a.id,))
+            await other.rollback()  # the retried claim may go on
+        leases = await asyncio.wait_for(claim, 10)
+        assert "Deadlock" in caplog.text  # it was the victim, and ran again
+        assert len(leases) == 4 and {x.id for x in leases}.isdisjoint({a.id, b.id})
+        assert await rows_left(queue) == 4  # a and b are acked (deleted)
+    finally:
+        other.close()
+        await queue.drop_schema()
+        await queue.close()
+
+
+async def _until_a_lock_wait(queue: Any) -> None:
+    """Poll the server (it offers nothing to wait on) until the claim's DELETE waits."""
+    for _ in range(500):
+        rows = await queue.db.fetch(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+            "WHERE state = 'Updating' AND info LIKE 'DELETE FROM%%'"
+        )
+        if rows[0][0]:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the claim's DELETE did not come to wait for a lock in 5 s")
