@@ -17,7 +17,16 @@ import orjson
 
 from .errors import CodecError, StoreError
 from .interfaces import Store
-from .schedule import MAX_LEAD, Decision, EmergencyPolicy, Rate, Record, admit, claimed
+from .schedule import (
+    MAX_LEAD,
+    Action,
+    Decision,
+    EmergencyPolicy,
+    Rate,
+    Record,
+    admit,
+    claimed,
+)
 from .schedule import pause as _pause
 from .schedule import resume as _resume
 
@@ -30,6 +39,11 @@ log = logging.getLogger(__name__)
 # is meant for, and stays under memcached's 30-day "absolute time" threshold.
 RECORD_TTL = 86400
 
+
+# The record of a destination nothing constrains (no rate, pause, emergency window,
+# duration or order hint): an unthrottled message there goes at once and changes
+# nothing. That is what `admit` decides; the valve skips decoding and re-encoding.
+UNTOUCHED = Record().dumps()
 
 EPOCH_KEY = "epoch"
 _EPOCHS: weakref.WeakKeyDictionary[Store, dict[str, float]] = weakref.WeakKeyDictionary()
@@ -87,8 +101,11 @@ class Valve:
         policy, grace = self.policy, self.fifo_grace
         margin = self.margin_for(rate)
         fresh: list[float] = []  # set once the epoch was checked: a new record's start
+        plain = rate is None and not duration and not emergency and not reserved
 
         def step(raw: bytes | None) -> tuple[bytes | None, Decision | None]:
+            if plain and raw == UNTOUCHED:
+                return None, Decision(Action.DELIVER, round(time.time(), 6))
             if raw is None and not fresh:
                 return None, None  # a missing record: check the epoch first
             rec = Record.loads(raw) if raw is not None else Record(busy=fresh[0])

@@ -34,6 +34,8 @@ from mvalve_async.schedule import (
     pause,
     resume,
 )
+from mvalve_async.stores.memory import MemoryStore
+from mvalve_async.valve import UNTOUCHED, Valve, key_for
 from tests.ledger import max_in_window as _max_in_window
 
 T0 = 1_700_000_000.0
@@ -456,3 +458,27 @@ def test_large_rates_hold_with_any_per(n: int, per: float, times: list[float]) -
     run = simulate(msgs, Rate(n, per))
     assert_all_handed_out_once(run, msgs)
     assert max_in_window(run.times(msgs), per) <= n
+
+
+@given(now=st.floats(1e9, 2e9), seq=st.one_of(st.none(), st.integers(1, 2**53)))
+def test_an_untouched_record_lets_a_plain_message_through_unchanged(
+    now: float, seq: int | None
+) -> None:
+    # What Valve.decide assumes when it skips `admit` for an unthrottled message.
+    rec = Record.loads(UNTOUCHED)
+    assert admit(rec, now, None, seq=seq) == Decision(Action.DELIVER, round(now, 6))
+    assert rec.dumps() == UNTOUCHED
+
+
+async def test_the_valve_shortcut_is_for_untouched_records_only() -> None:
+    valve = Valve(MemoryStore())
+    plain = {"duration": None, "emergency": False, "reserved": False, "seq": 1}
+    first = await valve.decide("a", **plain)  # type: ignore[arg-type]
+    assert first is not None and first.action is Action.DELIVER
+    assert await valve.store.get(key_for("a")) == UNTOUCHED
+    await valve.pause("a", 30)
+    paused = await valve.decide("a", **plain)  # type: ignore[arg-type]
+    assert paused is not None and paused.action is Action.DEFER
+    await valve.resume("a")
+    again = await valve.decide("a", **plain)  # type: ignore[arg-type]
+    assert again is not None and again.action is Action.DELIVER
