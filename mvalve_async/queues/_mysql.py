@@ -46,6 +46,7 @@ _NOT_SENT = {2006}  # the request never reached the server: safe to resend anyth
 # (deadlock) back, and the connection is closed after it: nothing of it stays, so
 # anything can be resent. Concurrent SKIP LOCKED claims meet these now and then.
 _ROLLED_BACK = {1205, 1213}
+IDLE_KEEP = 30.0  # seconds a connection stays out of aiomysql's pool unused
 _ACCESS = {1044, 1045, 1698}
 _NO_TABLE = {1146}
 
@@ -82,6 +83,13 @@ class MySQLPool:
         self.where = settings.safe_url()
         self._pool: Any = None
         self._lock = asyncio.Lock()
+        # Connections between two uses stay checked out of aiomysql's pool, in a
+        # stack: its acquire and release (a lock, a scan of the free list, a task
+        # per release) cost more CPU than a one-row INSERT's whole round trip. One
+        # goes back to it when a task waits there, or after IDLE_KEEP seconds idle
+        # (for its checks of dead and old connections).
+        self._idle: list[Any] = []
+        self._waiting = 0
 
     async def connect(self) -> None:
         async with self._lock:
@@ -109,6 +117,9 @@ class MySQLPool:
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
+            for conn in self._idle:
+                pool.release(conn)
+            self._idle.clear()
             pool.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pool.wait_closed(), 5)
@@ -116,27 +127,48 @@ class MySQLPool:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
         """A pooled connection; closed instead of released if anything went wrong."""
-        if self._pool is None:
-            await self.connect()
-        try:
-            if self._pool.freesize:  # an idle connection: no wait, no timer needed
-                conn = await self._pool.acquire()
-            else:
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
-                async with asyncio.timeout(self.settings.connect_timeout):
-                    conn = await self._pool.acquire()
-        except (TimeoutError, pymysql.err.MySQLError, OSError) as exc:
-            raise translate(exc, self.where) from None
+        conn = await self._acquire()
         try:
             yield conn
         except BaseException:
             conn.close()
             raise
         finally:
-            if self._pool is not None:
-                self._pool.release(conn)
-            else:
-                conn.close()
+            self._release(conn)
+
+    async def _acquire(self) -> Any:
+        if self._pool is None:
+            await self.connect()
+        while self._idle:  # the most recently used first: its socket is warm
+            conn = self._idle.pop()
+            if self._loop_time() - conn.last_usage < IDLE_KEEP and not (
+                conn.closed or conn._reader.at_eof() or conn._reader.exception()
+            ):
+                return conn
+            self._pool.release(conn)  # aiomysql drops or recycles it
+        self._waiting += 1
+        try:
+            if self._pool.freesize:  # an idle connection: no wait, no timer needed
+                return await self._pool.acquire()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+            async with asyncio.timeout(self.settings.connect_timeout):
+                return await self._pool.acquire()
+        except (TimeoutError, pymysql.err.MySQLError, OSError) as exc:
+            raise translate(exc, self.where) from None
+        finally:
+            self._waiting -= 1
+
+    def _release(self, conn: Any) -> None:
+        if self._pool is None:
+            conn.close()
+        elif conn.closed or self._waiting:  # someone waits in aiomysql's acquire
+            self._pool.release(conn)
+        else:
+            self._idle.append(conn)
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
 
     async def run(
         self, fn: Callable[[Any], Awaitable[T]], *, idempotent: bool = True, attempts: int = 0
@@ -147,8 +179,14 @@ class MySQLPool:
         tries = attempts or self.settings.pool_size + 1
         for attempt in range(tries):
             try:
-                async with self.connection() as conn:
+                conn = await self._acquire()
+                try:
                     return await fn(conn)
+                except BaseException:
+                    conn.close()
+                    raise
+                finally:
+                    self._release(conn)
             except (TimeoutError, pymysql.err.MySQLError, OSError) as exc:
                 code = _code(exc)
                 retry = code in _ROLLED_BACK or (_lost(exc) and (idempotent or code in _NOT_SENT))
