@@ -325,7 +325,10 @@ def admit(
 # The furthest ahead of `now` a hand-out is scheduled (the reader waits for it): a
 # drained backlog drifts some ms per window behind its slots, so this is generous.
 MAX_LEAD = 1.0
-PENDING_MAX = 128
+# Reservations (and claims) a record keeps for order: an older message decided after
+# younger ones can only take a slot the record still lists. 128 left the last
+# windows of a 200-per-destination backlog unordered (3 % inversions in the bench).
+PENDING_MAX = 256
 ORDER_WAIT = 1.0
 
 
