@@ -323,41 +323,20 @@ class Reader:
 
     async def _process_inner(self, slot: Slot, deadline: float | None) -> Message | None:
         lease = slot.lease
-        if slot.ready is not None:  # let through earlier for now (parked till then)
+        retime: float | None = None
+        if slot.ready is not None:  # let through earlier for a time now come
             msg, slot.ready = slot.ready, None
-            assert msg.delivered_at is not None
-            late = time.time() - msg.delivered_at
-            if late <= self.valve.margin_for(self.valve.rate_for(msg.destination)) or (
-                self.valve.margin == 0  # the promise is on delivered_at alone
-            ):
+            if self._in_time(msg):
                 return self._hand_out(msg)
-            # Handed out this late, it could crowd a later window of the rate: its
-            # recorded slot is given up (wasted, never reused) and it is decided anew.
-            log.debug(
-                "%s was let through for %.3f, now %.3fs late: deciding anew", msg.id,
-                msg.delivered_at, late, extra={"destination": msg.destination},
-            )  # fmt: skip
-        try:
-            msg = decode(lease.blob)
-            if msg.destination != lease.destination:
-                raise CodecError("the blob's destination differs from the row's")
-            validate_destination(msg.destination, self.max_destination)
-        except (CodecError, InvalidMessage) as exc:
-            log.error(
-                "dead letter: unreadable row %s in %s: %s", lease.id, lease.table, exc,
-                extra={"destination": lease.destination},
-            )  # fmt: skip
-            await self.queue.dead([lease], f"unreadable: {exc}")
-            self._emit("dead", lease.destination)
-            return None
-        if lease.deliveries > self.max_deliveries:
-            log.error(
-                "dead letter: %s delivered %d times", msg.id, lease.deliveries - 1,
-                extra={"destination": msg.destination, "message_id": msg.id},
-            )  # fmt: skip
-            await self.queue.dead([lease], "too many deliveries")
-            self._emit("dead", lease.destination)
-            return None
+            # Past its margin (the reader or its consumer was busy): confirmed again
+            # from now. With a duration it is decided afresh (its busy window ran
+            # from the old time), its first hand-out wasted.
+            retime = None if msg.duration else msg.delivered_at
+        else:
+            read = await self._read(lease)
+            if read is None:
+                return None
+            msg = read
         while True:
             decision = await self.valve.decide(
                 msg.destination,
@@ -367,6 +346,7 @@ class Reader:
                 deadline=deadline,
                 seq=lease.created,
                 force=slot.waiting > 0 and time.time() - slot.waiting >= ORDER_PATIENCE,
+                retime=retime,
             )
             if decision is None or decision.action is not Action.WAIT:
                 break
@@ -415,6 +395,48 @@ class Reader:
                 return None
             await asyncio.sleep(wait)
         return self._hand_out(msg)
+
+    async def _read(self, lease: Lease) -> Message | None:
+        """The lease's message, or None when it went to the dead letters (unreadable,
+        or delivered too many times)."""
+        try:
+            msg = decode(lease.blob)
+            if msg.destination != lease.destination:
+                raise CodecError("the blob's destination differs from the row's")
+            validate_destination(msg.destination, self.max_destination)
+        except (CodecError, InvalidMessage) as exc:
+            log.error(
+                "dead letter: unreadable row %s in %s: %s", lease.id, lease.table, exc,
+                extra={"destination": lease.destination},
+            )  # fmt: skip
+            await self.queue.dead([lease], f"unreadable: {exc}")
+            self._emit("dead", lease.destination)
+            return None
+        if lease.deliveries > self.max_deliveries:
+            log.error(
+                "dead letter: %s delivered %d times", msg.id, lease.deliveries - 1,
+                extra={"destination": msg.destination, "message_id": msg.id},
+            )  # fmt: skip
+            await self.queue.dead([lease], "too many deliveries")
+            self._emit("dead", lease.destination)
+            return None
+        return msg
+
+    def _in_time(self, msg: Message) -> bool:
+        """Can a parked message go out as let through, this long after its recorded
+        hand-out? Within the margin (which absorbs such lag), or with margin 0 (the
+        promise is then on delivered_at alone)."""
+        assert msg.delivered_at is not None
+        late = time.time() - msg.delivered_at
+        if late <= self.valve.margin_for(self.valve.rate_for(msg.destination)):
+            return True
+        if self.valve.margin == 0:
+            return True
+        log.debug(
+            "%s let through for %.6f, handed out %.3fs later: confirming it again",
+            msg.id, msg.delivered_at, late, extra={"destination": msg.destination},
+        )  # fmt: skip
+        return False
 
     def _hand_out(self, msg: Message) -> Message:
         self._emit("dequeue", msg.destination)

@@ -46,6 +46,7 @@ __all__ = [
     "Record",
     "admit",
     "claimed",
+    "forget",
     "pause",
     "resume",
 ]
@@ -419,3 +420,12 @@ def pause(rec: Record, now: float, seconds: float) -> float:
 
 def resume(rec: Record) -> None:
     rec.paused = 0.0
+
+
+def forget(rec: Record, at: float) -> None:
+    """A hand-out recorded for `at` did not happen then (its reader held it past its
+    margin): its entry leaves the log, and the message is confirmed again as a
+    reserved one. Left in, it would count twice, and the destination would lose a
+    window of hand-outs to it."""
+    if at in rec.sent:
+        rec.sent.remove(at)

@@ -26,6 +26,7 @@ from .schedule import (
     Record,
     admit,
     claimed,
+    forget,
 )
 from .schedule import pause as _pause
 from .schedule import resume as _resume
@@ -94,14 +95,17 @@ class Valve:
         deadline: float | None = None,
         seq: int = 0,
         force: bool = False,
+        retime: float | None = None,
     ) -> Decision | None:
         """One atomic admission. While the store is unreachable, waits and retries
-        (logged); returns None if `deadline` (loop time) passes first."""
+        (logged); returns None if `deadline` (loop time) passes first. `retime`: the
+        message was let through for that time but is handed out only now; its
+        hand-out moves to the earliest time the rate allows from now."""
         rate = self.rate_for(destination)
         policy, grace = self.policy, self.fifo_grace
         margin = self.margin_for(rate)
         fresh: list[float] = []  # set once the epoch was checked: a new record's start
-        plain = rate is None and not duration and not emergency and not reserved
+        plain = rate is None and not (duration or emergency or reserved or retime)
 
         def step(raw: bytes | None) -> tuple[bytes | None, Decision | None]:
             if plain and raw == UNTOUCHED:
@@ -109,10 +113,12 @@ class Valve:
             if raw is None and not fresh:
                 return None, None  # a missing record: check the epoch first
             rec = Record.loads(raw) if raw is not None else Record(busy=fresh[0])
+            if retime is not None:
+                forget(rec, retime)
             decision = admit(
                 rec, time.time(), rate, duration=duration, emergency=emergency,
-                reserved=reserved, policy=policy, fifo_grace=grace, margin=margin,
-                seq=seq or None, force=force,
+                reserved=reserved or retime is not None, policy=policy, fifo_grace=grace,
+                margin=margin, seq=None if retime is not None else seq or None, force=force,
             )  # fmt: skip
             new = rec.dumps()
             return (None if new == raw else new), decision  # unchanged: no write

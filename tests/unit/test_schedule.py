@@ -31,6 +31,7 @@ from mvalve_async.schedule import (
     Rate,
     Record,
     admit,
+    forget,
     pause,
     resume,
 )
@@ -482,3 +483,21 @@ async def test_the_valve_shortcut_is_for_untouched_records_only() -> None:
     await valve.resume("a")
     again = await valve.decide("a", **plain)  # type: ignore[arg-type]
     assert again is not None and again.action is Action.DELIVER
+
+
+def test_a_hand_out_that_came_late_is_moved_not_counted_twice() -> None:
+    rate, t = Rate(2, per=1.0), 1_700_000_000.0
+    rec = Record()
+    assert admit(rec, t, rate).action is Action.DELIVER
+    second = admit(rec, t + 0.1, rate)
+    assert second.action is Action.DELIVER and rec.sent == [t, t + 0.1]
+    # its reader hands it out only at t + 0.5: the window still has room then
+    forget(rec, second.at)
+    again = admit(rec, t + 0.5, rate, reserved=True)
+    assert again == Decision(Action.DELIVER, t + 0.5)
+    assert rec.sent == [t, t + 0.5]
+    # not forgotten, it would have waited for the window to pass a second time
+    stale = Record(sent=[t, t + 0.1])
+    assert admit(stale, t + 0.5, rate, reserved=True).at == round(t + 1.0, 6)
+    forget(rec, 12.0)  # a time it never recorded: nothing changes
+    assert rec.sent == [t, t + 0.5]
