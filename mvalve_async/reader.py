@@ -1,4 +1,5 @@
-"""Readers: lease rows in batches, pass each through the valve, hand out messages.
+"""Readers: lease rows in batches, pass each through the valve (_admission.py
+decides what becomes of each), hand out messages.
 
 Settling follows Q4M's rule: the message a reader handed out is acknowledged
 when the same reader is asked for the next one (or by `ack()`); acks are
@@ -17,28 +18,19 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 
 from ._acks import Acks
+from ._admission import Admission
 from ._held import Held, Slot
-from .errors import CodecError, InvalidMessage, QueueUnavailable, ReaderBusy
+from .errors import QueueUnavailable, ReaderBusy
 from .events import Emitter, Observer
 from .interfaces import Lane, Lease, Queue, Store
-from .message import DEFAULT_MAX_DESTINATION, Message, decode, validate_destination
+from .message import DEFAULT_MAX_DESTINATION, Message, validate_destination
 from .notify import Notifier
-from .schedule import Action, EmergencyPolicy, Rate
+from .schedule import EmergencyPolicy, Rate
 from .valve import Valve
 
 __all__ = ["Reader"]
 
 log = logging.getLogger(__name__)
-
-
-# Waiting for an older message: ask again when the valve says (about a store round
-# trip per older message ahead), but no sooner than 2, 4, 8, then 10 ms (each ask is a
-# store round trip); after ORDER_PATIENCE seconds the older one is presumed stuck.
-ORDER_PATIENCE = 0.15
-
-
-def _order_backoff(waits: int) -> float:
-    return min(0.002 * 2.0**waits, 0.010)
 
 
 class Reader:
@@ -93,7 +85,10 @@ class Reader:
         self._held = Held(lease)
         self._current: tuple[Lease, Message] | None = None
         self._acks = Acks(queue, self._emit, lease, ack_batch)
-        self._local_due: float | None = None
+        self._admission = Admission(
+            queue, self.valve, self._held, self._emit,
+            max_deliveries=max_deliveries, max_destination=max_destination,
+        )  # fmt: skip
         self._busy = False
         self._closed = False
         self._background: set[asyncio.Task[None]] = set()
@@ -292,7 +287,7 @@ class Reader:
             ready, next_due = await self.queue.poll(now)
             if ready:
                 return True
-            due = [t for t in (next_due, self._local_due) if t is not None]
+            due = [t for t in (next_due, self._admission.next_due) if t is not None]
             wait = self.idle_interval
             if due:
                 wait = min(wait, max(0.0, min(due) - now))
@@ -307,140 +302,20 @@ class Reader:
                     await self._wake.wait()
             if self._wake.is_set():
                 return True
-            if self._local_due is not None and time.time() >= self._local_due:
-                self._local_due = None
+            due_at = self._admission.next_due
+            if due_at is not None and time.time() >= due_at:
+                self._admission.next_due = None
                 return True
 
     async def _process(self, slot: Slot, deadline: float | None) -> Message | None:
         lease = slot.lease
         try:
-            return await self._process_inner(slot, deadline)
+            return await self._admission.process(slot, deadline)
         except asyncio.CancelledError:
             # Any queue operation may or may not have committed: release under the
             # lease token (a no-op if the row moved), never hand this lease out again.
             self._spawn(self.queue.release(lease))
             raise
-
-    async def _process_inner(self, slot: Slot, deadline: float | None) -> Message | None:
-        lease = slot.lease
-        retime: float | None = None
-        if slot.ready is not None:  # let through earlier for a time now come
-            msg, slot.ready = slot.ready, None
-            if self._in_time(msg):
-                return self._hand_out(msg)
-            # Past its margin (the reader or its consumer was busy): confirmed again
-            # from now. With a duration it is decided afresh (its busy window ran
-            # from the old time), its first hand-out wasted.
-            retime = None if msg.duration else msg.delivered_at
-        else:
-            read = await self._read(lease)
-            if read is None:
-                return None
-            msg = read
-        while True:
-            decision = await self.valve.decide(
-                msg.destination,
-                duration=msg.duration,
-                emergency=lease.lane is Lane.EMERGENCY,
-                reserved=lease.reserved,
-                deadline=deadline,
-                seq=lease.created,
-                force=slot.waiting > 0 and time.time() - slot.waiting >= ORDER_PATIENCE,
-                retime=retime,
-            )
-            if decision is None or decision.action is not Action.WAIT:
-                break
-            # Another reader holds an older message of this destination: let it go
-            # first, and meanwhile go on with this reader's other messages.
-            slot.waiting = slot.waiting or time.time()
-            retry = max(decision.at, time.time() + _order_backoff(slot.waits))
-            if self._held:
-                self._held.park(slot, retry)
-                return None
-            slot.waits += 1
-            await asyncio.sleep(max(0.0, retry - time.time()))
-        if decision is None:  # store down past the caller's deadline: keep the lease
-            self._held.put_back(slot)
-            return None
-        if decision.shift > 0:  # an emergency opened a HOLD window: push the backlog back
-            await self.queue.shift(msg.destination, decision.at, decision.shift)
-        if decision.action is Action.DEFER:
-            if decision.moves:  # an older message takes a younger one's earlier slot
-                await self.queue.reschedule(msg.destination, decision.moves)
-            await self.queue.move(lease, decision.at, decision.reserved)
-            self._emit("defer", msg.destination)
-            if self._local_due is None or decision.at < self._local_due:
-                self._local_due = decision.at
-            log.debug(
-                "deferred %s to %.3f", msg.id, decision.at,
-                extra={"destination": msg.destination, "message_id": msg.id},
-            )  # fmt: skip
-            return None
-        if decision.action is Action.DEAD:
-            log.warning(
-                "dead letter: %s for %s (%s)", msg.id, msg.destination, decision.reason,
-                extra={"destination": msg.destination, "message_id": msg.id},
-            )  # fmt: skip
-            await self.queue.dead([lease], decision.reason)
-            self._emit("drop" if decision.reason == "emergency" else "dead", msg.destination)
-            return None
-        msg.deliveries = lease.deliveries
-        msg.delivered_at = decision.at
-        msg.lane = str(lease.lane)
-        wait = decision.at - time.time()
-        if wait > 0:
-            if self._held:  # go on with the others meanwhile
-                slot.ready = msg
-                self._held.park(slot, decision.at)
-                return None
-            await asyncio.sleep(wait)
-        return self._hand_out(msg)
-
-    async def _read(self, lease: Lease) -> Message | None:
-        """The lease's message, or None when it went to the dead letters (unreadable,
-        or delivered too many times)."""
-        try:
-            msg = decode(lease.blob)
-            if msg.destination != lease.destination:
-                raise CodecError("the blob's destination differs from the row's")
-            validate_destination(msg.destination, self.max_destination)
-        except (CodecError, InvalidMessage) as exc:
-            log.error(
-                "dead letter: unreadable row %s in %s: %s", lease.id, lease.table, exc,
-                extra={"destination": lease.destination},
-            )  # fmt: skip
-            await self.queue.dead([lease], f"unreadable: {exc}")
-            self._emit("dead", lease.destination)
-            return None
-        if lease.deliveries > self.max_deliveries:
-            log.error(
-                "dead letter: %s delivered %d times", msg.id, lease.deliveries - 1,
-                extra={"destination": msg.destination, "message_id": msg.id},
-            )  # fmt: skip
-            await self.queue.dead([lease], "too many deliveries")
-            self._emit("dead", lease.destination)
-            return None
-        return msg
-
-    def _in_time(self, msg: Message) -> bool:
-        """Can a parked message go out as let through, this long after its recorded
-        hand-out? Within the margin (which absorbs such lag), or with margin 0 (the
-        promise is then on delivered_at alone)."""
-        assert msg.delivered_at is not None
-        late = time.time() - msg.delivered_at
-        if late <= self.valve.margin_for(self.valve.rate_for(msg.destination)):
-            return True
-        if self.valve.margin == 0:
-            return True
-        log.debug(
-            "%s let through for %.6f, handed out %.3fs later: confirming it again",
-            msg.id, msg.delivered_at, late, extra={"destination": msg.destination},
-        )  # fmt: skip
-        return False
-
-    def _hand_out(self, msg: Message) -> Message:
-        self._emit("dequeue", msg.destination)
-        return msg
 
     def _spawn(self, coro: collections.abc.Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
