@@ -36,9 +36,12 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from ._order import ORDER_WAIT, PENDING_MAX, claimed, older_due, take_older_place
 from .errors import CodecError, ConfigError
 
 __all__ = [
+    "ORDER_WAIT",
+    "PENDING_MAX",
     "Action",
     "Decision",
     "EmergencyPolicy",
@@ -264,7 +267,7 @@ def admit(
         if seq is not None:
             # Several readers hold due reserved rows (a burst of n shares a slot): the
             # older goes first. A reservation older than ORDER_WAIT is presumed lost.
-            if (ahead := _older_due(rec, now, seq)) and not force:
+            if (ahead := older_due(rec, now, seq)) and not force:
                 return _wait(rec, claim, now, ahead)
             own = [t for t, q in rec.pending if q == seq]
             if own and own[0] > now and not force:
@@ -297,7 +300,7 @@ def admit(
     if backlog:
         slot = max(slot, rec.deferred)
     if seq is not None:
-        ahead = 0 if slot > now or backlog or force else _older_due(rec, now, seq)
+        ahead = 0 if slot > now or backlog or force else older_due(rec, now, seq)
         if ahead:
             # Another reader claimed an older message of this destination and has not
             # brought it here yet: let it go first (a deferral needs no wait: an
@@ -319,18 +322,13 @@ def admit(
         rec.horizon = max(rec.horizon, slot + duration)
     if seq is None:
         return Decision(Action.DEFER, slot, reserved=True)
-    mine, moves = _take_older_place(rec, now, slot, seq)
+    mine, moves = take_older_place(rec, now, slot, seq)
     return Decision(Action.DEFER, mine, reserved=True, moves=moves)
 
 
 # The furthest ahead of `now` a hand-out is scheduled (the reader waits for it): a
 # drained backlog drifts some ms per window behind its slots, so this is generous.
 MAX_LEAD = 1.0
-# Reservations (and claims) a record keeps for order: an older message decided after
-# younger ones can only take a slot the record still lists. 128 left the last
-# windows of a 200-per-destination backlog unordered (3 % inversions in the bench).
-PENDING_MAX = 256
-ORDER_WAIT = 1.0
 
 
 def _wait(rec: Record, claim: list[list[float]], now: float, ahead: int) -> Decision:
@@ -339,58 +337,6 @@ def _wait(rec: Record, claim: list[list[float]], now: float, ahead: int) -> Deci
     if claim:
         rec.claims = sorted(rec.claims + claim, key=lambda c: c[1])
     return Decision(Action.WAIT, now + min(0.002 + 0.001 * (ahead - 1), 0.05))
-
-
-def _older_due(rec: Record, now: float, seq: int) -> int:
-    """An older message of this destination is due (its reserved slot has come, or
-    another reader announced its claim) and not handed out yet. After ORDER_WAIT
-    it is presumed lost (its reader died or returned it) and no longer waited for.
-    Returns how many there are."""
-    due = {q for t, q in rec.pending if q < seq and now - ORDER_WAIT < t <= now}
-    return len(due | {q for t, q in rec.claims if q < seq and t > now - ORDER_WAIT})
-
-
-def claimed(rec: Record, now: float, seqs: list[int]) -> bool:
-    """A reader claimed these messages (by seq): until each is admitted, younger
-    messages claimed by other readers wait for it instead of overtaking it (what
-    inverted the first burst of a destination shared by several readers). Returns
-    False when nothing changed."""
-    have = {q for _, q in rec.claims}
-    new = [[now, float(q)] for q in seqs if q not in have]
-    if not new:
-        return False
-    live = [c for c in rec.claims if c[0] > now - ORDER_WAIT]  # the expired ones go
-    rec.claims = sorted(live + new, key=lambda c: c[1])[:PENDING_MAX]
-    return True
-
-
-def _take_older_place(
-    rec: Record, now: float, slot: float, seq: int
-) -> tuple[float, tuple[tuple[int, float, float], ...]]:
-    """Readers claiming at the same moment admit a destination's messages in any
-    order, so an older message may be reserved after a younger one. It then takes
-    the earliest slot among the younger pending ones and each of those moves to
-    the next slot, in insertion order: the set of slots (hence the rate) is the
-    same, the order is FIFO again. Returns this message's slot and the moves."""
-    # Reservations not handed out yet (a due one may be waiting for an older one):
-    # a younger one's slot, even a due one, goes to this older message.
-    live = [p for p in rec.pending if p[0] > now - ORDER_WAIT and p[1] != seq]
-    younger = [p for p in live if p[1] > seq]
-    moves: list[tuple[int, float, float]] = []
-    mine = slot
-    if younger:
-        times = sorted([t for t, _ in younger] + [slot])
-        mine = times[0]
-        old = {int(q): t for t, q in younger}
-        for q, t in zip(sorted(old), times[1:], strict=True):
-            if t != old[q]:
-                moves.append((q, old[q], t))
-        live = [p for p in live if p[1] <= seq]
-        live += [[t, float(q)] for q, t in zip(sorted(old), times[1:], strict=True)]
-    live.append([mine, float(seq)])
-    live.sort()
-    rec.pending = live[:PENDING_MAX]  # the imminent ones matter: a far backlog reorders later
-    return mine, tuple(moves)
 
 
 def _push(rec: Record, now: float, old_end: float, new_end: float) -> float:
