@@ -33,6 +33,23 @@ async def test_insert_claim_ack_round_trip(queue: Queue) -> None:
     assert sum(stats.queued.values()) == 0 and sum(stats.leased.values()) == 0
 
 
+async def test_destinations_and_blobs_come_back_byte_for_byte(queue: Queue) -> None:
+    # innodb packs a claimed row into one column: spaces, digits and multi-byte
+    # characters in the destination, and any byte in the blob, must survive it.
+    now = time.time()
+    dests = ["carrier 7 b", "été-ñ 中 ☎", "9 9"]
+    blobs = [b" 12 34 ", b"\x00 \xff\x00", b""]
+    await queue.insert(Lane.NORMAL, [row(d, b) for d, b in zip(dests, blobs, strict=True)])
+    await queue.insert(Lane.TIMED, [row(dests[1], b"\x00 3 4 5 6 7 ", now - 1)])
+    leases = await claim_all(queue, now)
+    assert [(x.destination, x.blob) for x in leases] == [
+        (dests[1], b"\x00 3 4 5 6 7 "),
+        *zip(dests, blobs, strict=True),
+    ]
+    assert leases[0].ready == pytest.approx(now - 1, abs=1e-5)
+    await queue.ack(leases)
+
+
 async def test_lanes_priority_and_timed_ready(queue: Queue) -> None:
     now = time.time()
     await queue.insert(Lane.NORMAL, [row("n", b"normal")])
