@@ -25,11 +25,8 @@ async def rows_left(queue: Any) -> int:
     return int(rows[0][0])
 
 
-async def test_acks_ride_with_the_next_claim_and_survive_its_failure(
-    tmp_path: object, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    queue: Any = await open_queue("innodb", tmp_path, request)
-    reader = Reader(queue, MemoryStore(), batch=1)
+def spy_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement text sent from now on (until monkeypatch.undo())."""
     sent: list[str] = []
     original = aiomysql.connection.Connection._execute_command
 
@@ -37,9 +34,18 @@ async def test_acks_ride_with_the_next_claim_and_survive_its_failure(
         sent.append(sql.decode() if isinstance(sql, bytes | bytearray) else str(sql))
         return await original(self, command, sql)
 
+    monkeypatch.setattr(aiomysql.connection.Connection, "_execute_command", spy)
+    return sent
+
+
+async def test_acks_ride_with_the_next_claim_and_survive_its_failure(
+    tmp_path: object, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue: Any = await open_queue("innodb", tmp_path, request)
+    reader = Reader(queue, MemoryStore(), batch=1)
     try:
         await Writer(queue).insert_many([Message("d", i) for i in range(3)])
-        monkeypatch.setattr(aiomysql.connection.Connection, "_execute_command", spy)
+        sent = spy_statements(monkeypatch)
         first = await reader.next(timeout=0)
         second = await reader.next(timeout=0)
         assert first is not None and second is not None
@@ -82,17 +88,10 @@ async def test_moves_dead_letters_and_reschedules_are_one_round_trip_each(
     # A throttled backlog moves every message to the timed lane once: four round
     # trips there (BEGIN, INSERT ... SELECT, DELETE, COMMIT) were most of a drain's SQL.
     queue: Any = await open_queue("innodb", tmp_path, request)
-    sent: list[str] = []
-    original = aiomysql.connection.Connection._execute_command
-
-    async def spy(self: Any, command: int, sql: Any) -> Any:
-        sent.append(sql.decode() if isinstance(sql, bytes | bytearray) else str(sql))
-        return await original(self, command, sql)
-
     try:
         await Writer(queue).insert_many([Message("d", i) for i in range(3)])
         first, second, third = await queue.claim(3, time.time(), 30)
-        monkeypatch.setattr(aiomysql.connection.Connection, "_execute_command", spy)
+        sent = spy_statements(monkeypatch)
         await queue.move(first, time.time() + 60, True)
         await queue.dead([second], "test")
         assert await queue.reschedule("d", [(first.created, 0.0, time.time() + 30)]) == 1
