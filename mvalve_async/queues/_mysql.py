@@ -199,18 +199,26 @@ class MySQLPool:
                 log.info("connection to %s lost (%s); retrying", self.where, code)
         raise AssertionError("unreachable")
 
-    async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """`fn(cursor)` inside BEGIN ... COMMIT, retried on a lost connection (the
-        work done by `fn` must be safe to repeat, e.g. guarded by lease tokens)."""
+    async def transaction(self, statements: Sequence[tuple[str, Any]]) -> list[int]:
+        """The statements in one transaction and one round trip (START TRANSACTION;
+        ...; COMMIT, values escaped client-side: a pool made with multi_statements);
+        the rows each changed. Retried like `run`: the statements must be safe to
+        repeat (e.g. guarded by lease tokens)."""
+        if not self.multi_statements:
+            raise RuntimeError("transaction() needs a pool made with multi_statements=True")
+        if not statements:
+            return []
 
-        async def body(conn: Any) -> T:
-            await conn.begin()
+        async def work(conn: Any) -> list[int]:
             async with conn.cursor() as cur:
-                result = await fn(cur)
-            await conn.commit()
-            return result
+                body = [cur.mogrify(sql, args) for sql, args in statements]
+                await cur.execute("; ".join(["START TRANSACTION", *body, "COMMIT"]))
+                counts = []
+                while await cur.nextset():
+                    counts.append(int(cur.rowcount))
+            return counts[: len(statements)]
 
-        return await self.run(body)
+        return await self.run(work)
 
     async def execute(self, sql: str, args: Any = None, *, idempotent: bool = True) -> int:
         """One statement; the rows it changed."""

@@ -216,24 +216,6 @@ class InnoDBQueue:
 
         await self.db.run(run)
 
-    async def _atomic(self, statements: Sequence[tuple[str, Any]]) -> list[int]:
-        """The statements in one transaction and one round trip (START TRANSACTION;
-        ...; COMMIT, values escaped client-side); the rows each changed. Retried on a
-        lost connection: callers guard their rows by lease token, so a repeat is a no-op."""
-        if not statements:
-            return []
-
-        async def work(conn: Any) -> list[int]:
-            async with conn.cursor() as cur:
-                body = [cur.mogrify(sql, args) for sql, args in statements]
-                await cur.execute("; ".join(["START TRANSACTION", *body, "COMMIT"]))
-                counts = []
-                while await cur.nextset():
-                    counts.append(int(cur.rowcount))
-            return counts[: len(statements)]
-
-        return await self.db.run(work)
-
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
         until = to_us(time.time() + delay) if delay > 0 else 0
         await self.db.execute(
@@ -254,7 +236,7 @@ class InnoDBQueue:
         target = random.choice(self.tables.timed)
         # The DELETE needs no check of the INSERT's count: both match only while the
         # row is held under this lease's token (tokens are never reused).
-        await self._atomic([
+        await self.db.transaction([
             (f"INSERT INTO `{target}` (destination, ready, reserved, message, created, "
              f"deliveries) SELECT destination, %s, %s, message, created, %s "
              f"FROM `{lease.table}` WHERE id = %s AND lease_token = %s",
@@ -275,7 +257,7 @@ class InnoDBQueue:
 
     async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
         now_us = to_us(time.time())
-        counts = await self._atomic([
+        counts = await self.db.transaction([
             (f"UPDATE `{table}` SET ready = %s WHERE destination = %s "
              "AND reserved = 1 AND created = %s AND lease_until <= %s",
              (to_us(new), destination, int(created), now_us))
@@ -299,7 +281,7 @@ class InnoDBQueue:
                  (str(self._lane_of[table]), reason[:255], died)),
                 (f"DELETE FROM `{table}` WHERE {held}", None),
             ]  # fmt: skip
-        await self._atomic(statements)
+        await self.db.transaction(statements)
 
     # -- looking --------------------------------------------------------------
 
@@ -375,24 +357,22 @@ class InnoDBQueue:
         where = "" if ids is None else f" AND id IN ({_id_list(ids) or 0})"
         now_us = to_us(time.time())
 
-        async def work(cur: Any) -> int:
-            total = 0
-            for lane in Lane:
-                table = random.choice(self.tables.lane(lane))
-                ready = ("ready, ", "%s, ") if lane is Lane.TIMED else ("", "")
-                args: tuple[Any, ...] = (now_us, str(lane))
-                if lane is Lane.TIMED:
-                    args = (now_us, now_us, str(lane))
-                total += await cur.execute(
-                    f"INSERT INTO `{table}` ({ready[0]}destination, message, created) "
-                    f"SELECT {ready[1]}destination, message, %s FROM `{dead}` "
-                    f"WHERE lane = %s{where} ORDER BY id",
-                    args,
-                )
-            await cur.execute(f"DELETE FROM `{dead}` WHERE 1=1{where}")
-            return int(total)
-
-        return await self.db.transaction(work)
+        statements: list[tuple[str, Any]] = []
+        for lane in Lane:
+            table = random.choice(self.tables.lane(lane))
+            ready = ("ready, ", "%s, ") if lane is Lane.TIMED else ("", "")
+            args: tuple[Any, ...] = (now_us, str(lane))
+            if lane is Lane.TIMED:
+                args = (now_us, now_us, str(lane))
+            statements.append((
+                f"INSERT INTO `{table}` ({ready[0]}destination, message, created) "
+                f"SELECT {ready[1]}destination, message, %s FROM `{dead}` "
+                f"WHERE lane = %s{where} ORDER BY id",
+                args,
+            ))  # fmt: skip
+        statements.append((f"DELETE FROM `{dead}` WHERE 1=1{where}", None))
+        counts = await self.db.transaction(statements)
+        return sum(counts[:-1])
 
     async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
         return await purge_lanes(self.db, self.tables, lane, destination)
