@@ -156,9 +156,8 @@ class Admission:
         promise is then on delivered_at alone)."""
         assert msg.delivered_at is not None
         late = time.time() - msg.delivered_at
-        if late <= self.valve.margin_for(self.valve.rate_for(msg.destination)):
-            return True
-        if self.valve.margin == 0:
+        margin = self.valve.margin_for(self.valve.rate_for(msg.destination))
+        if late <= margin or self.valve.margin == 0:
             return True
         log.debug(
             "%s let through for %.6f, handed out %.3fs later: confirming it again",

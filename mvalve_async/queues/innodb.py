@@ -69,6 +69,8 @@ class InnoDBQueue:
         self.tables = settings.tables
         self.db = MySQLPool(settings, multi_statements=True)
         self._lane_of = {table: lane for lane, table in self.tables.all()}
+        self._lanes = self.tables.all()
+        self._rank = [list(Lane).index(lane) for lane, _ in self._lanes]  # per table
         self._poll_sql = self._build_poll()
         self._claim_sql = self._claim_sql_text()
 
@@ -142,8 +144,7 @@ class InnoDBQueue:
         left at the head of a table are rows every claim must step over)."""
         deletes = _deletes(acks)
         now_us, until = to_us(now), to_us(now + lease_seconds)
-        lanes = self.tables.all()
-        rank = [list(Lane).index(lane) for lane, _ in lanes]
+        lanes, rank = self._lanes, self._rank
 
         async def work(conn: Any) -> list[Lease]:
             # Two round trips: START TRANSACTION + the SELECT ... SKIP LOCKED, then
