@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from .events import Emitter
 from .interfaces import Lease, Queue
 
 __all__ = ["Acks"]
+
+R = TypeVar("R")
 
 _ClaimSettling = Callable[[Sequence[Lease], int, float, float], Awaitable[list[Lease]]]
 
@@ -52,26 +55,24 @@ class Acks:
 
     async def flush(self) -> None:
         if self._items:
-            acks, self._items = self._items, []
-            try:
-                await self.queue.ack(acks)
-            except BaseException:
-                self._items[:0] = acks  # kept: retried on the next flush
-                raise
-            for lease in acks:
-                self._emit("ack", lease.destination)
+            await self._settle(self.queue.ack)
 
     async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
         """`queue.claim(...)`, with the pending acks in the same transaction if the
-        queue can do that (kept for the next try if the claim fails)."""
-        if self.with_claim is None or not self._items:
+        queue can do that."""
+        with_claim = self.with_claim
+        if with_claim is None or not self._items:
             return await self.queue.claim(limit, now, lease_seconds)
+        return await self._settle(lambda acks: with_claim(acks, limit, now, lease_seconds))
+
+    async def _settle(self, send: Callable[[list[Lease]], Awaitable[R]]) -> R:
+        """Send the pending acks; kept for the next try if that fails."""
         acks, self._items = self._items, []
         try:
-            leases = await self.with_claim(acks, limit, now, lease_seconds)
+            result = await send(acks)
         except BaseException:
             self._items[:0] = acks
             raise
         for lease in acks:
             self._emit("ack", lease.destination)
-        return leases
+        return result
