@@ -74,11 +74,15 @@ def test_held_hands_out_due_parked_leases_first_and_drops_expiring_ones() -> Non
     assert dropped is None and len(held) == 0
 
 
-async def _a3_let_through_ahead(reader: Reader, writer: Writer) -> Message:
+async def _a3_parked_b1_out() -> tuple[Reader, float]:
     """Rate 1 per 0.3 s with a 0.1 s margin, a backlog a1, a2, a3: each hand-out
     opens a window of 0.4 s, but the reservations a2 and a3 took were 0.3 s apart
     (a3 behind a2's slot). So when a3 comes due, the valve lets it through for a
-    time still ahead (a2's hand-out + 0.4 s). b1 comes due with a3. Returns a2."""
+    time still ahead (a2's hand-out + 0.4 s). b1 comes due with a3, and goes out
+    first while a3 waits aside. Returns the reader and a2's delivered_at."""
+    queue, store = MemoryQueue(), MemoryStore()
+    writer = Writer(queue)
+    reader = Reader(queue, store, rate=Rate(1, per=0.3), margin=0.1, batch=4)
     await writer.insert_many([Message("a", "a1"), Message("a", "a2"), Message("a", "a3")])
     got = await reader.next(timeout=1)
     assert got is not None and got.content == "a1"
@@ -89,21 +93,17 @@ async def _a3_let_through_ahead(reader: Reader, writer: Writer) -> Message:
     a2 = await reader.next(timeout=2)
     assert a2 is not None and a2.content == "a2" and a2.delivered_at is not None
     assert a3_slot < a2.delivered_at + 0.4  # a3 is due before its window opens
-    return a2
-
-
-async def test_a_message_let_through_for_later_is_parked_while_due_ones_go() -> None:
-    queue, store = MemoryQueue(), MemoryStore()
-    writer = Writer(queue)
-    reader = Reader(queue, store, rate=Rate(1, per=0.3), margin=0.1, batch=4)
-    a2 = await _a3_let_through_ahead(reader, writer)
-    assert a2.delivered_at is not None
     got = await reader.next(timeout=2)  # claims a3 and b1 together
     assert got is not None and got.content == "b1"  # b1 did not wait behind a3
     assert time.time() < a2.delivered_at + 0.4  # before a3's time
+    return reader, a2.delivered_at
+
+
+async def test_a_message_let_through_for_later_is_parked_while_due_ones_go() -> None:
+    reader, a2_at = await _a3_parked_b1_out()
     got = await reader.next(timeout=2)
     assert got is not None and got.content == "a3"
-    assert got.delivered_at == round(a2.delivered_at + 0.4, 6)
+    assert got.delivered_at == round(a2_at + 0.4, 6)
     assert time.time() >= got.delivered_at  # not before its time
     await reader.close()
 
@@ -112,18 +112,12 @@ async def test_a_parked_message_collected_too_late_is_confirmed_again_from_now()
     # The consumer comes back for a3 well past its time: handed out with that old
     # time, it could crowd the next window. Its recorded hand-out moves to now
     # instead (the window allows it): no window is lost, none is crowded.
-    queue, store = MemoryQueue(), MemoryStore()
-    writer = Writer(queue)
-    reader = Reader(queue, store, rate=Rate(1, per=0.3), margin=0.1, batch=4)
-    a2 = await _a3_let_through_ahead(reader, writer)
-    assert a2.delivered_at is not None
-    got = await reader.next(timeout=2)
-    assert got is not None and got.content == "b1"
-    await asyncio.sleep(max(0.0, a2.delivered_at + 0.6 - time.time()))  # a slow consumer
+    reader, a2_at = await _a3_parked_b1_out()
+    await asyncio.sleep(max(0.0, a2_at + 0.6 - time.time()))  # a slow consumer
     asked = time.time()
     got = await reader.next(timeout=2)
     assert got is not None and got.content == "a3" and got.delivered_at is not None
     assert asked <= got.delivered_at <= time.time()
-    assert got.delivered_at < a2.delivered_at + 0.8  # a wasted slot would cost a window
+    assert got.delivered_at < a2_at + 0.8  # a wasted slot would cost a window
     assert (await reader.valve.record("a")).sent == [got.delivered_at]  # counted once
     await reader.close()
