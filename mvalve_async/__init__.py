@@ -20,7 +20,7 @@ from .interfaces import Lane, Queue, Store
 from .message import Headers, Message
 from .pipe import Pipe, open
 from .reader import Reader
-from .schedule import EmergencyPolicy, Rate
+from .throttle import EmergencyPolicy, Rate
 from .urls import QueueSettings, StoreSettings, Tables, make_queue, make_store
 from .writer import Writer
 

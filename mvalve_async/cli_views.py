@@ -15,7 +15,7 @@ from rich.text import Text
 from .errors import CodecError, MvalveError, StoreError
 from .interfaces import Lane, Queue, Store
 from .message import decode
-from .valve import Valve
+from .throttle import Valve
 
 __all__ = [
     "dead_table", "fmt_time", "peek_table", "row_view", "snapshot", "stats_view"]  # fmt: skip
@@ -107,10 +107,10 @@ def dead_table(views: Sequence[Mapping[str, Any]], title: str) -> Table:
 
 async def snapshot(queue: Queue, store: Store, limit: int, url: str) -> dict[str, Any]:
     """Depth per lane and destination, with each shown destination's valve state."""
-    now = time.time()
+    now = queue.clock.now()
     st = await queue.stats(now)
     ranked = sorted(st.by_destination.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
-    valve, store_error = Valve(store), None
+    valve, store_error = Valve(store, queue.clock), None
     destinations: dict[str, Any] = {}
     for dest, counts in ranked[:limit]:
         d: dict[str, Any] = {

@@ -42,7 +42,7 @@ from .errors import ConfigError
 from .interfaces import Lane
 from .message import Message
 from .pipe import Pipe
-from .schedule import Rate
+from .throttle import Rate
 from .urls import QueueSettings, StoreSettings, make_queue, make_store
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ class Demo:
                 d.deferred += 1
 
     async def refresh(self, pipe: Pipe) -> None:
-        stats = await pipe.queue.stats(time.time())
+        stats = await pipe.queue.stats(pipe.queue.clock.now())
         self.queued = dict(stats.queued)
         for d in self.plan.destinations:
             d.dead = stats.by_destination.get(d.name, {}).get("dead", 0) - d.dead_before
@@ -315,7 +315,7 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
     store_settings = StoreSettings.from_url(args.store or "memory://")
     demo = Demo(the_plan, args.seconds)
     async with Pipe(make_queue(settings), make_store(store_settings), create=True) as pipe:
-        stats = await pipe.queue.stats(time.time())
+        stats = await pipe.queue.stats(pipe.queue.clock.now())
         waiting = sum(stats.queued.values()) + sum(stats.leased.values())
         if waiting:
             raise ConfigError(

@@ -1,9 +1,9 @@
 """The whole backend contract: a `Queue` (rows in lanes, leases) and a `Store`
-(small per-key records updated atomically). Domain logic lives in reader.py,
-writer.py and schedule.py; backends know nothing of rates or messages.
+(small per-key records updated atomically). Domain logic lives in reader/,
+writer.py and throttle/; backends know nothing of rates or messages.
 
-Times cross this boundary as float seconds since the epoch (wall clock); SQL
-backends store them as integer microseconds.
+Times cross this boundary as float seconds since the epoch on the queue's shared
+clock (`Queue.clock`, clock.py); SQL backends store them as integer microseconds.
 """
 
 from __future__ import annotations
@@ -13,13 +13,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from .clock import Clock
+
 __all__ = [
+    "Found",
     "Lane",
     "Lease",
     "Queue",
     "QueueStats",
+    "QueueTraits",
     "Row",
+    "Scan",
     "Store",
+    "Want",
 ]
 
 R = TypeVar("R")
@@ -40,7 +46,6 @@ class Row:
     destination: str
     blob: bytes
     ready: float | None = None
-    reserved: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -52,13 +57,42 @@ class Lease:
     id: int
     destination: str
     blob: bytes
-    deliveries: int  # deliveries including this one
+    deliveries: int  # hand-outs including this one, if it is handed out
     ready: float | None = None  # timed lane
-    reserved: bool = False  # timed lane: its slot was reserved by the valve
     token: int = 0  # innodb/sqlite: the claim's lease token
     handle: Any = field(default=None, repr=False)  # backend-private (q4m: its connection)
     shard: int = 0  # sharded queue: index of the child queue holding the row (else 0)
     created: int = 0  # insertion order (µs, unique per writer batch); 0: unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """Up to `n` of `destination`'s oldest claimable rows."""
+
+    destination: str
+    n: int
+
+
+@dataclass(slots=True)
+class Found:
+    """A destination a scan found: about `rows` rows (-1: not counted), the first of
+    them claimable at `ready` (0: now; a timed row: its ready time)."""
+
+    rows: int = -1
+    ready: float = 0.0
+
+
+@dataclass(slots=True)
+class Scan:
+    """What `Queue.scan` found: destinations with rows (every one when `full`, else
+    those with rows written or come due since the previous scan's `mark`), whether
+    emergency rows are claimable, and the earliest future `ready` of the timed lane."""
+
+    found: dict[str, Found]
+    emergency: bool
+    next_due: float | None
+    mark: Any
+    full: bool
 
 
 @dataclass(slots=True)
@@ -72,19 +106,46 @@ class QueueStats:
     next_due: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class QueueTraits:
+    """What a dialect declares about itself, so that nothing probes for it.
+
+    `leases_hold_connections`: every unsettled lease holds a server connection (q4m's
+    owner mode): readers settle at once instead of batching acks.
+    `process_leases`: a lease expires only in the process that holds it (q4m: a row
+    comes back when its owner connection ends); else it expires for every reader.
+    `ordered_heads`: `claim` gives each want exactly the destination's oldest
+    claimable rows (q4m: the oldest not owned by another connection).
+    `one_host`: every process using the queue is on one host (sqlite, memory), so
+    the host's clock is shared by all of them."""
+
+    leases_hold_connections: bool = False
+    process_leases: bool = False
+    ordered_heads: bool = True
+    one_host: bool = False
+
+
 @runtime_checkable
 class Queue(Protocol):
-    """Rows in three lanes (each one or more tables), claimed under leases.
+    """Rows in three lanes (each one or more tables), claimed under leases, per
+    destination.
 
     Every method is cancellation-safe in the sense of the delivery guarantees:
     a cancelled `claim` may leave rows leased, but the lease always expires
-    (or, for q4m, ends with the connection), so nothing is stranded.
+    (or, for q4m, ends with the connection), so nothing is stranded. Times are
+    on `clock` (the queue's shared clock, clock.py).
     """
 
-    name: str  # dialect name: "innodb", "q4m", "sqlite", "memory"
+    name: str  # dialect name: "innodb", "q4m", "sqlite", "memory", "sharded"
+
+    @property
+    def traits(self) -> QueueTraits: ...
+
+    @property
+    def clock(self) -> Clock: ...
 
     async def connect(self) -> None:
-        """Open pools/files. Idempotent."""
+        """Open pools/files (and calibrate the clock). Idempotent."""
 
     async def close(self) -> None:
         """Release every connection; rows still leased come back by expiry or abort."""
@@ -99,35 +160,41 @@ class Queue(Protocol):
     async def insert(self, lane: Lane, rows: Sequence[Row]) -> None:
         """Insert rows into one table of `lane` (writers spread over tables)."""
 
-    async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
-        """Lease up to `limit` rows: emergency, then timed with ready <= now, then
-        normal; FIFO within a table (timed: by ready, then insertion)."""
+    async def scan(self, now: float, mark: Any = None) -> Scan:
+        """Which destinations have rows. `mark` None: all of them (`full`); else the
+        `mark` of the previous scan: those with rows written since, or with timed
+        rows come due since (a destination may be listed again). Cheap when nothing
+        changed; never locks."""
+
+    async def claim(
+        self,
+        wants: Sequence[Want],
+        now: float,
+        lease_seconds: float,
+        *,
+        emergency: int = 0,
+        acks: Sequence[Lease] = (),
+    ) -> list[Lease]:
+        """Settle `acks` (as `ack`) and lease rows, in one transaction where the
+        dialect can: up to `emergency` rows of the emergency lane (by insertion),
+        then for each want up to `n` of its destination's oldest claimable rows,
+        due timed rows first (by ready, then insertion), then normal rows (by
+        insertion). Returns the emergency leases, then each want's in that order.
+        Every claimed row's `deliveries` goes up by one."""
 
     async def ack(self, leases: Sequence[Lease]) -> None:
         """Delete the rows (only if still held under the same lease)."""
 
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
-        """Return the row to its queue, visible again after `delay` seconds."""
+        """A handed-out message goes back to its queue (a retry), visible again after
+        `delay` seconds, keeping its place and its delivery count."""
 
-    async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
-        """Atomically move the row into the timed lane with `ready`, settling the lease.
-        The delivery count is kept only for a retry (`reserved=False`) from the same row."""
-
-    async def shift(self, destination: str, after: float, delta: float) -> int:
-        """Move the destination's reserved timed rows due after `after` `delta` seconds
-        later (a pause or HOLD window opened); returns how many. (q4m, which has no
-        UPDATE, takes each row in owner mode and re-inserts it.)"""
-
-    async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
-        """Set new `ready` times on reserved timed rows found by (destination, created,
-        old ready): `moves` is [(created, old, new)]. Rows not found (not moved yet,
-        leased, gone) are skipped; returns how many moved."""
+    async def give_back(self, leases: Sequence[Lease]) -> None:
+        """Rows claimed but never handed out go back at once, their place kept and
+        their delivery count as before the claim."""
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         """Atomically move rows to the dead-letter table with `reason`."""
-
-    async def poll(self, now: float) -> tuple[bool, float | None]:
-        """Cheap, lock-free: (is a row claimable now?, earliest future ready in timed)."""
 
     async def stats(self, now: float) -> QueueStats: ...
 
@@ -135,8 +202,8 @@ class Queue(Protocol):
         """Read-only look at the rows of every lane (or `lane`), claiming and locking
         nothing: emergency, then timed by (ready, id), then normal by id; at most
         `limit` rows in all. Leased and not-yet-due rows are included. Keys: id,
-        lane (str), table, destination, ready (timed lane, else None), reserved,
-        deliveries, lease_until (0.0 when not leased; q4m: this process's leases only), blob."""
+        lane (str), table, destination, ready (timed lane, else None), deliveries,
+        lease_until (0.0 when not leased; q4m: this process's leases only), blob."""
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """Rows of the dead-letter table: id, lane, destination, reason, deliveries,
@@ -160,15 +227,20 @@ class Store(Protocol):
 
     async def get(self, key: str) -> bytes | None: ...
 
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The records of `keys` that exist, in one round trip per server."""
+
     async def update(
         self,
         key: str,
         fn: Callable[[bytes | None], tuple[bytes | None, R]],
-        ttl: int = 0,
+        ttl: float | Callable[[bytes], float] = 0,
     ) -> R:
         """Atomic read-modify-write. `fn(old)` returns (new value or None to leave the
         record unchanged, result). `fn` may run several times (optimistic retries)
-        and must be pure. Raises `StoreError` when the server cannot be reached."""
+        and must be pure. `ttl`: seconds the written record lives (0: for ever), or a
+        function of the bytes written (called after `fn`). Raises `StoreError` when
+        the server cannot be reached."""
 
     async def delete(self, key: str) -> None: ...
 

@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from .events import Observer
 from .interfaces import Queue, Store
-from .notify import Notifier
 from .reader import Reader
-from .schedule import EmergencyPolicy, Rate
+from .throttle import EmergencyPolicy, Rate
 from .urls import QueueSettings, StoreSettings, make_queue, make_store
 from .writer import Writer
 
@@ -39,8 +38,7 @@ class Pipe:
         self.queue = queue
         self.observers = list(observers)
         self.store = store
-        self.notifier = Notifier()
-        self._create = create if create is not None else queue.name in ("sqlite", "memory")
+        self._create = create if create is not None else queue.traits.one_host
         self._readers: list[Reader] = []
         self._connected = False
 
@@ -64,7 +62,7 @@ class Pipe:
         return options
 
     def writer(self, **options: Any) -> Writer:
-        return Writer(self.queue, notifier=self.notifier, **self._defaults(options))
+        return Writer(self.queue, **self._defaults(options))
 
     def reader(
         self,
@@ -76,8 +74,7 @@ class Pipe:
     ) -> Reader:
         reader = Reader(
             self.queue, self.store, rate=rate, rates=rates,
-            emergency_policy=emergency_policy, notifier=self.notifier,
-            **self._defaults(options),
+            emergency_policy=emergency_policy, **self._defaults(options),
         )  # fmt: skip
         self._readers = [r for r in self._readers if not r.closed]  # no leak of old ones
         self._readers.append(reader)

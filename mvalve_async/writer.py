@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Sequence
 
 from .events import Emitter, Observer
 from .interfaces import Lane, Queue, Row
 from .message import DEFAULT_MAX_DESTINATION, DEFAULT_MAX_SIZE, Message, encode
 from .message import validate_destination as _validate_destination
-from .notify import Notifier
+from .notify import news_for
 
 __all__ = ["Writer"]
 
@@ -27,7 +26,6 @@ class Writer:
         self,
         queue: Queue,
         *,
-        notifier: Notifier | None = None,
         max_size: int = DEFAULT_MAX_SIZE,
         max_destination: int = DEFAULT_MAX_DESTINATION,
         observers: Sequence[Observer] = (),
@@ -35,7 +33,7 @@ class Writer:
         self.queue = queue
         self.max_size = max_size
         self.max_destination = max_destination
-        self._notifier = notifier
+        self._news = news_for(queue)
         self._emit = Emitter(observers)
 
     def _row(self, message: Message, now: float) -> tuple[Lane, Row]:
@@ -52,7 +50,7 @@ class Writer:
 
     async def insert(self, message: Message) -> str:
         """Insert one message; returns its id."""
-        lane, row = self._row(message, time.time())
+        lane, row = self._row(message, self.queue.clock.now())
         await self.queue.insert(lane, [row])
         self._emit("enqueue", message.destination)
         log.debug(
@@ -62,13 +60,12 @@ class Writer:
             lane,
             extra={"destination": message.destination, "message_id": message.id},
         )
-        if self._notifier is not None:
-            self._notifier.notify()
+        self._news.notify([(row.destination, row.ready or 0.0)], emergency=lane is Lane.EMERGENCY)
         return message.id
 
     async def insert_many(self, messages: Iterable[Message]) -> list[str]:
         """Insert many messages in one statement per lane; all are validated first."""
-        now = time.time()
+        now = self.queue.clock.now()
         batch = list(messages)
         by_lane: dict[Lane, list[Row]] = {}
         for message in batch:
@@ -78,8 +75,11 @@ class Writer:
             await self.queue.insert(lane, rows)
             for row in rows:
                 self._emit("enqueue", row.destination)
-        if batch and self._notifier is not None:
-            self._notifier.notify()
+        if batch:
+            self._news.notify(
+                [(r.destination, r.ready or 0.0) for rows in by_lane.values() for r in rows],
+                emergency=Lane.EMERGENCY in by_lane,
+            )
         return [m.id for m in batch]
 
     async def defer(self, message: Message, delay: float) -> str:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any
 
 from mysql_mimic import MysqlServer, Session
@@ -147,6 +148,10 @@ class _Q4MSession(Session):
     # -- queries
     async def handle_query(self, sql_text: str, attrs: dict[str, str]) -> AllowedResult:
         self._affected = None
+        if " ".join(sql_text.split()).upper() == "SELECT UNIX_TIMESTAMP(NOW(6))":
+            # the server's clock, as the library's ServerClock samples it
+            now = round(time.time() + self.store.clock_offset, 6)
+            return [[now]], [result_column(sql_text, "float", self)]
         try:
             stmt = sql.parse(sql_text)  # sql_text is latin1: one char per byte
             if stmt is None:  # SET NAMES, SELECT @@x, SHOW ...: mysql-mimic's own handling
@@ -330,6 +335,15 @@ class Q4MServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    @property
+    def clock_offset(self) -> float:
+        """Seconds the emulated server's clock is ahead of this host's."""
+        return self._store.clock_offset
+
+    @clock_offset.setter
+    def clock_offset(self, value: float) -> None:
+        self._store.clock_offset = value
 
     @property
     def url(self) -> str:

@@ -83,6 +83,7 @@ class Store:
         self.cond = asyncio.Condition()  # notified whenever a row becomes available
         self.parked = asyncio.Condition(self.cond._lock)  # type: ignore[attr-defined]  # same lock
         self.waiting = 0  # connections blocked in queue_wait; ``parked`` tells changes
+        self.clock_offset = 0.0  # seconds the server's clock is ahead of this host's
 
     def table(self, name: str) -> Table:
         try:

@@ -7,8 +7,7 @@ ordered `created` values; settles group a claim's leases by (table, token); and
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..interfaces import Lane, Lease, Row
@@ -21,8 +20,9 @@ _DEAD_KEYS = ("id", "lane", "destination", "reason", "deliveries", "died_at", "b
 
 
 def to_us(t: float) -> int:
-    """Epoch seconds as the integer microseconds the MySQL tables store (truncated)."""
-    return int(t * US)
+    """Epoch seconds as the integer microseconds the tables store (rounded: a slot
+    of the valve lives on the microsecond grid and must come back equal)."""
+    return round(t * US)
 
 
 def schema_sql(dialect: str, tables: Tables) -> str:
@@ -34,20 +34,18 @@ def table_names(tables: Tables) -> list[str]:
     return [t for _, t in tables.all()] + [tables.dead]
 
 
-def row_args(
-    lane: Lane, rows: Sequence[Row], us: Callable[[float], int] = to_us
-) -> list[tuple[Any, ...]]:
-    """INSERT arguments: (destination, ready, reserved, message, created) per timed
-    row, (destination, message, created) otherwise. `created` is now + i µs, so a
-    batch's rows keep distinct, ordered values."""
-    base = us(time.time())
+def row_args(lane: Lane, rows: Sequence[Row], now: float) -> list[tuple[Any, ...]]:
+    """INSERT arguments: (destination, ready, message, created) per timed row,
+    (destination, message, created) otherwise. `created` is now + i µs (the queue's
+    clock), so a batch's rows keep distinct, ordered values."""
+    base = to_us(now)
     if lane is not Lane.TIMED:
         return [(r.destination, r.blob, base + i) for i, r in enumerate(rows)]
     args: list[tuple[Any, ...]] = []
     for i, r in enumerate(rows):
         if r.ready is None:
             raise ValueError("a timed row needs ready")
-        args.append((r.destination, us(r.ready), int(r.reserved), r.blob, base + i))
+        args.append((r.destination, to_us(r.ready), r.blob, base + i))
     return args
 
 
@@ -66,14 +64,14 @@ def tally(by_dest: dict[str, dict[str, int]], dest: str, key: str, n: int) -> No
 
 
 def peek_item(
-    lane: Lane, table: str, rid: int, dest: str, ready: float | None, reserved: bool,
-    deliveries: int, until: float, blob: bytes,
+    lane: Lane, table: str, rid: int, dest: str, ready: float | None, deliveries: int,
+    until: float, blob: bytes,
 ) -> dict[str, Any]:  # fmt: skip
     """One row as `peek` shows it (`ready` only in the timed lane)."""
     return {
         "id": rid, "lane": str(lane), "table": table, "destination": dest,
-        "ready": ready if lane is Lane.TIMED else None, "reserved": reserved,
-        "deliveries": deliveries, "lease_until": until, "blob": blob,
+        "ready": ready if lane is Lane.TIMED else None, "deliveries": deliveries,
+        "lease_until": until, "blob": blob,
     }  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Looking at a q4m queue: `poll`, `stats` and `peek` without claiming anything.
+"""Looking at a q4m queue: `scan`, `stats` and `peek` without claiming anything.
 
 They run plain SELECTs on the shared pool, never on an owner (after a
 `queue_wait` an owner's SELECTs see nothing but its own row). A pool connection
@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
-from ..interfaces import Lane, Lease, QueueStats
+from ..interfaces import Found, Lane, Lease, QueueStats, Scan
 from ..urls import Tables
 from ._common import US, peek_item, tally, to_us
 from ._mysql import MySQLPool, count_dead
@@ -20,30 +20,34 @@ from ._q4m_owners import Owners
 
 __all__ = ["peek", "scan", "stats"]
 
-_SCAN = 1000  # `ready` values read per table by poll to find the next due time
 
-
-async def scan(db: MySQLPool, tables: Tables, now: float) -> tuple[bool, float | None]:
-    """(a row is claimable, the earliest future ready): per table the first
-    `_SCAN` ready values in FIFO order (exactly re-checked past that), so with
-    more future rows than that the next due time is an upper bound."""
+async def scan(db: MySQLPool, tables: Tables, now: float) -> Scan:
+    """Every destination with rows nobody owns (a full read: Q4M has no index),
+    with its count and, for timed rows, its earliest ready; whether emergency rows
+    are due; the earliest future ready. `mark` says whether rows without a
+    destination key (written before `dkey` existed) were seen."""
     now_us = to_us(now)
 
-    async def run(conn: Any) -> tuple[bool, float | None]:
-        ready, future = False, list[int]()
+    async def run(conn: Any) -> Scan:
+        found: dict[str, Found] = {}
+        future: list[int] = []
+        emergency = legacy = False
         async with conn.cursor() as cur:
-            for _, table in tables.all():
-                await cur.execute(f"SELECT ready FROM `{table}` LIMIT %s", (_SCAN + 1,))
-                values = [int(r[0]) for r in await cur.fetchall()]
-                if any(v <= now_us for v in values):
-                    ready = True
-                elif len(values) > _SCAN and not ready:
-                    await cur.execute(
-                        f"SELECT id FROM `{table}` WHERE ready <= %s LIMIT 1", (now_us,)
-                    )
-                    ready = bool(await cur.fetchall())
-                future.extend(v for v in values if v > now_us)
-        return ready, (min(future) / US if future else None)
+            for lane, table in tables.all():
+                if lane is Lane.EMERGENCY:
+                    await cur.execute(f"SELECT ready FROM `{table}`")
+                    emergency = emergency or any(int(r) <= now_us for (r,) in await cur.fetchall())
+                    continue
+                await cur.execute(f"SELECT destination, dkey, ready FROM `{table}`")
+                for dest, key, ready in await cur.fetchall():
+                    at = int(ready) / US if int(ready) > now_us else 0.0
+                    if at:
+                        future.append(int(ready))
+                    f = found.setdefault(dest, Found(0, at))
+                    f.rows += 1
+                    f.ready = min(f.ready, at)
+                    legacy = legacy or not int(key)
+        return Scan(found, emergency, min(future) / US if future else None, legacy, True)
 
     return await db.run(run)
 
@@ -63,14 +67,15 @@ async def stats(db: MySQLPool, tables: Tables, owners: Owners, now: float) -> Qu
         leased[lease.lane] += 1
         tally(by_dest, lease.destination, "leased", 1)
     dead = await count_dead(db, tables.dead, by_dest)
-    _, next_due = await scan(db, tables, now)
-    return QueueStats(queued, leased, dead, by_dest, next_due)
+    now_us, future = to_us(now), []
+    for table in tables.timed:
+        future += [int(r) for (r,) in await db.fetch(f"SELECT ready FROM `{table}`")]
+    due = min((r for r in future if r > now_us), default=None)
+    return QueueStats(queued, leased, dead, by_dest, due / US if due is not None else None)
 
 
 def _peek_lease(x: Lease, until: float) -> dict[str, Any]:
-    return peek_item(
-        x.lane, x.table, x.id, x.destination, x.ready, x.reserved, x.deliveries, until, x.blob
-    )
+    return peek_item(x.lane, x.table, x.id, x.destination, x.ready, x.deliveries, until, x.blob)
 
 
 async def peek(
@@ -94,8 +99,7 @@ async def peek(
                 (int(want),),
             )
             lists.append([
-                peek_item(row_lane, table, int(rid), dest, None, False, int(done),
-                          0.0, bytes(blob))
+                peek_item(row_lane, table, int(rid), dest, None, int(done), 0.0, bytes(blob))
                 for rid, dest, done, blob in rows
             ])  # fmt: skip
         out.extend(list(heapq.merge(*lists, key=lambda r: int(r["id"])))[:want])
@@ -124,14 +128,10 @@ async def _peek_timed(
             out.append(source)
             continue
         rows = await db.fetch(
-            "SELECT destination, reserved, deliveries, message "
-            f"FROM `{source}` WHERE id = %s LIMIT 1",
+            f"SELECT destination, deliveries, message FROM `{source}` WHERE id = %s LIMIT 1",
             (rid,),
         )
         if rows:
-            dest, reserved, done, blob = rows[0]
-            out.append(
-                peek_item(Lane.TIMED, source, rid, dest, ready, bool(reserved),
-                          int(done), 0.0, bytes(blob))
-            )  # fmt: skip
+            dest, done, blob = rows[0]
+            out.append(peek_item(Lane.TIMED, source, rid, dest, ready, int(done), 0.0, bytes(blob)))
     return out

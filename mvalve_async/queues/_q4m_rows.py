@@ -1,18 +1,21 @@
-"""Rows of the q4m dialect: their ids, their statements, and rewriting them.
+"""Rows of the q4m dialect: their ids and keys, their statements, and rewriting them.
 
-Q4M has no AUTO_INCREMENT and no UPDATE. This process makes the row ids
-(`Ids`). A row is changed by taking it in owner mode by id on a dedicated
-connection (`queue_wait('table:id=N', 0)`: `own`), INSERTing its new version
-(the same id, created and deliveries, unless they change) and `queue_end()`ing
-the old one (`replace_owned`); two concurrent rewrites never both copy a row (a
-connection lost between the INSERT and `queue_end()` leaves both: at least
-once). `retime` (shift, reschedule) and `requeue_dead` work that way. A claim
-is one `queue_wait` over every lane table (`Q4MSql.wait_call`).
+Q4M has no AUTO_INCREMENT, no index and no UPDATE. This process makes the row
+ids (`Ids`); every row carries its destination's key (`dkey`), an integer a
+conditional `queue_wait('table:dkey=K and ready<=NOW', 0)` can test, so a claim
+takes a destination's own oldest rows (`Q4MSql.head_targets`). A row is changed
+by taking it in owner mode on a dedicated connection (`own`), INSERTing its new
+version (the same id, created and deliveries, unless they change) and
+`queue_end()`ing the old one (`replace_owned`); two concurrent rewrites never
+both copy a row (a connection lost between the INSERT and `queue_end()` leaves
+both: at least once). `requeue_dead` and `rekey` (rows written before `dkey`
+existed) work that way.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 import secrets
 import time
@@ -22,9 +25,8 @@ from typing import Any
 from ..errors import SchemaError
 from ..interfaces import Lane
 from ..urls import Tables
-from ._common import to_us
 
-__all__ = ["Ids", "Q4MSql", "Statement", "requeue_dead", "retime"]
+__all__ = ["Ids", "Q4MSql", "Statement", "dkey", "rekey", "requeue_dead"]
 
 Statement = tuple[str, tuple[Any, ...]]
 
@@ -42,63 +44,58 @@ class Ids:
         return self._last
 
 
+def dkey(destination: str) -> int:
+    """The destination's key: what a conditional `queue_wait` can test (Q4M's
+    conditions see integer columns only). 62 bits of BLAKE2b, never 0 (the default
+    of rows written before the column existed)."""
+    digest = hashlib.blake2b(destination.encode("utf-8", "surrogatepass"), digest_size=8)
+    return (int.from_bytes(digest.digest(), "big") >> 2) or 1
+
+
 class Q4MSql:
     """The statements for one queue's tables."""
 
     def __init__(self, tables: Tables) -> None:
         self.tables = tables
         self._lane_of = {table: lane for lane, table in tables.all()}
-        self._select = {table: self._select_sql(lane, table) for lane, table in tables.all()}
-
-    @staticmethod
-    def _select_sql(lane: Lane, table: str) -> str:
-        extra = ", reserved" if lane is Lane.TIMED else ""
-        return f"SELECT id, destination, message, deliveries, created, ready{extra} FROM `{table}`"
 
     def select(self, table: str) -> str:
         """The row a connection owns in `table` (after `queue_wait` it sees no other):
-        id, destination, message, deliveries, created, ready[, reserved if timed]."""
-        return self._select[table]
+        id, destination, message, deliveries, created, ready."""
+        return f"SELECT id, destination, message, deliveries, created, ready FROM `{table}`"
 
-    def wait_call(self, now_us: int) -> tuple[str, list[str], list[tuple[Lane, str]]]:
-        """`SELECT queue_wait(...)`: lanes in priority order, a lane's tables shuffled
-        (served fairly), every table asked for rows with ready <= now; timeout 0."""
-        args: list[str] = []
-        targets: list[tuple[Lane, str]] = []
-        for lane in Lane:
-            tables = list(self.tables.lane(lane))
-            random.shuffle(tables)
-            for table in tables:
-                args.append(f"{table}:ready<={now_us}")
-                targets.append((lane, table))
-        sql = "SELECT queue_wait(" + ", ".join(["%s"] * len(args)) + ", 0)"
-        return sql, args, targets
+    def wait_call(self, targets: Sequence[tuple[Lane, str, str]]) -> tuple[str, list[str]]:
+        """`SELECT queue_wait(...)` over `targets` (lane, table, condition), in
+        priority order; the timeout (always the last argument) is 0."""
+        args = [f"{table}:{cond}" for _, table, cond in targets]
+        return "SELECT queue_wait(" + ", ".join(["%s"] * len(args)) + ", 0)", args
+
+    def emergency_targets(self, now_us: int) -> list[tuple[Lane, str, str]]:
+        """The emergency lane's tables (shuffled: served fairly), rows due."""
+        tables = list(self.tables.emergency)
+        random.shuffle(tables)
+        return [(Lane.EMERGENCY, t, f"ready<={now_us}") for t in tables]
+
+    def head_targets(self, destination: str, now_us: int) -> list[tuple[Lane, str, str]]:
+        """A destination's due timed rows, then its normal ones."""
+        key = dkey(destination)
+        return [
+            (lane, t, f"dkey={key} and ready<={now_us}")
+            for lane in (Lane.TIMED, Lane.NORMAL)
+            for t in self.tables.lane(lane)
+        ]
 
     def insert_sql(self, table: str) -> str:
-        if self._lane_of[table] is Lane.TIMED:
-            return (
-                f"INSERT INTO `{table}` (id, destination, ready, reserved, message, created, "
-                "deliveries) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-            )
         return (
-            f"INSERT INTO `{table}` (id, destination, ready, message, created, deliveries) "
-            "VALUES (%s, %s, %s, %s, %s, %s)"
+            f"INSERT INTO `{table}` (id, destination, dkey, ready, message, created, "
+            "deliveries) VALUES (%s, %s, %s, %s, %s, %s, %s)"
         )
 
-    def insert_args(
-        self, table: str, rid: int, dest: str, ready: int, reserved: bool, blob: bytes,
-        created: int, deliveries: int,
-    ) -> tuple[Any, ...]:  # fmt: skip
-        if self._lane_of[table] is Lane.TIMED:
-            return (rid, dest, ready, int(reserved), blob, created, deliveries)
-        return (rid, dest, ready, blob, created, deliveries)
-
     def insert(
-        self, table: str, rid: int, dest: str, ready: int, reserved: bool, blob: bytes,
-        created: int, deliveries: int,
+        self, table: str, rid: int, dest: str, ready: int, blob: bytes, created: int,
+        deliveries: int,
     ) -> Statement:  # fmt: skip
-        args = self.insert_args(table, rid, dest, ready, reserved, blob, created, deliveries)
-        return self.insert_sql(table), args
+        return self.insert_sql(table), (rid, dest, dkey(dest), ready, blob, created, deliveries)
 
     def insert_dead(self) -> str:
         return (
@@ -131,38 +128,32 @@ async def replace_owned(cur: Any, select: str, make: Callable[[Any], Statement])
     return row is not None
 
 
-async def retime(
-    cur: Any, sql: Q4MSql, finds: Sequence[tuple[str, tuple[Any, ...], Callable[[int], int]]]
-) -> int:
-    """The timed rows each `WHERE` finds are listed first (plain SELECTs), then each
-    is taken by `queue_wait('timed:id=N and ready=R', 0)`, re-inserted with its new
-    ready (`find`'s function of the old one; same id, created and deliveries; in
-    new-ready order) and `queue_end()`ed. Rows owned elsewhere are skipped."""
-    found: list[tuple[int, int, int, str]] = []
-    for where, args, new_ready in finds:
-        for table in sql.tables.timed:  # no queue_wait yet: every unowned row
-            await cur.execute(f"SELECT id, ready FROM `{table}` WHERE {where}", args)
-            found.extend(
-                (new_ready(int(ready)), int(rid), int(ready), table)
-                for rid, ready in await cur.fetchall()
-            )
+async def rekey(cur: Any, sql: Q4MSql, table: str, limit: int) -> int:
+    """Rows written before the `dkey` column existed (dkey 0) cannot be claimed per
+    destination: up to `limit` of `table`'s are taken in owner mode and written
+    again with their key (same id, ready, created, deliveries): a one-time move of
+    an upgrade, at the end of the table."""
     moved = 0
-    for new, rid, ready, table in sorted(set(found)):
-        if not await own(cur, f"{table}:id={rid} and ready={ready}"):
-            continue
-        retimed = functools.partial(_retimed, sql, table, rid, new)
-        moved += await replace_owned(cur, sql.select(table), retimed)
+    for _ in range(limit):
+        if not await own(cur, f"{table}:dkey=0"):
+            break
+        keyed = functools.partial(_keyed, sql, table)
+        moved += await replace_owned(cur, sql.select(table), keyed)
     return moved
 
 
-def _retimed(sql: Q4MSql, table: str, rid: int, ready: int, row: tuple[Any, ...]) -> Statement:
-    """An owned timed row (`Q4MSql.select`) again with a new ready, reserved; the
-    same id, created and deliveries."""
-    return sql.insert(table, rid, row[1], ready, True, bytes(row[2]), int(row[4]), int(row[3]))
+def _keyed(sql: Q4MSql, table: str, row: tuple[Any, ...]) -> Statement:
+    return sql.insert(table, int(row[0]), row[1], int(row[5]), bytes(row[2]), int(row[4]),
+                      int(row[3]))  # fmt: skip
 
 
 async def requeue_dead(
-    cur: Any, sql: Q4MSql, ids: Sequence[int] | None, new_id: Callable[[], int], where: str
+    cur: Any,
+    sql: Q4MSql,
+    ids: Sequence[int] | None,
+    new_id: Callable[[], int],
+    where: str,
+    now: int,
 ) -> int:
     """Dead letters (`ids`, or all) back to their lanes, each taken by
     `queue_wait('dead:id=N', 0)`, inserted as a new row and `queue_end()`ed."""
@@ -174,7 +165,7 @@ async def requeue_dead(
     else:
         targets = [f"{dead}:id={int(i)}" for i in ids]
     select = f"SELECT lane, destination, message FROM `{dead}`"
-    requeued = functools.partial(_requeued, sql, new_id)
+    requeued = functools.partial(_requeued, sql, new_id, now)
     moved = 0
     for target in targets:
         index = await own(cur, target)
@@ -188,11 +179,10 @@ async def requeue_dead(
     return moved
 
 
-def _requeued(sql: Q4MSql, new_id: Callable[[], int], row: tuple[Any, ...]) -> Statement:
+def _requeued(sql: Q4MSql, new_id: Callable[[], int], now: int, row: tuple[Any, ...]) -> Statement:
     """A dead letter (lane, destination, message) as a new row of its lane (a lane
-    name this version does not know: normal)."""
+    name this version does not know: normal), due `now` (µs)."""
     name = str(row[0])
     lane = Lane(name) if name in {x.value for x in Lane} else Lane.NORMAL
     table = random.choice(sql.tables.lane(lane))
-    now = to_us(time.time())
-    return sql.insert(table, new_id(), row[1], now, False, bytes(row[2]), now, 0)
+    return sql.insert(table, new_id(), row[1], now, bytes(row[2]), now, 0)

@@ -148,7 +148,8 @@ class ShardSet:
             attempt += 1
             try:
                 async with asyncio.timeout(self.timeout):
-                    await shard.queue.poll(time.time())
+                    await shard.queue.connect()
+                    await shard.queue.scan(shard.queue.clock.now(), None)
                     if shard.pending_acks:
                         acks = list(shard.pending_acks)
                         await shard.queue.ack(acks)

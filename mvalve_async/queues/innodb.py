@@ -1,28 +1,38 @@
 """The innodb dialect: plain InnoDB tables, leases claimed with SKIP LOCKED.
 
-A claim is one short READ COMMITTED transaction: `SELECT ... FOR UPDATE SKIP
-LOCKED` per lane, then one `UPDATE` setting the lease; nothing is held while
-user code runs. Acks are one `DELETE ... WHERE lease_token = ? AND id IN (...)`
-per table, sent with the next claim. Moves and dead letters are `INSERT ...
+A claim is one short READ COMMITTED transaction: one `SELECT ... FOR UPDATE SKIP
+LOCKED` over the emergency lane and, per wanted destination, its first rows by
+its index (`KEY destination`, (destination, id) in InnoDB; timed rows by
+`KEY destination_ready`), then one `UPDATE` per table setting the lease. Nothing
+is held while user code runs. Acks are one `DELETE ... WHERE lease_token = ? AND
+id IN (...)` per table, sent with the next claim; dead letters are `INSERT ...
 SELECT` + `DELETE` guarded by the lease token, so repeating them after a lost
-connection is safe; like reschedules, each is one transaction in one round trip.
+connection is safe. Rows are never moved or rewritten to throttle them.
+
+Scans find the destinations with rows without reading the rows: a loose index
+scan (one index dive per destination) when full, the rows above the last id mark
+when incremental (see `_scan_sql`). Times are on the server's clock
+(`ServerClock`: `UNIX_TIMESTAMP(NOW(6))` samples).
 """
 
 from __future__ import annotations
 
 import random
 import secrets
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..interfaces import Lane, Lease, QueueStats, Row
+from ..clock import ServerClock
+from ..interfaces import Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..schema import render
 from ..urls import QueueSettings
 from ._common import US, peek_item, row_args, schema_sql, tally, to_us
 from ._mysql import MySQLPool, count_dead, drop_tables, purge_lanes, read_dead_letters
 
 __all__ = ["InnoDBQueue"]
+
+_SLACK = 256  # ids an incremental scan reads again: inserts that committed out of order
+_CHUNK = 100_000  # ids an incremental scan reads at most
 
 
 def _id_list(ids: Iterable[int]) -> str:
@@ -54,6 +64,38 @@ def _deletes(leases: Iterable[Lease]) -> list[str]:
     return [f"DELETE FROM `{t}` WHERE {_held(items)}" for t, items in _by_table(leases).items()]
 
 
+_NEVER = 9_000_000_000_000_000_000  # µs: "no timed row in the future"
+
+
+def _next_due(timed: Sequence[str]) -> str:
+    """SQL for the earliest future `ready` of the timed tables (_NEVER: none)."""
+    mins = ", ".join(
+        f"IFNULL((SELECT MIN(ready) FROM `{t}` WHERE ready > %(now)s), {_NEVER})" for t in timed
+    )
+    return f"LEAST({mins}, {_NEVER})"
+
+
+def _keep(
+    rows: list[tuple[list[int], Any, Any]],
+    wants: Sequence[Want],
+    emergency: int,
+    rank: list[int],
+) -> list[tuple[list[int], Any, Any]]:
+    """The rows to lease, in the claim's order: the emergency lane's first (by
+    created, id), then per want its due timed rows (by ready, created, id), then its
+    normal rows (by created, id: several normal tables interleave by insertion), at
+    most `n`. Row numbers: (k, w, id, deliveries, created, ready)."""
+    groups: dict[int, list[tuple[list[int], Any, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row[0][1], []).append(row)
+    kept = sorted(groups.get(-1, []), key=lambda r: (r[0][4], r[0][2]))[:emergency]
+    for w, want in enumerate(wants):
+        mine = groups.get(w, [])
+        mine.sort(key=lambda r: (rank[r[0][0]], r[0][5], r[0][4], r[0][2]))
+        kept += mine[: want.n]
+    return kept
+
+
 async def _drain(cur: Any) -> None:
     """Read the remaining results of a multi-statement query (or the next one fails)."""
     while await cur.nextset():
@@ -63,24 +105,33 @@ async def _drain(cur: Any) -> None:
 class InnoDBQueue:
     name = "innodb"
     dialect = "innodb"
+    traits = QueueTraits()
 
     def __init__(self, settings: QueueSettings) -> None:
         self.settings = settings
         self.tables = settings.tables
         self.db = MySQLPool(settings, multi_statements=True)
+        self.clock = ServerClock(self._server_time, where=settings.safe_url())
         self._lane_of = {table: lane for lane, table in self.tables.all()}
         self._lanes = self.tables.all()
         self._rank = [list(Lane).index(lane) for lane, _ in self._lanes]  # per table
-        self._poll_sql = self._build_poll()
-        self._claim_sql = self._claim_sql_text()
+        self._scan_full = self._scan_sql(full=True)
+        self._scan_more = self._scan_sql(full=False)
+
+    async def _server_time(self) -> float:
+        ((now,),) = await self.db.fetch("SELECT UNIX_TIMESTAMP(NOW(6))")
+        return float(now)
 
     def __repr__(self) -> str:
         return f"InnoDBQueue({self.settings.safe_url()!r})"
 
     async def connect(self) -> None:
         await self.db.connect()
+        if not self.clock.calibrated:
+            await self.clock.calibrate()
 
     async def close(self) -> None:
+        await self.clock.close()
         await self.db.close()
 
     def schema_sql(self) -> str:
@@ -100,61 +151,151 @@ class InnoDBQueue:
         table = random.choice(self.tables.lane(lane))
         if lane is Lane.TIMED:
             sql = (
-                f"INSERT INTO `{table}` (destination, ready, reserved, message, created) "
-                "VALUES (%s, %s, %s, %s, %s)"
+                f"INSERT INTO `{table}` (destination, ready, message, created) "
+                "VALUES (%s, %s, %s, %s)"
             )
         else:
             sql = f"INSERT INTO `{table}` (destination, message, created) VALUES (%s, %s, %s)"
-        await self.db.insert(sql, row_args(lane, rows))
+        await self.db.insert(sql, row_args(lane, rows, self.clock.now()))
+
+    # -- scanning -------------------------------------------------------------
+
+    def _scan_sql(self, full: bool) -> str:
+        """One statement, its parts read in order: the id marks (and the emergency
+        and next-due facts) first, so that a row written meanwhile is either in the
+        parts that follow or above the mark. Full: a loose index scan of the
+        destinations (one index dive per destination, however many rows each has).
+        Incremental: rows above the marks (by primary key, at most `_CHUNK` ids),
+        and timed rows come due since the last scan (by KEY ready)."""
+        emerg = " OR ".join(
+            f"EXISTS(SELECT 1 FROM `{t}` WHERE lease_until <= %(now)s)"
+            for t in self.tables.emergency
+        )
+        parts = [f"SELECT 'x', NULL, {emerg}, {_next_due(self.tables.timed)}"]
+        for k, t in enumerate((*self.tables.normal, *self.tables.timed)):
+            parts.append(f"SELECT 'm', {k}, IFNULL(MAX(id), 0), NULL FROM `{t}`")
+        for k, t in enumerate(self.tables.normal):
+            if full:
+                parts.append(f"SELECT 'n', destination, -1, NULL FROM `{t}` GROUP BY destination")
+            else:
+                parts.append(
+                    f"SELECT 'n', destination, COUNT(*), MAX(id) FROM `{t}` FORCE INDEX (PRIMARY) "
+                    f"WHERE id > %(m{k})s AND id <= %(m{k})s + {_CHUNK} GROUP BY destination"
+                )
+        for j, t in enumerate(self.tables.timed):
+            k = len(self.tables.normal) + j
+            if full:
+                parts.append(
+                    f"SELECT 't', destination, MIN(ready), NULL FROM `{t}` GROUP BY destination"
+                )
+                continue
+            parts.append(
+                f"SELECT 't', destination, MIN(ready), MAX(id) FROM `{t}` FORCE INDEX (PRIMARY) "
+                f"WHERE id > %(m{k})s AND id <= %(m{k})s + {_CHUNK} GROUP BY destination"
+            )
+            parts.append(
+                f"SELECT 't', destination, MIN(ready), NULL FROM `{t}` FORCE INDEX (ready) "
+                "WHERE ready > %(last)s AND ready <= %(now)s GROUP BY destination"
+            )
+        return " UNION ALL ".join(parts)
+
+    async def scan(self, now: float, mark: Any = None) -> Scan:
+        now_us = to_us(now)
+        args: dict[str, int] = {"now": now_us}
+        tables = (*self.tables.normal, *self.tables.timed)
+        if mark is not None:
+            marks, args["last"] = mark
+            args.update({f"m{k}": max(0, m - _SLACK) for k, m in enumerate(marks)})
+        rows = await self.db.fetch(self._scan_full if mark is None else self._scan_more, args)
+        found: dict[str, Found] = {}
+        emergency, due = False, None
+        tops = [0] * len(tables)
+        for kind, key, a, _b in rows:
+            if kind == "x":
+                emergency, due = bool(a), (int(_b) / US if _b < _NEVER else None)
+            elif kind == "m":
+                tops[int(key)] = int(a)
+            else:
+                ready = int(a) / US if kind == "t" else 0.0
+                count = int(a) if kind == "n" else -1
+                f = found.get(key)
+                if f is None:
+                    found[key] = Found(count, 0.0 if ready <= now else ready)
+                else:
+                    f.ready = min(f.ready, 0.0 if ready <= now else ready)
+                    f.rows = f.rows + count if f.rows > 0 and count > 0 else max(f.rows, count)
+        if mark is None:
+            new_marks = tops
+        else:  # at most a chunk further: the rest is read by the next scans
+            new_marks = [min(top, max(m, 0) + _CHUNK) for top, m in zip(tops, mark[0], strict=True)]
+        return Scan(found, emergency, due, (new_marks, now_us), mark is None)
 
     # -- claiming -------------------------------------------------------------
 
-    def _claim_sql_text(self) -> str:
-        """One statement over every lane table (a round trip, not one per table):
-        each part locks its first rows with SKIP LOCKED; the client keeps the
-        best `limit` by (lane, ready, id) and the rest unlock at COMMIT. The numbers
-        come packed in one text column: every result column costs the client a
-        column definition to parse, and that was the claim's largest CPU cost."""
+    def _claim_sql(self, wants: Sequence[Want], emergency: int) -> str:
+        """One statement over every part (a round trip, not one per part): each part
+        locks a destination's (or the emergency lane's) first claimable rows with
+        SKIP LOCKED, in its claim order, using its index; the client keeps the best
+        `n` per want and the rest unlock at COMMIT. The numbers come packed in one
+        text column (`k w id deliveries created ready`): every result column costs
+        the client a column definition to parse."""
         parts = []
-        for k, (lane, table) in enumerate(self.tables.all()):
-            if lane is Lane.TIMED:
+        for k, (lane, table) in enumerate(self._lanes):
+            if lane is Lane.EMERGENCY and emergency > 0:
                 parts.append(
-                    f"(SELECT CONCAT_WS(' ', {k}, id, deliveries, created, ready, reserved), "
-                    f"destination, message FROM `{table}` "
-                    "WHERE ready <= %(now)s AND lease_until <= %(now)s "
-                    "ORDER BY ready, created, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                    f"(SELECT CONCAT_WS(' ', {k}, -1, id, deliveries, created, 0), destination, "
+                    f"message FROM `{table}` WHERE lease_until <= %(now)s "
+                    "ORDER BY id LIMIT %(e)s FOR UPDATE SKIP LOCKED)"
                 )
-            else:
-                parts.append(
-                    f"(SELECT CONCAT_WS(' ', {k}, id, deliveries, created), "
-                    f"destination, message FROM `{table}` WHERE lease_until <= %(now)s "
-                    "ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-                )
+        for w in range(len(wants)):
+            for k, (lane, table) in enumerate(self._lanes):
+                if lane is Lane.TIMED:
+                    parts.append(
+                        f"(SELECT CONCAT_WS(' ', {k}, {w}, id, deliveries, created, ready), "
+                        f"destination, message FROM `{table}` WHERE destination = %(d{w})s "
+                        "AND ready <= %(now)s AND lease_until <= %(now)s "
+                        f"ORDER BY ready, created, id LIMIT %(n{w})s FOR UPDATE SKIP LOCKED)"
+                    )
+                elif lane is Lane.NORMAL:
+                    parts.append(
+                        f"(SELECT CONCAT_WS(' ', {k}, {w}, id, deliveries, created, 0), "
+                        f"destination, message FROM `{table}` WHERE destination = %(d{w})s "
+                        f"AND lease_until <= %(now)s ORDER BY id LIMIT %(n{w})s "
+                        "FOR UPDATE SKIP LOCKED)"
+                    )
         return " UNION ALL ".join(parts)
 
-    async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
-        return await self.claim_settling((), limit, now, lease_seconds)
-
-    async def claim_settling(
-        self, acks: Sequence[Lease], limit: int, now: float, lease_seconds: float
+    async def claim(
+        self,
+        wants: Sequence[Want],
+        now: float,
+        lease_seconds: float,
+        *,
+        emergency: int = 0,
+        acks: Sequence[Lease] = (),
     ) -> list[Lease]:
-        """`ack(acks)` and `claim(...)` in one transaction and the same round trips.
-        Readers use it: acks go out with the next claim, so they cost no commit of
-        their own, and acked rows are gone before the claim's SELECT (leased rows
-        left at the head of a table are rows every claim must step over)."""
+        """The acks and the claim in one transaction, two round trips: START
+        TRANSACTION + the acks' DELETEs + the SELECT ... SKIP LOCKED, then the lease
+        UPDATEs + COMMIT. Acked rows are gone before the SELECT (leased rows left at
+        the head of a destination are rows its next claim must step over)."""
         deletes = _deletes(acks)
-        now_us, until = to_us(now), to_us(now + lease_seconds)
+        select = self._claim_sql(wants, emergency)
+        args: dict[str, Any] = {"now": to_us(now), "e": int(emergency)}
+        for w, want in enumerate(wants):
+            args[f"d{w}"], args[f"n{w}"] = want.destination, int(want.n)
+        until = to_us(now + lease_seconds)
         lanes, rank = self._lanes, self._rank
 
         async def work(conn: Any) -> list[Lease]:
-            # Two round trips: START TRANSACTION + the SELECT ... SKIP LOCKED, then
-            # the lease UPDATEs + COMMIT (the pool allows multi-statements for this).
             token = secrets.randbits(62) + 1
             async with conn.cursor() as cur:
                 head = "".join(f"{d.replace('%', '%%')}; " for d in deletes)
-                await cur.execute(
-                    "START TRANSACTION; " + head + self._claim_sql, {"now": now_us, "limit": limit}
-                )
+                if not select:
+                    if deletes:
+                        await cur.execute("START TRANSACTION; " + head + "COMMIT")
+                        await _drain(cur)
+                    return []
+                await cur.execute("START TRANSACTION; " + head + select, args)
                 for _ in range(1 + len(deletes)):
                     await cur.nextset()
                 found = list(await cur.fetchall())
@@ -162,21 +303,12 @@ class InnoDBQueue:
                 if not found:
                     await cur.execute("COMMIT")
                     return []
-                # (k, id, deliveries, created[, ready, reserved]), destination, message
+                # (k, w, id, deliveries, created, ready), destination, message
                 rows = [([int(x) for x in nums.split()], dest, blob) for nums, dest, blob in found]
-                # Priority by lane; FIFO within a lane (timed: by ready, then insertion).
-                # Several tables of one lane interleave by id, so none starves.
-                rows.sort(
-                    key=lambda r: (
-                        (rank[r[0][0]], r[0][4], r[0][3], r[0][1])
-                        if len(r[0]) > 4
-                        else (rank[r[0][0]], 0, 0, r[0][1])
-                    )
-                )
-                rows = rows[:limit]
+                kept = _keep(rows, wants, emergency, rank)
                 by_table: dict[str, list[int]] = {}
-                for nums, _, _ in rows:
-                    by_table.setdefault(lanes[nums[0]][1], []).append(nums[1])
+                for nums, _, _ in kept:
+                    by_table.setdefault(lanes[nums[0]][1], []).append(nums[2])
                 updates = [
                     f"UPDATE `{table}` SET lease_until = {int(until)}, "
                     f"lease_token = {int(token)}, deliveries = deliveries + 1 "
@@ -186,22 +318,15 @@ class InnoDBQueue:
                 await cur.execute("; ".join([*updates, "COMMIT"]))
                 await _drain(cur)
             return [
-                Lease(
-                    lanes[nums[0]][0],
-                    lanes[nums[0]][1],
-                    nums[1],
-                    dest,
-                    bytes(blob),
-                    nums[2] + 1,
-                    nums[4] / US if len(nums) > 4 else None,
-                    len(nums) > 4 and bool(nums[5]),
-                    token,
-                    created=nums[3],
-                )
-                for nums, dest, blob in rows
-            ]
+                Lease(lanes[nums[0]][0], lanes[nums[0]][1], nums[2], dest, bytes(blob),
+                      nums[3] + 1, nums[5] / US if lanes[nums[0]][0] is Lane.TIMED else None,
+                      token, created=nums[4])
+                for nums, dest, blob in kept
+            ]  # fmt: skip
 
         return await self.db.run(work)
+
+    # -- settling -------------------------------------------------------------
 
     async def ack(self, leases: Sequence[Lease]) -> None:
         deletes = _deletes(leases)
@@ -218,60 +343,37 @@ class InnoDBQueue:
         await self.db.run(run)
 
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
-        until = to_us(time.time() + delay) if delay > 0 else 0
+        until = to_us(self.clock.now() + delay) if delay > 0 else 0
         await self.db.execute(
             f"UPDATE `{lease.table}` SET lease_until = %s, lease_token = 0 "
             "WHERE id = %s AND lease_token = %s",
             (until, lease.id, lease.token),
         )
 
-    async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
-        deliveries = 0 if reserved else lease.deliveries
-        if lease.lane is Lane.TIMED:  # stays in its table: keeps its id, hence its place
-            await self.db.execute(
-                f"UPDATE `{lease.table}` SET ready = %s, reserved = %s, deliveries = %s, "
-                "lease_until = 0, lease_token = 0 WHERE id = %s AND lease_token = %s",
-                (to_us(ready), int(reserved), deliveries, lease.id, lease.token),
-            )
+    async def give_back(self, leases: Sequence[Lease]) -> None:
+        statements = [
+            f"UPDATE `{t}` SET lease_until = 0, lease_token = 0, deliveries = "
+            f"GREATEST(deliveries, 1) - 1 WHERE {_held(items)}"
+            for t, items in _by_table(leases).items()
+        ]
+        if not statements:
             return
-        target = random.choice(self.tables.timed)
-        # The DELETE needs no check of the INSERT's count: both match only while the
-        # row is held under this lease's token (tokens are never reused).
-        await self.db.transaction([
-            (f"INSERT INTO `{target}` (destination, ready, reserved, message, created, "
-             f"deliveries) SELECT destination, %s, %s, message, created, %s "
-             f"FROM `{lease.table}` WHERE id = %s AND lease_token = %s",
-             (to_us(ready), int(reserved), deliveries, lease.id, lease.token)),
-            (f"DELETE FROM `{lease.table}` WHERE id = %s AND lease_token = %s",
-             (lease.id, lease.token)),
-        ])  # fmt: skip
+        sql = statements[0] if len(statements) == 1 else "; ".join(
+            ["BEGIN", *statements, "COMMIT"]
+        )  # fmt: skip
 
-    async def shift(self, destination: str, after: float, delta: float) -> int:
-        total = 0
-        for table in self.tables.timed:
-            total += await self.db.execute(
-                f"UPDATE `{table}` SET ready = ready + %s "
-                "WHERE destination = %s AND reserved = 1 AND ready > %s",
-                (to_us(delta), destination, to_us(after)),
-            )
-        return total
+        async def run(conn: Any) -> None:
+            async with conn.cursor() as cur:
+                await cur.execute(sql)
+                await _drain(cur)
 
-    async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
-        now_us = to_us(time.time())
-        counts = await self.db.transaction([
-            (f"UPDATE `{table}` SET ready = %s WHERE destination = %s "
-             "AND reserved = 1 AND created = %s AND lease_until <= %s",
-             (to_us(new), destination, int(created), now_us))
-            for created, _old, new in moves
-            for table in self.tables.timed
-        ])  # fmt: skip
-        return sum(counts)
+        await self.db.run(run)
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups = _by_table(leases)
         if not groups:
             return
-        died = to_us(time.time())
+        died = to_us(self.clock.now())
         statements: list[tuple[str, Any]] = []
         for table, items in groups.items():
             held = _held(items)
@@ -285,20 +387,6 @@ class InnoDBQueue:
         await self.db.transaction(statements)
 
     # -- looking --------------------------------------------------------------
-
-    def _build_poll(self) -> str:
-        exists = []
-        for lane, table in self.tables.all():
-            due = "ready <= %(now)s AND " if lane is Lane.TIMED else ""
-            exists.append(f"EXISTS(SELECT 1 FROM `{table}` WHERE {due}lease_until <= %(now)s)")
-        mins = [f"(SELECT MIN(ready) FROM `{t}` WHERE ready > %(now)s)" for t in self.tables.timed]
-        return f"SELECT {' OR '.join(exists)}, {', '.join(mins)}"
-
-    async def poll(self, now: float) -> tuple[bool, float | None]:
-        rows = await self.db.fetch(self._poll_sql, {"now": to_us(now)})
-        ready, *mins = rows[0]
-        future = [m for m in mins if m is not None]
-        return bool(ready), (min(future) / US if future else None)
 
     async def stats(self, now: float) -> QueueStats:
         now_us = to_us(now)
@@ -318,7 +406,13 @@ class InnoDBQueue:
                 tally(by_dest, dest, str(lane), total - n_leased)
                 tally(by_dest, dest, "leased", n_leased)
         dead = await count_dead(self.db, self.tables.dead, by_dest)
-        _, next_due = await self.poll(now)
+        mins = ", ".join(
+            f"(SELECT MIN(ready) FROM `{t}` WHERE ready > %s)" for t in self.tables.timed
+        )
+        ((due,),) = await self.db.fetch(
+            f"SELECT LEAST({mins}, 9e18)", [now_us] * len(self.tables.timed)
+        )
+        next_due = int(due) / US if due is not None and due < 9e18 else None
         return QueueStats(queued, leased, dead, by_dest, next_due)
 
     async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:
@@ -330,7 +424,7 @@ class InnoDBQueue:
             timed = row_lane is Lane.TIMED
             rows: list[tuple[Any, ...]] = []
             for table in self.tables.lane(row_lane):
-                extra, order = ("ready, reserved", "ready, id") if timed else ("NULL, 0", "id")
+                extra, order = ("ready", "ready, id") if timed else ("NULL", "id")
                 rows.extend(
                     (table, *r)
                     for r in await self.db.fetch(
@@ -340,13 +434,11 @@ class InnoDBQueue:
                     )
                 )
             rows.sort(key=lambda r: (r[3] or 0, r[1]))  # (ready, id)
-            for table, rid, dest, ready, reserved, deliveries, until, blob in rows[
-                : limit - len(out)
-            ]:
+            for table, rid, dest, ready, deliveries, until, blob in rows[: limit - len(out)]:
                 out.append(
                     peek_item(row_lane, table, int(rid), dest,
-                              ready / US if ready is not None else None, bool(reserved),
-                              int(deliveries), until / US, bytes(blob))
+                              ready / US if ready is not None else None, int(deliveries),
+                              until / US, bytes(blob))
                 )  # fmt: skip
         return out
 
@@ -356,7 +448,7 @@ class InnoDBQueue:
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
         dead = self.tables.dead
         where = "" if ids is None else f" AND id IN ({_id_list(ids) or 0})"
-        now_us = to_us(time.time())
+        now_us = to_us(self.clock.now())
 
         statements: list[tuple[str, Any]] = []
         for lane in Lane:

@@ -10,44 +10,46 @@ FIFO place) or goes away (it goes back too). One connection owns one row, so:
   is that owner, `Lease.token` its server connection id (what `KILL` takes).
   An owner never goes back to the idle set while it owns a row, and the shared
   pool never sees an owner.
-- `claim(limit)` calls, per row, on one idle owner
-  `SELECT queue_wait('emerg:ready<=NOW', 'timed:ready<=NOW', 'normal:ready<=NOW', 0)`
-  (the last argument is always the timeout; 0: claims never block) and reads
-  the owned row with a plain SELECT on that connection; it stops at the first
-  0. **`limit` is capped by the number of idle owners**: a claim returns at most
-  `owners` rows in all. When every owner is busy a claim returns [] at once
-  (or, with `owner_wait > 0`, waits that long for one, handed over first come,
-  first served), and `poll` says nothing is claimable, without a query. A
-  reader's acks held back for batching keep their owners busy too: the reader
-  flushes them when its claim comes back empty.
-- `ack` is `queue_end()`; `release(delay=0)` is `queue_abort()` (the row keeps
-  its place). Q4M has no UPDATE, so `release(delay>0)`, `move` and `dead`
+- `claim(wants)` calls, per row, on one idle owner `SELECT queue_wait(...)`
+  with the last argument, the timeout, always 0 (claims never block), and reads
+  the owned row with a plain SELECT on that connection: for the emergency lane
+  `queue_wait('emerg:ready<=NOW', 0)`; for each wanted destination
+  `queue_wait('timed:dkey=K and ready<=NOW', 'normal:dkey=K and ready<=NOW', 0)`
+  (`dkey`: the destination's integer key, `_q4m_rows.dkey`), so it takes that
+  destination's oldest rows and nothing else, and leaves every other row where it
+  is. A want stops at its first miss. **Rows per claim are capped by the idle
+  owners**: when every owner is busy a claim returns [] at once (or, with
+  `owner_wait > 0`, waits that long for one, first come, first served). A
+  reader's acks are sent at once (`QueueTraits.leases_hold_connections`).
+- `ack` is `queue_end()`; `release(delay=0)` and `give_back` are `queue_abort()`
+  (the row keeps its place). Q4M has no UPDATE, so `release(delay>0)` and `dead`
   INSERT the new row *on the owner connection* and then call `queue_end()`:
   if that connection was lost meanwhile the INSERT fails and the row has gone
   back by itself, so a lost lease is never copied. (A connection lost between
   the INSERT and `queue_end()` leaves both rows: at least once.)
+- Scans read every row nobody owns (Q4M has no index), grouped by destination:
+  their cost grows with the backlog, and readers space them accordingly.
 - Lanes are tried in `queue_wait`'s argument order: emergency, timed rows that
   are due, normal. Every table has a `ready` column (0 in the emergency and
   normal lanes unless the row was put back with a delay), so a retry with a
   delay stays in its lane. Q4M has no ORDER BY: the timed lane is served FIFO
   among its *due* rows, and each claimed batch is sorted by `ready`.
-- Leases expire **in this process**: `claim` and `poll` abort this process's
+- Leases expire **in this process**: `claim` aborts this process's
   leases older than their `lease_seconds` (a reader dropped them, or its
   consumer overran the lease), and a late settle of such a lease does nothing.
   A lease held by another process ends only with its connection (a crashed or
   killed process returns its rows at once; a live but stuck one keeps them).
 - Delivery counts: Q4M keeps none, so `deliveries` is a column carried across
-  re-inserts (a retry with a delay, a retry deferral), and this process also
+  re-inserts (a retry with a delay), and this process also
   remembers the count of the rows it handed out until they are settled (a
   bounded memo), so a row it aborts, or that comes back after one of its
   connections was killed, is counted again when it is claimed here. A row that
   comes back because *another* process crashed or aborted it keeps the count of
   its column: on q4m a crashed consumer's redelivery is not counted.
-- `shift`/`reschedule` (a pause or hold, an older message taking an earlier
-  slot) and `requeue_dead` take the rows they change one by one in owner mode,
-  by id (`queue_wait('table:id=N', 0)`), on a dedicated connection, re-insert
+- `requeue_dead` (and `rekey`, for rows written before `dkey` existed) take the
+  rows they change one by one in owner mode on a dedicated connection, re-insert
   them and `queue_end()` them.
-- `poll`, `stats`, `peek`, `purge` and the dead-letter calls run on the shared
+- `scan`, `stats`, `peek`, `purge` and the dead-letter calls run on the shared
   pool, never on an owner (after a `queue_wait` an owner's SELECTs see nothing
   but its own row). Rows owned by other processes are invisible there: `stats`
   and `peek` show this process's leases only, `purge` removes queued rows and
@@ -56,7 +58,7 @@ FIFO place) or goes away (it goes back too). One connection owns one row, so:
   owned goes back to the queue (Q4M's restored_by_close), nothing is stranded.
 
 Beside this module: `_q4m_owners` (the owner connections), `_q4m_rows` (row ids,
-statement text, rewriting rows by id) and `_q4m_look` (poll, stats, peek).
+statement text, rewriting rows) and `_q4m_look` (scan, stats, peek).
 """
 
 from __future__ import annotations
@@ -65,12 +67,12 @@ import asyncio
 import collections
 import logging
 import random
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ..clock import ServerClock
 from ..errors import SchemaError
-from ..interfaces import Lane, Lease, QueueStats, Row
+from ..interfaces import Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..schema import render
 from ..urls import QueueSettings
 from . import _q4m_look, _q4m_rows
@@ -83,19 +85,13 @@ __all__ = ["Q4MQueue"]
 
 log = logging.getLogger(__name__)
 
-_RANK = {Lane.EMERGENCY: 0, Lane.TIMED: 1, Lane.NORMAL: 2}
-
-
-def _always(value: int) -> Callable[[int], int]:
-    return lambda _: value
-
 
 class Q4MQueue:
     name = "q4m"
     dialect = "q4m"
-    # Leases expire only in the process that holds them (see the module docstring).
-    lease_expiry = "process"
-    leases_hold_connections = True  # owner mode: readers settle before claiming more
+    # owner mode: readers settle at once; leases expire only in the process that
+    # holds them (see the module docstring)
+    traits = QueueTraits(leases_hold_connections=True, process_leases=True)
 
     def __init__(
         self,
@@ -113,6 +109,12 @@ class Q4MQueue:
         self._memo_size = memo
         self._ids = Ids()
         self._seen: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._legacy = False  # rows without a destination key were seen by a scan
+        self.clock = ServerClock(self._server_time, where=settings.safe_url())
+
+    async def _server_time(self) -> float:
+        ((now,),) = await self.db.fetch("SELECT UNIX_TIMESTAMP(NOW(6))")
+        return float(now)
 
     def __repr__(self) -> str:
         return f"Q4MQueue({self.settings.safe_url()!r})"
@@ -137,10 +139,13 @@ class Q4MQueue:
 
     async def connect(self) -> None:
         await self.db.connect()
+        if not self.clock.calibrated:
+            await self.clock.calibrate()
 
     async def close(self) -> None:
         """Close every owner connection (Q4M returns their rows), then the pool."""
         self._owners.close()
+        await self.clock.close()
         await self.db.close()
 
     # -- the delivery-count memo ----------------------------------------------------
@@ -171,60 +176,111 @@ class Q4MQueue:
         if not rows:
             return
         table = random.choice(self.tables.lane(lane))
-        base = to_us(time.time())  # + i: a batch's rows keep distinct, ordered `created`
+        base = to_us(self.clock.now())  # + i: a batch's rows keep distinct, ordered `created`
         args: list[tuple[Any, ...]] = []
         for i, r in enumerate(rows):
             if lane is Lane.TIMED and r.ready is None:
                 raise ValueError("a timed row needs ready")
             ready = to_us(r.ready) if lane is Lane.TIMED and r.ready is not None else 0
-            args.append(
-                self._sql.insert_args(
-                    table, self._ids(), r.destination, ready, r.reserved, r.blob, base + i, 0
-                )
-            )
+            args.append(self._sql.insert(table, self._ids(), r.destination, ready, r.blob,
+                                         base + i, 0)[1])  # fmt: skip
         await self.db.insert(self._sql.insert_sql(table), args)
 
-    # -- claiming -----------------------------------------------------------------
+    # -- scanning and claiming ----------------------------------------------------
 
-    async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
-        """Up to `limit` rows, capped by the idle owner connections (see the module
-        docstring). Emergency first, then due timed rows (by ready), then normal."""
+    async def scan(self, now: float, mark: Any = None) -> Scan:
+        """Always full (Q4M has no index: any WHERE reads every row): the rows nobody
+        owns, grouped by destination. Readers scan as often as that allows (their
+        directory spaces scans by their cost); writers of the same process tell
+        their readers at once."""
+        scan = await _q4m_look.scan(self.db, self.tables, now)
+        self._legacy = scan.mark
+        return scan
+
+    async def claim(
+        self,
+        wants: Sequence[Want],
+        now: float,
+        lease_seconds: float,
+        *,
+        emergency: int = 0,
+        acks: Sequence[Lease] = (),
+    ) -> list[Lease]:
+        """The acks first (each `queue_end()` on its owner), then one row per idle
+        owner connection (see the module docstring): the emergency lane's, then per
+        want its destination's oldest due timed rows and then normal rows
+        (`dkey=K`), stopping a want at the first miss."""
+        await self.ack(acks)
         await self._owners.reap(now)
-        sql, args, targets = self._sql.wait_call(to_us(now))
+        now_us = to_us(now)
+        plans: list[tuple[list[tuple[Lane, str, str]], str | None, int]] = []
+        if emergency > 0:
+            targets = self._sql.emergency_targets(now_us)
+            plans.append((targets, None, emergency))
+        for want in wants:
+            plans.append((self._sql.head_targets(want.destination, now_us), want.destination,
+                          want.n))  # fmt: skip
         leases: list[Lease] = []
         retries = self.max_owners + 1  # idle owners may all be dead (server restart)
         try:
-            while len(leases) < limit:
-                owner = await self._owners.take(wait=not leases)
-                if owner is None:
-                    break
-                try:
-                    lease = await self._claim_one(owner, sql, args, targets, now, lease_seconds)
-                except DRIVER_ERRORS as exc:
-                    self._owners.discard(owner)
-                    if _lost(exc) and not leases and retries > 0:
-                        retries -= 1
-                        continue
-                    if _lost(exc) and leases:
-                        log.info("lost an owner connection to %s mid-claim", self.db.where)
+            for targets, destination, n in plans:
+                sql, args = self._sql.wait_call(targets)
+                got = 0
+                while got < n:
+                    owner = await self._owners.take(wait=not leases)
+                    if owner is None:
+                        return self._sorted(leases)
+                    try:
+                        lease = await self._claim_one(owner, sql, args, targets, now,
+                                                      lease_seconds)  # fmt: skip
+                    except DRIVER_ERRORS as exc:
+                        self._owners.discard(owner)
+                        if _lost(exc) and not leases and retries > 0:
+                            retries -= 1
+                            continue
+                        if _lost(exc) and leases:
+                            log.info("lost an owner connection to %s mid-claim", self.db.where)
+                            return self._sorted(leases)
+                        raise translate(exc, self.db.where) from None
+                    except BaseException:
+                        self._owners.discard(owner)
+                        raise
+                    if lease is None:
+                        self._owners.free(owner)
                         break
-                    raise translate(exc, self.db.where) from None
-                except BaseException:
-                    self._owners.discard(owner)
-                    raise
-                if lease is None:
-                    self._owners.free(owner)
-                    break
-                leases.append(lease)
+                    if destination is not None and lease.destination != destination:
+                        # another destination with the same key (1 in 2^62): not ours
+                        await self.give_back([lease])
+                        break
+                    leases.append(lease)
+                    got += 1
+            if self._legacy:
+                await self._rekey()
         except BaseException:
             for lease in leases:  # never handed out: close their owners, the rows go back
                 self._owners.discard(lease.handle)
             raise
-        leases.sort(key=lambda x: (_RANK[x.lane], x.ready or 0.0))  # stable: FIFO otherwise
-        return leases
+        return self._sorted(leases)
+
+    @staticmethod
+    def _sorted(leases: list[Lease]) -> list[Lease]:
+        """Emergency first; each want's rows stay in their order (timed by ready)."""
+        return sorted(leases, key=lambda x: x.lane is not Lane.EMERGENCY)
+
+    async def _rekey(self) -> None:
+        """Give rows written before the `dkey` column a key (see `_q4m_rows.rekey`)."""
+        moved = 0
+        async with self._owners.dedicated() as cur:
+            for _, table in self.tables.all():
+                if table not in self.tables.emergency:
+                    moved += await _q4m_rows.rekey(cur, self._sql, table, 64)
+        if moved:
+            log.info("gave %d rows written before this version their destination key", moved)
+        else:
+            self._legacy = False
 
     async def _claim_one(
-        self, owner: Owner, sql: str, args: list[str], targets: list[tuple[Lane, str]],
+        self, owner: Owner, sql: str, args: list[str], targets: list[tuple[Lane, str, str]],
         now: float, lease_seconds: float,
     ) -> Lease | None:  # fmt: skip
         async with owner.conn.cursor() as cur:
@@ -237,7 +293,7 @@ class Q4MQueue:
                 )
             if not index:
                 return None
-            lane, table = targets[int(index) - 1]
+            lane, table, _ = targets[int(index) - 1]
             await cur.execute(self._sql.select(table))
             row = await cur.fetchone()
             if row is None:  # the table was truncated or dropped under us
@@ -250,8 +306,7 @@ class Q4MQueue:
         timed = lane is Lane.TIMED
         lease = Lease(
             lane, table, rid, dest, bytes(blob), deliveries,
-            int(ready) / US if timed else None, bool(row[6]) if timed else False,
-            owner.thread_id, owner, int(created),
+            int(ready) / US if timed else None, owner.thread_id, owner, int(created),
         )  # fmt: skip
         owner.lease, owner.until, owner.created = lease, now + lease_seconds, int(created)
         return lease
@@ -276,12 +331,10 @@ class Q4MQueue:
             if isinstance(result, BaseException):
                 raise result
 
-    def _reinsert(
-        self, lease: Lease, table: str, ready: int, reserved: bool, deliveries: int
-    ) -> Statement:
+    def _reinsert(self, lease: Lease, table: str, ready: int, deliveries: int) -> Statement:
         created = lease.handle.created if isinstance(lease.handle, Owner) else 0
         return self._sql.insert(
-            table, lease.id, lease.destination, ready, reserved, lease.blob, created, deliveries
+            table, lease.id, lease.destination, ready, lease.blob, created, deliveries
         )
 
     async def ack(self, leases: Sequence[Lease]) -> None:
@@ -294,48 +347,25 @@ class Q4MQueue:
         if delay <= 0:
             await self._owners.settle(lease, (), "queue_abort")
             return
-        ready = to_us(time.time() + delay)
-        stmt = self._reinsert(lease, lease.table, ready, lease.reserved, lease.deliveries)
+        ready = to_us(self.clock.now() + delay)
+        stmt = self._reinsert(lease, lease.table, ready, lease.deliveries)
         await self._settle_all([lease], lambda _: (stmt,))
 
-    async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
-        deliveries = 0 if reserved else lease.deliveries
-        table = lease.table if lease.lane is Lane.TIMED else random.choice(self.tables.timed)
-        stmt = self._reinsert(lease, table, to_us(ready), reserved, deliveries)
-        await self._settle_all([lease], lambda _: (stmt,))
-
-    async def shift(self, destination: str, after: float, delta: float) -> int:
-        """Reserved timed rows of `destination` due after `after` go `delta` later."""
-        after_us, delta_us = to_us(after), to_us(delta)
-        where = "destination = %s AND reserved = 1 AND ready > %s"
-        return await self._retime(
-            [(where, (destination, after_us), lambda ready: ready + delta_us)]
+    async def give_back(self, leases: Sequence[Lease]) -> None:
+        """queue_abort: each row back at its FIFO place, its count as before."""
+        results = await asyncio.gather(
+            *(self._owners.settle(lease, (), "queue_abort") for lease in leases),
+            return_exceptions=True,
         )
-
-    async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
-        """Reserved timed rows found by (destination, created) get a new ready."""
-        where = "destination = %s AND reserved = 1 AND created = %s"
-        return await self._retime(
-            [
-                (where, (destination, int(created)), _always(to_us(new)))
-                for created, _old, new in moves
-            ]
-        )
-
-    async def _retime(
-        self, finds: Sequence[tuple[str, tuple[Any, ...], Callable[[int], int]]]
-    ) -> int:
-        """Q4M has no UPDATE: the rows each `WHERE` finds are listed first (plain
-        SELECTs), then each is taken in owner mode on a dedicated connection with
-        `queue_wait('timed:id=N and ready=R', 0)`, re-inserted with its new ready
-        (same id, created and deliveries; in new-ready order) and `queue_end()`ed.
-        Rows a reader owns at that moment are skipped: its valve still applies the
-        pause or hold to them when it handles them."""
-        async with self._owners.dedicated() as cur:
-            return await _q4m_rows.retime(cur, self._sql, finds)
+        for lease, result in zip(leases, results, strict=True):
+            if result is True:
+                self._remember(lease.id, lease.deliveries - 1)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
-        died = to_us(time.time())
+        died = to_us(self.clock.now())
         sql = self._sql.insert_dead()
 
         def make(lease: Lease) -> tuple[Statement]:
@@ -346,16 +376,6 @@ class Q4MQueue:
         await self._settle_all(leases, make)
 
     # -- looking ------------------------------------------------------------------
-
-    async def poll(self, now: float) -> tuple[bool, float | None]:
-        """Plain SELECTs on a pool connection (owned rows are invisible there); first
-        returns this process's expired leases to the queue. While every owner
-        connection holds a row nothing is claimable by this process: (False, None)
-        without a query, so a reader waits `idle_interval` instead of spinning."""
-        await self._owners.reap(now)
-        if self._owners.exhausted:
-            return False, None
-        return await _q4m_look.scan(self.db, self.tables, now)
 
     async def stats(self, now: float) -> QueueStats:
         """Queued rows as the server shows them; `leased`: this process's leases
@@ -379,8 +399,9 @@ class Q4MQueue:
         connection (`queue_wait('dead:id=N', 0)`), re-inserted, then `queue_end()`:
         two concurrent requeues never both copy a row (a lost connection between
         the INSERT and queue_end can: at least once)."""
+        now = to_us(self.clock.now())
         async with self._owners.dedicated() as cur:
-            return await _q4m_rows.requeue_dead(cur, self._sql, ids, self._ids, self.db.where)
+            return await _q4m_rows.requeue_dead(cur, self._sql, ids, self._ids, self.db.where, now)
 
     async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:
         """Delete queued rows, and end this process's leases on matching rows (rows

@@ -72,8 +72,9 @@ import heapq
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from ..clock import Clock
 from ..errors import QueueError, QueueUnavailable
-from ..interfaces import Lane, Lease, Queue, QueueStats, Row
+from ..interfaces import Found, Lane, Lease, Queue, QueueStats, QueueTraits, Row, Scan, Want
 from ._shards import BACKOFF, HashRing, Shard, ShardSet
 
 __all__ = ["HashRing", "ShardedQueue"]
@@ -97,12 +98,6 @@ def _call(method: str, *args: Any) -> Callable[[Queue], Awaitable[Any]]:
         return result
 
     return run
-
-
-def _merge(per_shard: Sequence[list[Lease]]) -> list[Lease]:
-    """One batch from per-shard batches: each shard's own order is kept (heapq.merge
-    never reorders within one input), interleaved by `_order`."""
-    return list(heapq.merge(*per_shard, key=_order))
 
 
 class ShardedQueue:
@@ -138,11 +133,25 @@ class ShardedQueue:
         self.ring = self._set.ring
         self.settings = settings if settings is not None else getattr(queues[0], "settings", None)
         self.tables = getattr(queues[0], "tables", None)
-        self.can_update = all(getattr(q, "can_update", True) for q in queues)
-        self._turn = 0
+        first = queues[0].traits
+        # what every shard does; claims per destination go to one shard, so exact
+        # heads hold if they hold on each
+        self.traits = QueueTraits(
+            leases_hold_connections=any(q.traits.leases_hold_connections for q in queues),
+            process_leases=any(q.traits.process_leases for q in queues),
+            ordered_heads=all(q.traits.ordered_heads for q in queues),
+            one_host=first.one_host and len(queues) == 1,
+        )
+        self._clock: Clock | None = None
 
     def __repr__(self) -> str:
         return f"ShardedQueue([{', '.join(repr(s.queue) for s in self.shards)}])"
+
+    @property
+    def clock(self) -> Clock:
+        """One designated shard's clock for every reader of the shards: the first
+        listed shard that answered at connect (the first listed before that)."""
+        return self._clock or self.shards[0].queue.clock
 
     @property
     def queues(self) -> list[Queue]:
@@ -176,6 +185,8 @@ class ShardedQueue:
         """Connect every shard; those that cannot be reached are marked down (and
         probed) so that the others serve. Raises only if none can be reached."""
         await self._set.connect()
+        if self._clock is None:
+            self._clock = next(s.queue.clock for s in self.shards if s.up)
 
     async def close(self) -> None:
         """Stop the probes, send the acks kept for down shards (or log them), and
@@ -220,52 +231,107 @@ class ShardedQueue:
 
     # -- claiming -------------------------------------------------------------
 
-    async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
-        n = len(self.shards)
-        start = self._turn % n
-        self._turn += 1
-        up = set(self._set.live())
-        live = [s for s in (self.shards[(start + k) % n] for k in range(n)) if s in up]
+    async def scan(self, now: float, mark: Any = None) -> Scan:
+        """Every live shard's scan (each with its own mark; a shard that was down, or
+        is new to this mark, is scanned in full), merged. Full only when every
+        shard's was. A shard that does not answer is marked down and left out."""
+        marks: dict[int, Any] = dict(mark or {})
+        live = self._set.live()
         if not live:
             raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
+
+        async def one(shard: Shard) -> tuple[Shard, Scan] | None:
+            try:
+                prev = marks.get(shard.index) if shard.up else None
+                return shard, await self._set.bounded(shard, lambda q: q.scan(now, prev))
+            except QueueUnavailable:
+                marks.pop(shard.index, None)  # scanned in full when it is back
+                return None
+
+        results = [r for r in await asyncio.gather(*(one(s) for s in live)) if r is not None]
+        if not results:
+            raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
+        found: dict[str, Found] = {}
+        for shard, part in results:
+            marks[shard.index] = part.mark
+            for dest, f in part.found.items():
+                old = found.get(dest)
+                if old is None:
+                    found[dest] = Found(f.rows, f.ready)
+                else:
+                    old.ready = min(old.ready, f.ready)
+                    old.rows = max(old.rows, 0) + max(f.rows, 0) or -1
+        dues = [p.next_due for _, p in results if p.next_due is not None]
+        full = len(results) == len(self.shards) and all(p.full for _, p in results)
+        return Scan(found, any(p.emergency for _, p in results), min(dues, default=None),
+                    marks, full)  # fmt: skip
+
+    async def claim(
+        self,
+        wants: Sequence[Want],
+        now: float,
+        lease_seconds: float,
+        *,
+        emergency: int = 0,
+        acks: Sequence[Lease] = (),
+    ) -> list[Lease]:
+        """Each want on its destination's shard, the emergency lane on every live
+        shard, the acks with their shard's claim: concurrently. Emergency leases
+        first (merged by insertion), then each want's. A shard that is down has its
+        wants skipped (its destinations wait) and its acks kept for when it is back."""
+        live = {s.index for s in self._set.live()}
+        if not live:
+            raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
+        per_wants: dict[int, list[Want]] = {}
+        for want in wants:
+            per_wants.setdefault(self.ring.lookup(want.destination), []).append(want)
+        per_acks: dict[int, list[Lease]] = {}
+        for lease in acks:
+            per_acks.setdefault(lease.shard, []).append(lease)
+        for index in [i for i in per_acks if i not in live]:
+            self.shards[index].pending_acks.extend(per_acks.pop(index))
+        asked = set(per_wants) | set(per_acks) | (live if emergency > 0 else set())
         got: dict[int, list[Lease]] = {}
         errors: list[BaseException] = []
-        unavailable = 0
 
-        async def take(shard: Shard, count: int) -> None:
-            nonlocal unavailable
+        async def take(index: int) -> None:
+            shard = self.shards[index]
+            mine, settle = per_wants.get(index, []), per_acks.get(index, [])
+            if index not in live:
+                return
             try:
                 leases = await self._set.bounded(
-                    shard, lambda q: q.claim(count, now, lease_seconds)
+                    shard,
+                    lambda q: q.claim(mine, now, lease_seconds, emergency=emergency, acks=settle),
                 )
             except QueueUnavailable:
-                unavailable += 1
+                shard.pending_acks.extend(settle)  # sent by the probe when it is back
                 return
             except QueueError as exc:
                 errors.append(exc)
                 return
             for lease in leases:
-                lease.shard = shard.index
-            got.setdefault(shard.index, []).extend(leases)
+                lease.shard = index
+            got[index] = leases
 
-        base, extra = divmod(limit, len(live))
-        shares = [(s, base + (1 if k < extra else 0)) for k, s in enumerate(live)]
-        await asyncio.gather(*(take(s, c) for s, c in shares if c > 0))
-        total = sum(map(len, got.values()))
-        if total < limit and not errors:  # top up from shards that may hold more
-            for shard, share in shares:
-                if total >= limit:
-                    break
-                if shard.up and (share == 0 or len(got.get(shard.index, ())) == share):
-                    await take(shard, limit - total)
-                    total = sum(map(len, got.values()))
+        await asyncio.gather(*(take(i) for i in sorted(asked)))
         if errors:
             leases = [x for batch in got.values() for x in batch]
-            await asyncio.gather(*(self.release(x) for x in leases), return_exceptions=True)
+            await asyncio.gather(*(self.give_back([x]) for x in leases), return_exceptions=True)
             raise errors[0]
-        if unavailable == len(live) and not got:
-            raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
-        return _merge([got[i] for i in sorted(got)])
+        all_leases = [x for batch in got.values() for x in batch]
+        out = sorted((x for x in all_leases if x.lane is Lane.EMERGENCY), key=_order)
+        out = out[:emergency]
+        by_dest: dict[str, list[Lease]] = {}
+        for lease in all_leases:
+            if lease.lane is not Lane.EMERGENCY:
+                by_dest.setdefault(lease.destination, []).append(lease)
+        for want in wants:
+            out += by_dest.get(want.destination, [])
+        extra = [x for x in all_leases if x.lane is Lane.EMERGENCY and x not in out]
+        if extra:  # more emergency rows than asked, from several shards: back they go
+            await self.give_back(extra)
+        return out
 
     async def ack(self, leases: Sequence[Lease]) -> None:
         groups: dict[int, list[Lease]] = {}
@@ -286,8 +352,12 @@ class ShardedQueue:
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
         await self._set.on(self.shards[lease.shard], lambda q: q.release(lease, delay))
 
-    async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
-        await self._set.on(self.shards[lease.shard], lambda q: q.move(lease, ready, reserved))
+    async def give_back(self, leases: Sequence[Lease]) -> None:
+        groups: dict[int, list[Lease]] = {}
+        for lease in leases:
+            groups.setdefault(lease.shard, []).append(lease)
+        for index, items in groups.items():
+            await self._set.on(self.shards[index], _call("give_back", items))
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups: dict[int, list[Lease]] = {}
@@ -296,40 +366,7 @@ class ShardedQueue:
         for index, items in groups.items():
             await self._set.on(self.shards[index], _call("dead", items, reason))
 
-    async def shift(self, destination: str, after: float, delta: float) -> int:
-        shard = self.shards[self.ring.lookup(destination)]
-        return await self._set.on(shard, lambda q: q.shift(destination, after, delta))
-
-    async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
-        """Routed to the destination's shard (children without it: 0)."""
-        shard = self.shards[self.ring.lookup(destination)]
-        method = getattr(shard.queue, "reschedule", None)
-        if method is None:
-            return 0
-
-        async def run(_q: Queue) -> int:
-            return int(await method(destination, moves))
-
-        return await self._set.on(shard, run)
-
     # -- looking --------------------------------------------------------------
-
-    async def poll(self, now: float) -> tuple[bool, float | None]:
-        live = self._set.live()
-        if not live:
-            raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
-        results = await asyncio.gather(
-            *(self._set.bounded(s, lambda q: q.poll(now)) for s in live), return_exceptions=True
-        )
-        answers = [r for r in results if not isinstance(r, BaseException)]
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, QueueUnavailable):
-                raise r
-        if not answers:
-            raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
-        ready = any(a[0] for a in answers)
-        dues = [a[1] for a in answers if a[1] is not None]
-        return ready, (min(dues) if dues else None)
 
     async def stats(self, now: float) -> QueueStats:
         parts = await self._set.everywhere(lambda q: q.stats(now))

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import random
 import secrets
-import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import aiosqlite
-
+from ..clock import LocalClock
 from ..errors import SchemaError
-from ..interfaces import Lane, Lease, QueueStats, Row
+from ..interfaces import Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..schema import render
 from ..urls import QueueSettings
 from ._common import (
@@ -33,26 +30,66 @@ from ._common import (
     schema_sql,
     table_names,
     tally,
+    to_us,
 )
 from ._sqlite_conn import SQLiteConnection
 
-__all__ = ["HAS_RETURNING", "SQLiteQueue"]
+__all__ = ["SQLiteQueue"]
 
-HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)  # UPDATE ... RETURNING
 _CHUNK = 500  # ids per IN (...) list, far below SQLITE_MAX_VARIABLE_NUMBER (999 before 3.32)
 _LANE_COLUMNS = {"id", "destination", "message", "created", "lease_until", "lease_token",
                  "deliveries"}  # fmt: skip
 _SHAPES = {
     "lane": _LANE_COLUMNS,
-    "timed": _LANE_COLUMNS | {"ready", "reserved"},
+    "timed": _LANE_COLUMNS | {"ready"},
     "dead": {"id", "lane", "destination", "message", "reason", "deliveries", "died_at"},
 }
 _GUARD = "WHERE id = ? AND lease_token = ? AND lease_token <> 0"  # still held by this lease
 
 
-def _us(t: float) -> int:
-    """Rounded, where the MySQL dialects truncate (`_common.to_us`)."""
-    return round(t * US)
+_us = to_us
+_SLACK = 64  # ids re-read by an incremental scan: inserts that committed out of order
+
+
+def _skip_scan(table: str) -> str:
+    """Every distinct destination of `table`, one index seek each (SQLite has no
+    loose index scan of its own: a DISTINCT would read every index entry)."""
+    return (
+        f"WITH RECURSIVE d(x) AS (SELECT (SELECT MIN(destination) FROM {table}) UNION ALL "
+        f"SELECT (SELECT MIN(destination) FROM {table} WHERE destination > d.x) FROM d "
+        "WHERE d.x IS NOT NULL) SELECT x FROM d WHERE x IS NOT NULL"
+    )
+
+
+def _merge(found: dict[str, Found], dest: str, rows: int, ready: float) -> None:
+    f = found.get(dest)
+    if f is None:
+        found[dest] = Found(rows, ready)
+        return
+    f.ready = min(f.ready, ready)
+    if rows > 0:
+        f.rows = f.rows + rows if f.rows > 0 else rows
+
+
+def _pick(
+    rows: Sequence[Sequence[Any]], wants: Sequence[Want], emergency: int, lane_of: dict[str, Lane]
+) -> list[Sequence[Any]]:
+    """The rows to lease, in the claim's order: the emergency lane's first (by
+    created, id), then per want its due timed rows (by ready, created, id) and its
+    normal rows (by created, id), at most `n`. Rows: (want, table, id, destination,
+    message, deliveries, ready, created); want -1 is the emergency lane."""
+    groups: dict[int, list[Sequence[Any]]] = {}
+    for row in rows:
+        groups.setdefault(int(row[0]), []).append(row)
+
+    def order(row: Sequence[Any]) -> tuple[int, int, int, int]:
+        timed = lane_of[row[1]] is Lane.TIMED
+        return (0 if timed else 1, row[6] if timed else 0, row[7], row[2])
+
+    picked = sorted(groups.get(-1, []), key=lambda r: (r[7], r[2]))[:emergency]
+    for w, want in enumerate(wants):
+        picked += sorted(groups.get(w, []), key=order)[: want.n]
+    return picked
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[tuple[str, list[int]]]:
@@ -65,14 +102,15 @@ def _chunks(ids: Sequence[int]) -> Iterator[tuple[str, list[int]]]:
 class SQLiteQueue:
     name = "sqlite"
     dialect = "sqlite"
+    traits = QueueTraits(one_host=True)
 
     def __init__(self, settings: QueueSettings, *, busy_timeout: float = 5.0) -> None:
         self.settings = settings
         self.tables = settings.tables
-        self.use_returning = HAS_RETURNING
         self._lane_of = {table: lane for lane, table in self.tables.all()}
         self._conn = SQLiteConnection(settings, busy_timeout)
         self._poll_sql = self._build_poll()
+        self.clock = LocalClock()
 
     def __repr__(self) -> str:
         return f"SQLiteQueue({self.settings.safe_url()!r})"
@@ -138,78 +176,143 @@ class SQLiteQueue:
             return
         table = random.choice(self.tables.lane(lane))
         if lane is Lane.TIMED:
-            sql = (f"INSERT INTO {table} (destination, ready, reserved, message, created) "
-                   "VALUES (?, ?, ?, ?, ?)")  # fmt: skip
+            sql = f"INSERT INTO {table} (destination, ready, message, created) VALUES (?, ?, ?, ?)"
         else:
             sql = f"INSERT INTO {table} (destination, message, created) VALUES (?, ?, ?)"
-        args = row_args(lane, rows, _us)
+        args = row_args(lane, rows, self.clock.now())
         if len(args) == 1:
             await self._conn.run([(sql, args[0])])
             return
         async with self._conn.tx() as db:
             await db.executemany(sql, args)
 
+    # -- scanning ---------------------------------------------------------------
+
+    async def scan(self, now: float, mark: Any = None) -> Scan:
+        """Full: every destination of the normal tables (a skip scan of the
+        destination index: one index seek per destination, whatever the backlog)
+        and of the timed tables, with the id marks read first. Incremental: rows
+        written since the marks (less `_SLACK`: an insert that committed behind a
+        later one), and timed rows come due since the last scan."""
+        now_us = _us(now)
+        found: dict[str, Found] = {}
+        normal, timed = self.tables.normal, self.tables.timed
+        async with self._conn.session() as db:
+            if mark is None:
+                marks = {}
+                for t in (*normal, *timed):
+                    ((top,),) = await db.execute_fetchall(f"SELECT IFNULL(MAX(id), 0) FROM {t}")
+                    marks[t] = int(top)
+                for t in normal:
+                    for (dest,) in await db.execute_fetchall(_skip_scan(t)):
+                        found.setdefault(dest, Found())
+                for t in timed:
+                    for dest, ready in await db.execute_fetchall(
+                        f"SELECT destination, MIN(ready) FROM {t} GROUP BY destination"
+                    ):
+                        _merge(found, dest, -1, ready / US)
+            else:
+                marks, last_us = dict(mark[0]), mark[1]
+                for t in normal:
+                    for dest, count, top in await db.execute_fetchall(
+                        f"SELECT destination, COUNT(*), MAX(id) FROM {t} WHERE id > ? "
+                        "GROUP BY destination", (marks[t] - _SLACK,),
+                    ):  # fmt: skip
+                        _merge(found, dest, int(count), 0.0)
+                        marks[t] = max(marks[t], int(top))
+                for t in timed:
+                    for dest, ready, top in await db.execute_fetchall(
+                        f"SELECT destination, MIN(ready), MAX(id) FROM {t} WHERE id > ? "
+                        "GROUP BY destination", (marks[t] - _SLACK,),
+                    ):  # fmt: skip
+                        _merge(found, dest, -1, ready / US)
+                        marks[t] = max(marks[t], int(top))
+                    for dest, ready in await db.execute_fetchall(
+                        f"SELECT destination, MIN(ready) FROM {t} WHERE ready > ? AND ready <= ? "
+                        "GROUP BY destination", (last_us, now_us),
+                    ):  # fmt: skip
+                        _merge(found, dest, -1, ready / US)
+            ((emergency, due),) = await db.execute_fetchall(self._poll_sql, {"now": now_us})
+        for f in found.values():
+            if f.ready <= now:
+                f.ready = 0.0
+        return Scan(found, bool(emergency), due / US if due is not None else None,
+                    (marks, now_us), mark is None)  # fmt: skip
+
+    def _build_poll(self) -> str:
+        exists = " OR ".join(
+            f"EXISTS(SELECT 1 FROM {t} WHERE lease_until <= :now)" for t in self.tables.emergency
+        )
+        mins = " UNION ALL ".join(
+            f"SELECT MIN(ready) AS m FROM {t} WHERE ready > :now" for t in self.tables.timed
+        )
+        return f"SELECT {exists}, (SELECT MIN(m) FROM ({mins}))"
+
     # -- claiming ---------------------------------------------------------------
 
-    async def claim(self, limit: int, now: float, lease_seconds: float) -> list[Lease]:
-        if limit < 1:
-            return []
-        params = {"now": _us(now), "until": _us(now + lease_seconds),
-                  "token": secrets.randbits(62) + 1}  # fmt: skip
-        leases: list[Lease] = []
-        async with self._conn.tx() as db:
-            for lane in Lane:
-                want = limit - len(leases)
-                if want <= 0:
-                    break
-                leases += await self._claim_lane(db, lane, {**params, "n": want})
-        return leases
-
-    async def _claim_lane(
-        self, db: aiosqlite.Connection, lane: Lane, p: dict[str, int]
+    async def claim(
+        self,
+        wants: Sequence[Want],
+        now: float,
+        lease_seconds: float,
+        *,
+        emergency: int = 0,
+        acks: Sequence[Lease] = (),
     ) -> list[Lease]:
-        timed = lane is Lane.TIMED
-        cols = "id, destination, message, deliveries, " + (
-            "ready, reserved, created" if timed else "NULL, 0, created"
-        )
-        where = ("ready <= :now AND " if timed else "") + "lease_until <= :now"
-        order = "ready, created, id" if timed else "id"
-        tables = self.tables.lane(lane)
-        picked: list[tuple[str, Any]] = []
-        if self.use_returning and len(tables) == 1:
-            rows = await db.execute_fetchall(
-                f"UPDATE {tables[0]} SET lease_until = :until, lease_token = :token, "
-                f"deliveries = deliveries + 1 WHERE id IN (SELECT id FROM {tables[0]} "
-                f"WHERE {where} ORDER BY {order} LIMIT :n) RETURNING {cols}",
-                p,
-            )
-            # RETURNING gives rows in no particular order.
-            picked = sorted(
-                ((tables[0], r) for r in rows), key=lambda x: (x[1][4] or 0, x[1][6], x[1][0])
-            )
-            bump = 0  # RETURNING shows the incremented count
-        else:
-            for table in tables:
-                rows = await db.execute_fetchall(
-                    f"SELECT {cols} FROM {table} WHERE {where} ORDER BY {order} LIMIT :n", p
+        """One BEGIN IMMEDIATE transaction: the acks' DELETEs, one SELECT of every
+        candidate row (each part ordered and limited on its own), one UPDATE per
+        table leasing the rows kept."""
+        now_us = _us(now)
+        parts: list[str] = []
+        args: list[Any] = []
+        cols = "id, destination, message, deliveries, {ready}, created"
+        for t in self.tables.emergency:
+            if emergency > 0:
+                parts.append(
+                    f"SELECT * FROM (SELECT -1, '{t}', {cols.format(ready='NULL')} FROM {t} "
+                    "WHERE lease_until <= ? ORDER BY id LIMIT ?)"
                 )
-                picked += [(table, r) for r in rows]
-            if len(tables) > 1:  # ids are per table: merge by insertion time
-                picked.sort(key=lambda x: (x[1][4] or 0, x[1][6], x[1][0]))
-                picked = picked[: p["n"]]
-            for table in tables:
-                ids = [r[0] for t, r in picked if t == table]
+                args += [now_us, emergency]
+        for w, want in enumerate(wants):
+            for t in self.tables.timed:
+                parts.append(
+                    f"SELECT * FROM (SELECT {w}, '{t}', {cols.format(ready='ready')} FROM {t} "
+                    "WHERE destination = ? AND ready <= ? AND lease_until <= ? "
+                    "ORDER BY ready, created, id LIMIT ?)"
+                )
+                args += [want.destination, now_us, now_us, want.n]
+            for t in self.tables.normal:
+                parts.append(
+                    f"SELECT * FROM (SELECT {w}, '{t}', {cols.format(ready='NULL')} FROM {t} "
+                    "WHERE destination = ? AND lease_until <= ? ORDER BY id LIMIT ?)"
+                )
+                args += [want.destination, now_us, want.n]
+        token = secrets.randbits(62) + 1
+        until = _us(now + lease_seconds)
+        async with self._conn.tx() as db:
+            for (table, ack_token), ids in self._groups(acks).items():
+                for marks, part in _chunks(ids):
+                    await db.execute(
+                        f"DELETE FROM {table} WHERE lease_token = ? AND id IN ({marks})",
+                        [ack_token, *part],
+                    )
+            if not parts:
+                return []
+            rows = list(await db.execute_fetchall(" UNION ALL ".join(parts), args))
+            picked = _pick(rows, wants, emergency, self._lane_of)
+            for table in {r[1] for r in picked}:
+                ids = [r[2] for r in picked if r[1] == table]
                 for marks, part in _chunks(ids):
                     await db.execute(
                         f"UPDATE {table} SET lease_until = ?, lease_token = ?, "
                         f"deliveries = deliveries + 1 WHERE id IN ({marks})",
-                        [p["until"], p["token"], *part],
+                        [until, token, *part],
                     )
-            bump = 1
-        token = p["token"]
-        return [Lease(lane, t, int(r[0]), r[1], bytes(r[2]), int(r[3]) + bump,
-                      r[4] / US if timed else None, bool(r[5]), token, created=int(r[6]))
-                for t, r in picked]  # fmt: skip
+        return [
+            Lease(self._lane_of[t], t, int(rid), dest, bytes(blob), int(done) + 1,
+                  ready / US if ready is not None else None, token, created=int(created))
+            for _, t, rid, dest, blob, done, ready, created in picked
+        ]  # fmt: skip
 
     # -- settling ---------------------------------------------------------------
 
@@ -221,55 +324,26 @@ class SQLiteQueue:
         ])  # fmt: skip
 
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
-        until = _us(time.time() + delay) if delay > 0 else 0
+        until = _us(self.clock.now() + delay) if delay > 0 else 0
         await self._conn.run([(
             f"UPDATE {self._table(lease)} SET lease_until = ?, lease_token = 0 {_GUARD}",
             (until, lease.id, lease.token),
         )])  # fmt: skip
 
-    async def move(self, lease: Lease, ready: float, reserved: bool) -> None:
-        table = self._table(lease)
-        keep = "0" if reserved else "deliveries"
-        if lease.lane is Lane.TIMED:  # stays in its table: keeps its id, hence its place
-            await self._conn.run([(
-                f"UPDATE {table} SET ready = ?, reserved = ?, deliveries = {keep}, "
-                f"lease_until = 0, lease_token = 0 {_GUARD}",
-                (_us(ready), int(reserved), lease.id, lease.token),
-            )])  # fmt: skip
-            return
-        target = random.choice(self.tables.timed)
-        async with self._conn.tx() as db:
-            cur = await db.execute(
-                f"INSERT INTO {target} (destination, ready, reserved, message, created, "
-                f"deliveries) SELECT destination, ?, ?, message, created, {keep} "
-                f"FROM {table} {_GUARD}",
-                (_us(ready), int(reserved), lease.id, lease.token),
-            )
-            if cur.rowcount:
-                await db.execute(f"DELETE FROM {table} {_GUARD}", (lease.id, lease.token))
-
-    async def reschedule(self, destination: str, moves: Sequence[tuple[int, float, float]]) -> int:
-        now = _us(time.time())
-        return await self._conn.run([
-            (f"UPDATE {table} SET ready = ? WHERE destination = ? AND reserved = 1 "
-             "AND created = ? AND lease_until <= ?", (_us(new), destination, created, now))
-            for created, _old, new in moves
-            for table in self.tables.timed
-        ])  # fmt: skip
-
-    async def shift(self, destination: str, after: float, delta: float) -> int:
-        return await self._conn.run([
-            (f"UPDATE {table} SET ready = ready + ? "
-             "WHERE destination = ? AND reserved = 1 AND ready > ?",
-             (_us(delta), destination, _us(after)))
-            for table in self.tables.timed
+    async def give_back(self, leases: Sequence[Lease]) -> None:
+        await self._conn.run([
+            (f"UPDATE {table} SET lease_until = 0, lease_token = 0, "
+             f"deliveries = MAX(deliveries - 1, 0) WHERE lease_token = ? AND id IN ({marks})",
+             [token, *part])
+            for (table, token), ids in self._groups(leases).items()
+            for marks, part in _chunks(ids)
         ])  # fmt: skip
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups = self._groups(leases)
         if not groups:
             return
-        died = _us(time.time())
+        died = _us(self.clock.now())
         async with self._conn.tx() as db:
             for (table, token), ids in groups.items():
                 for marks, part in _chunks(ids):
@@ -283,22 +357,6 @@ class SQLiteQueue:
                     await db.execute(f"DELETE FROM {table} {guard}", [token, *part])
 
     # -- looking ----------------------------------------------------------------
-
-    def _build_poll(self) -> str:
-        exists = [
-            f"EXISTS(SELECT 1 FROM {t} WHERE "
-            + ("ready <= :now AND " if lane is Lane.TIMED else "")
-            + "lease_until <= :now)"
-            for lane, t in self.tables.all()
-        ]
-        mins = " UNION ALL ".join(
-            f"SELECT MIN(ready) AS m FROM {t} WHERE ready > :now" for t in self.tables.timed
-        )
-        return f"SELECT {' OR '.join(exists)}, (SELECT MIN(m) FROM ({mins}))"
-
-    async def poll(self, now: float) -> tuple[bool, float | None]:
-        ((ready, due),) = await self._conn.fetch(self._poll_sql, {"now": _us(now)})
-        return bool(ready), (due / US if due is not None else None)
 
     async def stats(self, now: float) -> QueueStats:
         parts = [
@@ -319,15 +377,19 @@ class SQLiteQueue:
                 key = "leased" if is_leased else kind
                 (leased if is_leased else queued)[Lane(kind)] += count
             tally(by_dest, dest, key, count)
-        _, next_due = await self.poll(now)
-        return QueueStats(queued, leased, dead, by_dest, next_due)
+        ((due,),) = await self._conn.fetch(
+            "SELECT MIN(m) FROM (" + " UNION ALL ".join(
+                f"SELECT MIN(ready) AS m FROM {t} WHERE ready > ?" for t in self.tables.timed
+            ) + ")", [_us(now)] * len(self.tables.timed),
+        )  # fmt: skip
+        return QueueStats(queued, leased, dead, by_dest, due / US if due is not None else None)
 
     async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:
         """One read-only statement (a consistent snapshot): no write lock, no lease change."""
         order = list(Lane)
         parts = [
             f"SELECT * FROM (SELECT '{row_lane}', '{t}', id, destination, "
-            + ("ready, reserved" if row_lane is Lane.TIMED else "NULL, 0")
+            + ("ready" if row_lane is Lane.TIMED else "NULL")
             + f", deliveries, lease_until, message FROM {t} ORDER BY "
             + ("ready, id" if row_lane is Lane.TIMED else "id")
             + " LIMIT :n)"
@@ -336,12 +398,11 @@ class SQLiteQueue:
         ]
         rows = await self._conn.fetch(" UNION ALL ".join(parts), {"n": int(limit)})
         rows.sort(key=lambda r: (order.index(Lane(r[0])), r[4] or 0, r[2]))
-        keys = ("lane", "table", "id", "destination", "ready", "reserved", "deliveries",
-                "lease_until", "blob")  # fmt: skip
+        keys = ("lane", "table", "id", "destination", "ready", "deliveries", "lease_until",
+                "blob")  # fmt: skip
         out = [dict(zip(keys, r, strict=True)) for r in rows[: max(0, int(limit))]]
         for item in out:
             item["ready"] = item["ready"] / US if item["ready"] is not None else None
-            item["reserved"] = bool(item["reserved"])
             item["lease_until"] /= US
             item["blob"] = bytes(item["blob"])
         return out
@@ -354,7 +415,7 @@ class SQLiteQueue:
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
         """INSERT ... SELECT per lane (a lane name this version does not know: normal)."""
-        dead, now_us, total = self.tables.dead, _us(time.time()), 0
+        dead, now_us, total = self.tables.dead, _us(self.clock.now()), 0
         chunks = [("", [])] if ids is None else [
             (f" AND id IN ({marks})", part) for marks, part in _chunks(sorted(set(ids)))
         ]  # fmt: skip

@@ -3,6 +3,7 @@
 -- this file rendered with your table names.
 
 -- section: lane
+-- KEY destination is (destination, id) in InnoDB: a destination's claim order.
 CREATE TABLE IF NOT EXISTS `{table}` (
   id          BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
   destination VARCHAR(255) NOT NULL,
@@ -16,20 +17,23 @@ CREATE TABLE IF NOT EXISTS `{table}` (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 -- section: timed
--- KEY ready is the claim's order, (ready, created, id): due rows come without a sort.
+-- KEY destination_ready is a destination's claim order, (ready, created, id): its
+-- due rows come without a sort. KEY ready finds the rows come due since a scan.
+-- Tables made by 0.1 have a `reserved` column and KEY destination instead: they
+-- work as they are, and `ALTER TABLE ... ADD KEY destination_ready (destination,
+-- ready, created)` makes claims of a destination with many timed rows cheaper.
 CREATE TABLE IF NOT EXISTS `{table}` (
   id          BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
   destination VARCHAR(255) NOT NULL,
   ready       BIGINT NOT NULL,
-  reserved    TINYINT NOT NULL DEFAULT 0,
   message     MEDIUMBLOB NOT NULL,
   created     BIGINT NOT NULL,
   lease_until BIGINT NOT NULL DEFAULT 0,
   lease_token BIGINT NOT NULL DEFAULT 0,
   deliveries  INT NOT NULL DEFAULT 0,
   PRIMARY KEY (id),
-  KEY ready (ready, created),
-  KEY destination (destination)
+  KEY ready (ready),
+  KEY destination_ready (destination, ready, created)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 -- section: dead

@@ -6,13 +6,20 @@
 --               queue_wait('table:ready<=NOW') tests: 0 in the emergency/normal lanes
 --               unless the row was put back with a delay;
 --   deliveries  counts past deliveries, carried across re-inserts (Q4M keeps no count);
---   created     is when the message was first written.
+--   created     is when the message was first written;
+--   dkey        is the destination's integer key: Q4M's conditional queue_wait tests
+--               integer columns only, so a claim takes one destination's rows with
+--               queue_wait('table:dkey=K and ready<=NOW'). Tables made by 0.1 need
+--               ALTER TABLE ... ADD COLUMN dkey BIGINT NOT NULL DEFAULT 0 (readers
+--               give the rows already there their key), and their timed tables
+--               keep a `reserved` column this version does not use.
 -- `mvalve create --print` shows this file rendered with your table names.
 
 -- section: lane
 CREATE TABLE IF NOT EXISTS `{table}` (
   id          BIGINT NOT NULL,
   destination VARCHAR(255) NOT NULL,
+  dkey        BIGINT NOT NULL DEFAULT 0,
   message     MEDIUMBLOB NOT NULL,
   ready       BIGINT NOT NULL DEFAULT 0,
   created     BIGINT NOT NULL,
@@ -23,9 +30,9 @@ CREATE TABLE IF NOT EXISTS `{table}` (
 CREATE TABLE IF NOT EXISTS `{table}` (
   id          BIGINT NOT NULL,
   destination VARCHAR(255) NOT NULL,
+  dkey        BIGINT NOT NULL DEFAULT 0,
   message     MEDIUMBLOB NOT NULL,
   ready       BIGINT NOT NULL,
-  reserved    TINYINT NOT NULL DEFAULT 0,
   created     BIGINT NOT NULL,
   deliveries  INT NOT NULL DEFAULT 0
 ) ENGINE=QUEUE DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

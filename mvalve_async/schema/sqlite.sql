@@ -21,15 +21,14 @@ CREATE TABLE IF NOT EXISTS {table} (
   id          INTEGER PRIMARY KEY AUTOINCREMENT,
   destination TEXT    NOT NULL,
   ready       INTEGER NOT NULL,
-  reserved    INTEGER NOT NULL DEFAULT 0,
   message     BLOB    NOT NULL,
   created     INTEGER NOT NULL,
   lease_until INTEGER NOT NULL DEFAULT 0,
   lease_token INTEGER NOT NULL DEFAULT 0,
   deliveries  INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS {table}_ready ON {table} (ready, created, id);
-CREATE INDEX IF NOT EXISTS {table}_destination ON {table} (destination);
+CREATE INDEX IF NOT EXISTS {table}_ready ON {table} (ready);
+CREATE INDEX IF NOT EXISTS {table}_destination_ready ON {table} (destination, ready, created);
 
 -- section: dead
 CREATE TABLE IF NOT EXISTS {table} (

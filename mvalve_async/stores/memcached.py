@@ -327,7 +327,7 @@ class MemcachedStore:
         self,
         key: str,
         fn: Callable[[bytes | None], tuple[bytes | None, R]],
-        ttl: float = 0,
+        ttl: float | Callable[[bytes], float] = 0,
     ) -> R:
         """Atomic read-modify-write by `gets` then `cas` (or `add` when missing),
         retried (up to `max_retries` attempts, with a short jittered backoff) when
@@ -338,7 +338,9 @@ class MemcachedStore:
         If the caller is cancelled after the `add`/`cas` was sent, the write may
         still be applied (the caller sees `CancelledError` either way)."""
         mkey = self.key_for(key)
-        exptime = _exptime(ttl)
+        exptime: int | Callable[[bytes], int] = (
+            (lambda new: _exptime(ttl(new))) if callable(ttl) else _exptime(ttl)
+        )
         # Updates of one key from this process take turns: they would only defeat
         # each other's cas (50 tasks on one key cost ~8 retries per update and
         # could starve), so only other processes' writes are left to race with.
@@ -359,7 +361,7 @@ class MemcachedStore:
         mkey: bytes,
         key: str,
         fn: Callable[[bytes | None], tuple[bytes | None, R]],
-        exptime: int,
+        exptime: int | Callable[[bytes], int],
     ) -> R:
         server = self._server(mkey)
         for attempt in range(self.max_retries):
@@ -369,15 +371,16 @@ class MemcachedStore:
                 return result
             if not isinstance(new, bytes):
                 raise TypeError(f"update fn must return bytes or None, got {type(new).__name__}")
+            expires = exptime(new) if callable(exptime) else exptime
             if old is None:
-                stored = await self._call(server, "add", mkey, new, exptime)
+                stored = await self._call(server, "add", mkey, new, expires)
             elif not token:
                 raise StoreError(
                     f"memcached {server.label}: gets returned no cas token "
                     "(is memcached running with -C?)"
                 )
             else:
-                stored = await self._call(server, "cas", mkey, new, token, exptime)
+                stored = await self._call(server, "cas", mkey, new, token, expires)
             if stored:
                 return result
             # add: someone created it first; cas: changed or deleted meanwhile.
@@ -390,6 +393,23 @@ class MemcachedStore:
             f"memcached {server.label}: update of {key!r} gave up after "
             f"{self.max_retries} conflicting writes"
         )
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """One `get k1 k2 ...` per server holding any of `keys`."""
+        by_server: dict[str, list[tuple[str, bytes]]] = {}
+        for key in keys:
+            mkey = self.key_for(key)
+            by_server.setdefault(self._server(mkey).label, []).append((key, mkey))
+        out: dict[str, bytes] = {}
+
+        async def one(label: str, items: list[tuple[str, bytes]]) -> None:
+            values = await self._call(self._servers[label], "multi_get", *[m for _, m in items])
+            for (key, _), value in zip(items, values, strict=True):
+                if value is not None:
+                    out[key] = value
+
+        await asyncio.gather(*(one(label, items) for label, items in by_server.items()))
+        return out
 
     async def delete(self, key: str) -> None:
         mkey = self.key_for(key)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 __all__ = ["MemoryStore"]
@@ -32,14 +32,23 @@ class MemoryStore:
         self.ops += 1
         return self._live(key)
 
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        self.ops += 1
+        found = {key: self._live(key) for key in keys}
+        return {key: value for key, value in found.items() if value is not None}
+
     async def update(
-        self, key: str, fn: Callable[[bytes | None], tuple[bytes | None, R]], ttl: int = 0
+        self,
+        key: str,
+        fn: Callable[[bytes | None], tuple[bytes | None, R]],
+        ttl: float | Callable[[bytes], float] = 0,
     ) -> R:
         # No await between read and write: atomic within the event loop.
         self.ops += 1
         new, result = fn(self._live(key))
         if new is not None:
-            self._data[key] = (new, time.time() + ttl if ttl else 0.0)
+            seconds = ttl(new) if callable(ttl) else ttl
+            self._data[key] = (new, time.time() + seconds if seconds else 0.0)
         return result
 
     async def delete(self, key: str) -> None:

@@ -1,10 +1,15 @@
-"""Readers: lease rows in batches, pass each through the valve (_admission.py
-decides what becomes of each), hand out messages.
+"""`Reader`: takes messages out, never more than each destination's rate.
 
-Settling follows Q4M's rule: the message a reader handed out is acknowledged
-when the same reader is asked for the next one (or by `ack()`); acks are
-batched into one DELETE per table. No connection or transaction is held while
-user code runs.
+The valve decides before rows are leased (claims.py): per destination it says how
+many messages may go now, and the reader leases at most that many of the
+destination's oldest rows. Rows of a destination without a free slot stay where
+they are, so one destination's backlog costs the others nothing, and a
+destination's messages leave in insertion order whatever the number of readers.
+
+Settling follows Q4M's rule: the message a reader handed out is acknowledged when
+the same reader is asked for the next one (or by `ack()`); acks are batched and
+ride with the next claim. No connection or transaction is held while user code
+runs.
 """
 
 from __future__ import annotations
@@ -17,32 +22,35 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 
-from ._acks import Acks
-from ._admission import Admission
-from ._held import Held, Slot
-from .errors import QueueUnavailable, ReaderBusy
-from .events import Emitter, Observer
-from .interfaces import Lane, Lease, Queue, Store
-from .message import DEFAULT_MAX_DESTINATION, Message, validate_destination
-from .notify import Notifier
-from .schedule import EmergencyPolicy, Rate
-from .valve import Valve
+from ..errors import QueueUnavailable, ReaderBusy
+from ..events import Emitter, Observer
+from ..interfaces import Lease, Queue, Store
+from ..message import DEFAULT_MAX_DESTINATION, Message, validate_destination
+from ..throttle import EmergencyPolicy, Rate, Valve
+from .acks import Acks
+from .claims import Claimer
+from .directory import directory_for
+from .handout import Handout
+from .held import Held, Slot
 
 __all__ = ["Reader"]
 
 log = logging.getLogger(__name__)
+
+# While busy, the reader's process scans the queue for new rows at most this often.
+SCAN_BUSY = 0.01
 
 
 class Reader:
     """Takes messages out, never more than each destination's rate.
 
     `rate` is the default per destination (None: unlimited), `rates` overrides it
-    per destination. `batch` rows are leased per claim; `lease` seconds is how
-    long a claimed row stays invisible if its consumer dies. `margin` widens each
-    rate window by that many seconds (default: 1 % of `per`, at most 10 ms) so the
-    promise also holds on the times the consumer receives messages, not only on
-    the valve's `delivered_at`; 0 gives the last percent of throughput back.
-    While the store is unreachable the reader waits and retries; with
+    per destination. Up to `batch` rows are leased per claim; `lease` seconds is
+    how long a claimed row stays invisible if its consumer dies. `margin` is how
+    late after its slot a message may be handed out (default: 1 % of `per`, at
+    most 10 ms); each rate window is widened by it, so the promise also holds on
+    the times the consumer receives messages, not only on `delivered_at`. While
+    the store is unreachable the reader waits and retries; with
     `fallback_store=MemoryStore()` it throttles locally instead (opt-in: the rate
     then holds per process only, until the store is back).
     """
@@ -61,7 +69,6 @@ class Reader:
         max_deliveries: int = 10,
         max_destination: int = DEFAULT_MAX_DESTINATION,
         idle_interval: float = 0.06,
-        notifier: Notifier | None = None,
         observers: Sequence[Observer] = (),
         margin: float | None = None,
         fallback_store: Store | None = None,
@@ -69,8 +76,9 @@ class Reader:
         if lease <= 0 or batch < 1 or max_deliveries < 1:
             raise ValueError("lease, batch and max_deliveries must be positive")
         self.queue = queue
+        self.clock = queue.clock
         self.valve = Valve(
-            store, rate=rate, rates=rates, policy=emergency_policy, margin=margin,
+            store, self.clock, rate=rate, rates=rates, policy=emergency_policy, margin=margin,
             fallback=fallback_store,
         )  # fmt: skip
         self.lease = lease
@@ -79,16 +87,21 @@ class Reader:
         self.max_deliveries = max_deliveries
         self.max_destination = max_destination
         self.idle_interval = idle_interval
-        self._notifier = notifier
         self._emit = Emitter(observers)
-        self._wake = notifier.subscribe() if notifier else asyncio.Event()
-        self._held = Held(lease)
-        self._current: tuple[Lease, Message] | None = None
+        self._directory = directory_for(queue)
+        self._wake = self._directory.news.subscribe()
+        self._held = Held()
         self._acks = Acks(queue, self._emit, lease, ack_batch)
-        self._admission = Admission(
-            queue, self.valve, self._held, self._emit,
+        self._claimer = Claimer(
+            queue, self.valve, self._directory, self._acks, self._held, self._emit, self._spawn,
+            batch=batch, lease=lease,
+        )  # fmt: skip
+        self._handout = Handout(
+            self._claimer, self.valve, self._held, self.clock, self._emit,
             max_deliveries=max_deliveries, max_destination=max_destination,
         )  # fmt: skip
+        self._current: tuple[Lease, Message] | None = None
+        self._returned = 0.0  # monotonic time next() last returned a message
         self._busy = False
         self._closed = False
         self._background: set[asyncio.Task[None]] = set()
@@ -104,19 +117,17 @@ class Reader:
             raise RuntimeError("reader is closed")
         self._busy = True
         try:
+            self._measure_pace()
             self._settle_current()
             loop = asyncio.get_running_loop()
             deadline = None if timeout is None else loop.time() + timeout
             backoff = 0.05
             while True:
                 try:
-                    slot = await self._take()
-                    if slot is None:
-                        await self._acks.flush()
-                        if not await self._idle(deadline):
-                            return None
-                        continue
-                    msg = await self._process(slot, deadline)
+                    slot = await self._take(deadline)
+                    msg = None if slot is None else await self._process(slot, deadline)
+                    if slot is None and not await self._idle(deadline):
+                        return None
                 except QueueUnavailable as exc:
                     # The server went away (restart, network): wait and reconnect.
                     # Leases held meanwhile expire or come back by themselves.
@@ -127,8 +138,9 @@ class Reader:
                     backoff = min(backoff * 2, 2.0)
                     continue
                 backoff = 0.05
-                if msg is not None:
+                if msg is not None and slot is not None:
                     self._current = (slot.lease, msg)
+                    self._returned = time.monotonic()
                     return msg
                 if deadline is not None and loop.time() >= deadline:
                     return None
@@ -175,6 +187,7 @@ class Reader:
         lease = self._take_current(msg)
         if lease is not None:
             await self.queue.release(lease, delay)
+            self._directory.put(lease.destination, self.clock.now() + delay)
             self._emit("abort", lease.destination)
 
     async def reject(self, msg: Message | None = None, reason: str = "rejected") -> None:
@@ -186,30 +199,29 @@ class Reader:
 
     async def pause(self, destination: str, seconds: float) -> None:
         """Deliver nothing to `destination` for `seconds` (e.g. a 429 Retry-After);
-        shared by every reader of the store."""
+        shared by every reader of the store. Its rows stay where they are."""
         validate_destination(destination, self.max_destination)
-        now, shift = await self.valve.pause(destination, seconds)
-        if shift > 0:  # reserved messages keep their order and spacing, later
-            await self.queue.shift(destination, now, shift)
+        until = await self.valve.pause(destination, seconds)
+        self._claimer.next_try[destination] = until
+        await self._claimer.give_back(self._held.of(destination))
 
     async def resume(self, destination: str) -> None:
         await self.valve.resume(destination)
+        self._claimer.next_try.pop(destination, None)
 
     async def close(self) -> None:
-        """Ack the handed-out message, flush acks, return prefetched leases."""
+        """Ack the handed-out message, flush acks, give back held leases."""
         if self._closed:
             return
         self._closed = True
         self._settle_current()
         with contextlib.suppress(Exception):
             await _shielded(self._acks.flush())
-        for lease in self._held.drain():
-            with contextlib.suppress(Exception):
-                await _shielded(self.queue.release(lease))
+        with contextlib.suppress(Exception):
+            await _shielded(self._claimer.close())
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._notifier is not None:
-            self._notifier.unsubscribe(self._wake)
+        self._directory.news.unsubscribe(self._wake)
 
     async def __aenter__(self) -> Reader:
         return self
@@ -240,81 +252,71 @@ class Reader:
 
     def _settle_current(self) -> None:
         if self._current is not None:
-            self._acks.add(self._current[0])
+            self._acks.add(self._current[0], self.clock.now())
             self._current = None
 
-    async def _take(self) -> Slot | None:
-        now = time.time()
-        if self._acks.due(now, claiming=not self._held):
+    def _measure_pace(self) -> None:
+        """The consumer's time per message (between a return of next() and the next
+        call), averaged: a reader takes no more of a throttled destination's rows
+        than its consumer gets through in a moment (claims.GROUP_SPAN)."""
+        if self._current is not None and self._returned:
+            spent = time.monotonic() - self._returned
+            pace = self._claimer.pace
+            self._claimer.pace = spent if pace <= 0 else 0.8 * pace + 0.2 * spent
+
+    async def _take(self, deadline: float | None) -> Slot | None:
+        """The next held slot that is due, claiming more when none is; None when
+        there is nothing to hand out now."""
+        now = self.clock.now()
+        if self._acks.due(now):
             await self._acks.flush()
-        slot, wait = self._held.take(now)
-        if slot is None and self._held:  # only parked leases, none due yet
-            await asyncio.sleep(wait)
-            slot, _ = self._held.take(time.time())
+        slot, _, stale = self._held.take(now, self.lease * 0.8)
+        if stale:
+            log.warning("giving back %d held leases near their expiry", len(stale))
+            await self._claimer.give_back(stale)
         if slot is not None:
             return slot
-        leases = await self._acks.claim(self.batch, now, self.lease)
-        if not leases:
-            return None
-        if len(leases) > 1:
-            await self._announce(leases)
-        self._held.add(leases, now)
-        return self._held.take(now)[0]
-
-    async def _announce(self, leases: Sequence[Lease]) -> None:
-        """Register a batch's throttled messages with the valve (see Valve.claimed):
-        readers that claimed younger ones of the same destinations let these go
-        first. One concurrent store round trip per destination."""
-        seqs: dict[str, list[int]] = {}
-        rate_for = self.valve.rate_for
-        for lease in leases:
-            if lease.created and lease.lane is not Lane.EMERGENCY:
-                if lease.destination in seqs:
-                    seqs[lease.destination].append(lease.created)
-                elif rate_for(lease.destination) is not None:  # unthrottled: no order kept
-                    seqs[lease.destination] = [lease.created]
-        if len(seqs) == 1:
-            ((dest, mine),) = seqs.items()
-            await self.valve.claimed(dest, mine)
-        elif seqs:
-            await asyncio.gather(*(self.valve.claimed(d, s) for d, s in seqs.items()))
+        if self._held.due(now + 1.0) >= self.batch:
+            return None  # enough in hand: what is held comes due soon
+        await self._directory.refresh(now, SCAN_BUSY)
+        await self._claimer.round(now, deadline)
+        slot, _, _ = self._held.take(self.clock.now(), self.lease * 0.8)
+        return slot
 
     async def _idle(self, deadline: float | None) -> bool:
-        """Wait until a row may be claimable. False when the deadline passed."""
+        """Wait until something may be claimable or a held slot comes due. False when
+        the deadline passed first."""
         loop = asyncio.get_running_loop()
-        while True:
-            now = time.time()
-            ready, next_due = await self.queue.poll(now)
-            if ready:
-                return True
-            due = [t for t in (next_due, self._admission.next_due) if t is not None]
-            wait = self.idle_interval
-            if due:
-                wait = min(wait, max(0.0, min(due) - now))
-            if deadline is not None:
-                left = deadline - loop.time()
-                if left <= 0:
-                    return False
-                wait = min(wait, left)
-            self._wake.clear()
+        await self._acks.flush()
+        now = self.clock.now()
+        wake = now + self.idle_interval
+        held = self._held.next_at()
+        if held is not None:
+            wake = min(wake, held)
+        nxt = self._directory.next_time(now, lambda d: self._claimer.next_try.get(d, 0.0))
+        if nxt is not None:
+            wake = min(wake, max(nxt, now))
+        wait = max(0.0, wake - now)
+        if deadline is not None:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            wait = min(wait, left)
+        self._wake.clear()
+        if wait > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
-            if self._wake.is_set():
-                return True
-            due_at = self._admission.next_due
-            if due_at is not None and time.time() >= due_at:
-                self._admission.next_due = None
-                return True
+        await self._directory.refresh(self.clock.now(), self.idle_interval)
+        return True
 
     async def _process(self, slot: Slot, deadline: float | None) -> Message | None:
-        lease = slot.lease
         try:
-            return await self._admission.process(slot, deadline)
+            return await self._handout.process(slot, deadline)
         except asyncio.CancelledError:
-            # Any queue operation may or may not have committed: release under the
-            # lease token (a no-op if the row moved), never hand this lease out again.
-            self._spawn(self.queue.release(lease))
+            # Any queue operation may or may not have committed: give the row back
+            # under its lease token (a no-op if it moved), never hand it out again.
+            self._spawn(self._claimer.give_back([slot]))
             raise
 
     def _spawn(self, coro: collections.abc.Coroutine[object, object, None]) -> None:

@@ -1,0 +1,268 @@
+"""A reader's claims: the valve first, then the rows.
+
+One claim round:
+1. the reader takes destinations from the process's directory, least recently
+   served first, skipping those it knows to be blocked (no free slot, paused, held
+   by another reader) until when the valve said, and those it already holds;
+2. a destination with a rate is *checked out* (schedule.grant: its slots, and the
+   hold that keeps other readers off its rows); the state of destinations without
+   a rate (a pause, a duration, an emergency window) is read in one round trip;
+3. one `Queue.claim` leases the emergency lane's first rows and, per destination,
+   at most as many of its oldest rows as it may send now (the pending acks ride
+   along): rows of a destination without a free slot are never leased, never
+   moved, and cost nothing;
+4. what came back becomes held slots, grouped per destination; unused slots are
+   given back to the valve at once.
+
+A group's hold is checked in when its last lease is handed out or given up; a
+reader that dies holding one blocks that destination until the hold ends, one
+lease period and a second after the claim, when its rows have come back and go
+first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from collections.abc import Callable, Coroutine, Sequence
+
+from ..events import Emitter
+from ..interfaces import Lane, Lease, Queue, Want
+from ..throttle import Grant, Valve
+from .acks import Acks
+from .directory import Directory
+from .held import Group, Held, Slot
+
+__all__ = ["GROUP_SPAN", "MAX_DESTINATIONS", "Claimer"]
+
+log = logging.getLogger(__name__)
+
+# At most this many destinations per claim (their share of the batch each).
+MAX_DESTINATIONS = 16
+# A destination with a rate is held while its group is handed out: a reader takes
+# no more of its rows than its consumer gets through in about this long.
+GROUP_SPAN = 0.05
+# A reader holding a destination's rows keeps the hold this long after its leases
+# end, so that a dead holder's rows have come back (and go first) when it ends.
+HOLD_AFTER_LEASE = 1.0
+
+
+class Claimer:
+    def __init__(
+        self,
+        queue: Queue,
+        valve: Valve,
+        directory: Directory,
+        acks: Acks,
+        held: Held,
+        emit: Emitter,
+        spawn: Callable[[Coroutine[object, object, None]], None],
+        *,
+        batch: int,
+        lease: float,
+    ) -> None:
+        self.queue = queue
+        self.valve = valve
+        self.directory = directory
+        self.acks = acks
+        self.held = held
+        self._emit = emit
+        self._spawn = spawn
+        self.batch = batch
+        self.lease = lease
+        self.pace = 0.0  # the consumer's seconds per message (the reader measures it)
+        self.next_try: dict[str, float] = {}
+        self._groups: dict[str, Group] = {}  # destination -> this reader's open group
+        self._name = secrets.token_hex(6)
+        self._seq = itertools.count(1)
+
+    # -- a claim round --------------------------------------------------------------
+
+    def _blocked(self, now: float) -> Callable[[str], bool]:
+        next_try, groups = self.next_try, self._groups
+
+        def skip(destination: str) -> bool:
+            return destination in groups or next_try.get(destination, 0.0) > now
+
+        return skip
+
+    def _picks(self, now: float) -> list[tuple[str, int]]:
+        """(destination, rows wanted) in turn, until the batch is spoken for."""
+        left, picks = self.batch, []
+        cap = self.batch if self.pace <= 0 else max(1, int(GROUP_SPAN / self.pace))
+        for destination, entry in self.directory.pick(now, self._blocked(now)):
+            want = left if entry.rows <= 0 else min(left, entry.rows)
+            if self.valve.governed(destination):
+                want = min(want, cap)
+            picks.append((destination, want))
+            left -= want
+            if left <= 0 or len(picks) >= MAX_DESTINATIONS:
+                break
+        return picks
+
+    async def round(self, now: float, deadline: float | None) -> int:
+        """One claim round (see the module docstring); returns how many slots it added
+        to `held`. Raises what the queue raises (acks kept, holds given back)."""
+        picks = self._picks(now)
+        governed = [(d, n) for d, n in picks if self.valve.governed(d)]
+        plain = [(d, n) for d, n in picks if not self.valve.governed(d)]
+        until = now + self.lease + HOLD_AFTER_LEASE
+        tokens = {d: f"{self._name}.{next(self._seq)}" for d, _ in governed}
+        grants: dict[str, Grant] = {}
+        wants: list[Want] = []
+        drops: set[str] = set()
+        try:
+            checked, states = await asyncio.gather(
+                asyncio.gather(
+                    *(self.valve.checkout(d, n, tokens[d], until, deadline) for d, n in governed)
+                ),
+                self._states([d for d, _ in plain], deadline),
+            )
+            for (d, _), g in zip(governed, checked, strict=True):
+                if not isinstance(g, Grant):  # the store stayed away past the deadline
+                    self.next_try[d] = now + 0.05
+                elif g.drop:
+                    drops.add(d)
+                    wants.append(Want(d, self.batch))
+                elif g.slots:
+                    grants[d] = g
+                    wants.append(Want(d, len(g.slots)))
+                else:
+                    self.next_try[d] = g.next_try
+            for d, n in plain:
+                if states is None:
+                    self.next_try[d] = now + 0.05
+                    continue
+                until_d, drop = states.get(d, (0.0, False))
+                if drop:
+                    drops.add(d)
+                    wants.append(Want(d, self.batch))
+                elif until_d > now:
+                    self.next_try[d] = until_d
+                else:
+                    wants.append(Want(d, n))
+            emergency = self.batch if self.directory.emergency or wants else 0
+            if not wants and not emergency and not len(self.acks):
+                return 0
+            leases = await self.acks.settle(
+                lambda acks: self.queue.claim(
+                    wants, now, self.lease, emergency=emergency, acks=acks
+                )
+            )
+        except BaseException:
+            for d, g in grants.items():  # nothing leased under these holds
+                self._spawn(self.valve.checkin(d, tokens[d], unused=g.entries))
+            raise
+        return await self._hold(now, leases, wants, grants, tokens, drops)
+
+    async def _states(
+        self, destinations: Sequence[str], deadline: float | None
+    ) -> dict[str, tuple[float, bool]] | None:
+        if not destinations:
+            return {}
+        return await self.valve.states(destinations, deadline)
+
+    async def _hold(
+        self,
+        now: float,
+        leases: list[Lease],
+        wants: list[Want],
+        grants: dict[str, Grant],
+        tokens: dict[str, str],
+        drops: set[str],
+    ) -> int:
+        emergency = [x for x in leases if x.lane is Lane.EMERGENCY]
+        by_dest: dict[str, list[Lease]] = {}
+        for lease in leases:
+            if lease.lane is not Lane.EMERGENCY:
+                by_dest.setdefault(lease.destination, []).append(lease)
+        slots = [Slot(x, now, None) for x in emergency]
+        dead: list[Lease] = []
+        for want in wants:
+            d = want.destination
+            got = by_dest.get(d, [])
+            self.directory.served(d, len(got), want.n)
+            if d in drops:
+                dead += got
+                continue
+            grant = grants.get(d)
+            if grant is None:
+                if got:
+                    group = self._groups[d] = Group(d, pending=len(got))
+                    slots += [Slot(x, now, group) for x in got]
+                continue
+            group = Group(d, tokens[d], pending=len(got), unused=list(grant.entries[len(got) :]))
+            if not got:
+                self._spawn(self.valve.checkin(d, group.token, unused=group.unused))
+                continue
+            self._groups[d] = group
+            slots += [
+                Slot(x, now, group, at, entry)
+                for x, at, entry in zip(got, grant.slots, grant.entries, strict=False)
+            ]
+        if dead:
+            log.warning(
+                "dead letters: %d messages of %s during an emergency window",
+                len(dead), ", ".join(sorted({x.destination for x in dead})),
+            )  # fmt: skip
+            await self.queue.dead(dead, "emergency")
+            for lease in dead:
+                self._emit("drop", lease.destination)
+        self.held.add(slots)
+        return len(slots)
+
+    # -- a group's end --------------------------------------------------------------
+
+    def done(self, slot: Slot) -> None:
+        """`slot` was handed out, given up or settled otherwise: its group may end."""
+        group = slot.group
+        if group is None:
+            return
+        group.pending -= 1
+        if group.pending <= 0:
+            self._end(group)
+
+    def _end(self, group: Group) -> None:
+        if self._groups.get(group.destination) is group:
+            del self._groups[group.destination]
+        if group.token:
+            self._spawn(
+                self.valve.checkin(
+                    group.destination, group.token, unused=group.unused, late=group.late,
+                    busy=group.busy,
+                )
+            )  # fmt: skip
+
+    async def give_back(self, slots: Sequence[Slot]) -> None:
+        """Slots never handed out: their rows go back to their place (their delivery
+        count as before) and their slots to the valve."""
+        if not slots:
+            return
+        for slot in slots:
+            if slot.group is not None and slot.group.token:
+                slot.group.unused.append(slot.entry)
+        try:
+            await self.queue.give_back([s.lease for s in slots])
+        finally:
+            for slot in slots:
+                self.done(slot)
+
+    async def dead(self, slots: Sequence[Slot], reason: str, action: str = "dead") -> None:
+        """Slots whose messages go to the dead letters (their slots go back unused)."""
+        if not slots:
+            return
+        for slot in slots:
+            if slot.group is not None and slot.group.token:
+                slot.group.unused.append(slot.entry)
+        try:
+            await self.queue.dead([s.lease for s in slots], reason)
+        finally:
+            for slot in slots:
+                self.done(slot)
+                self._emit(action, slot.lease.destination)
+
+    async def close(self) -> None:
+        """Give back every held slot (the reader closes)."""
+        await self.give_back(self.held.drain())

@@ -1,0 +1,144 @@
+"""The destinations of one queue that have rows, as this process knows them.
+
+Claims go per destination (the valve decides per destination before any row is
+leased), so readers need to know which destinations have rows without walking
+the rows: a destination's backlog, however large, is one entry here. The
+directory is shared by the queue's readers in this process and kept in the order
+the destinations were last served (least recently served first): readers take
+destinations in that order, so destinations with due work take turns.
+
+It learns from:
+- `Queue.scan`: a full scan at first (every destination with rows), then cheap
+  incremental ones (rows written, or timed rows come due, since the last scan's
+  mark) every `max_age` the reader asks for (or 10 times as long as the last
+  scan took), and a full one again every `FULL_EVERY` seconds (or 20 times as
+  long as the last one took): rows that come back by lease expiry, or whose
+  insert committed behind a later one, are found then;
+- writers of the same process (`Notifier`): at once;
+- claims: a destination whose claim came back short has no claimable row left
+  (its rows in flight come back by release, which tells the directory too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..interfaces import Found, Queue
+from ..notify import Notifier, news_for
+
+__all__ = ["FULL_EVERY", "Directory", "directory_for"]
+
+log = logging.getLogger(__name__)
+
+FULL_EVERY = 5.0
+# Scans are spaced at least this many times their own cost: a dialect whose scans
+# read every row (q4m) scans less often as its backlog grows.
+SCAN_COST_FACTOR = 10.0
+
+
+class Directory:
+    def __init__(self, queue: Queue, news: Notifier) -> None:
+        self.queue = queue
+        self.news = news
+        self.entries: collections.OrderedDict[str, Found] = collections.OrderedDict()
+        self.emergency = False  # emergency rows may be claimable
+        self.next_due: float | None = None  # earliest future ready in the timed lane
+        self.scans = 0
+        self._mark: Any = None
+        self._scanned = float("-inf")  # monotonic time of the last scan
+        self._full_at = float("-inf")
+        self._full_every = FULL_EVERY
+        self._cost = 0.0  # seconds the last scan took
+        self._lock = asyncio.Lock()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def absorb_news(self) -> None:
+        hints, emergency = self.news.take()
+        for destination, due in hints.items():
+            self.put(destination, due)
+        self.emergency = self.emergency or emergency
+
+    async def refresh(self, now: float, max_age: float) -> None:
+        """Scan the queue if the last scan is older than `max_age` seconds (one scan
+        at a time: concurrent callers share it)."""
+        self.absorb_news()
+        max_age = max(max_age, SCAN_COST_FACTOR * self._cost)
+        if time.monotonic() - self._scanned < max_age:
+            return
+        async with self._lock:
+            started = time.monotonic()
+            if started - self._scanned < max_age:
+                return
+            full = self._mark is None or started - self._full_at >= self._full_every
+            scan = await self.queue.scan(now, None if full else self._mark)
+            self.scans += 1
+            self._scanned = time.monotonic()
+            self._cost = self._scanned - started
+            if scan.full:
+                self._full_at = self._scanned
+                self._full_every = max(FULL_EVERY, 20 * self._cost)
+                for destination in [d for d in self.entries if d not in scan.found]:
+                    del self.entries[destination]
+            for destination, found in scan.found.items():
+                self.put(destination, found.ready, found.rows)
+            self._mark = scan.mark
+            self.emergency = scan.emergency
+            self.next_due = scan.next_due
+
+    def put(self, destination: str, ready: float = 0.0, rows: int = -1) -> None:
+        """`destination` has rows, claimable from `ready` (about `rows` of them)."""
+        entry = self.entries.get(destination)
+        if entry is None:
+            self.entries[destination] = Found(rows, ready)
+            return
+        entry.ready = min(entry.ready, ready)
+        if rows > 0:
+            entry.rows = entry.rows + rows if entry.rows > 0 else rows
+
+    def pick(self, now: float, skip: Callable[[str], bool]) -> Iterator[tuple[str, Found]]:
+        """Destinations with rows claimable now, least recently served first."""
+        for destination, entry in self.entries.items():
+            if entry.ready <= now and not skip(destination):
+                yield destination, entry
+
+    def served(self, destination: str, claimed: int, asked: int) -> None:
+        """A claim asked `asked` rows of `destination` and got `claimed`: it goes to
+        the end of the line; when short, it has no claimable row left."""
+        entry = self.entries.get(destination)
+        if entry is None:
+            return
+        if claimed < asked:
+            del self.entries[destination]
+            return
+        self.entries.move_to_end(destination)
+        if entry.rows > 0:
+            entry.rows = max(1, entry.rows - claimed)
+
+    def next_time(self, now: float, not_before: Callable[[str], float]) -> float | None:
+        """The earliest time a destination becomes claimable (None: none known)."""
+        times = [max(e.ready, not_before(d)) for d, e in self.entries.items()]
+        if self.next_due is not None:
+            times.append(self.next_due)
+        return min(times, default=None)
+
+    def __repr__(self) -> str:
+        return f"Directory({self.queue!r}, {len(self.entries)} destinations)"
+
+
+_DIRECTORIES: weakref.WeakKeyDictionary[Queue, Directory] = weakref.WeakKeyDictionary()
+
+
+def directory_for(queue: Queue) -> Directory:
+    """The directory of `queue` in this process (one per queue object)."""
+    directory = _DIRECTORIES.get(queue)
+    if directory is None:
+        directory = _DIRECTORIES[queue] = Directory(queue, news_for(queue))
+    return directory
