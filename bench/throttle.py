@@ -170,7 +170,7 @@ async def _worker(cfg: dict[str, Any]) -> None:
         options = {"batch": cfg["batch"]} if cfg.get("batch") else {}
         reader = pipe.reader(rate=Rate(cfg["n"], per=cfg["per"]), **options)
         await pipe.store.get("bench:warm-up")  # open a memcached connection
-        await pipe.queue.poll(time.time())  # and a MySQL one
+        await pipe.queue.scan(pipe.queue.clock.now())  # and a MySQL one
         threading.Thread(target=listen, daemon=True).start()
         _say({"ready": True})
         await go.wait()

@@ -192,7 +192,8 @@ class Q4MQueue:
         """Always full (Q4M has no index: any WHERE reads every row): the rows nobody
         owns, grouped by destination. Readers scan as often as that allows (their
         directory spaces scans by their cost); writers of the same process tell
-        their readers at once."""
+        their readers at once. This process's expired leases are aborted first."""
+        await self._owners.reap(now)  # this process's expired leases come back first
         scan = await _q4m_look.scan(self.db, self.tables, now)
         self._legacy = scan.mark
         return scan
@@ -264,8 +265,21 @@ class Q4MQueue:
 
     @staticmethod
     def _sorted(leases: list[Lease]) -> list[Lease]:
-        """Emergency first; each want's rows stay in their order (timed by ready)."""
-        return sorted(leases, key=lambda x: x.lane is not Lane.EMERGENCY)
+        """Emergency first, then each want's rows (they are claimed want by want):
+        its timed rows by ready (Q4M serves due rows FIFO), then its normal rows."""
+        rank = {Lane.EMERGENCY: 0, Lane.TIMED: 1, Lane.NORMAL: 2}
+        first = {}
+        for i, x in enumerate(leases):
+            first.setdefault(x.destination if x.lane is not Lane.EMERGENCY else "", i)
+        return sorted(
+            leases,
+            key=lambda x: (
+                x.lane is not Lane.EMERGENCY,
+                first[x.destination if x.lane is not Lane.EMERGENCY else ""],
+                rank[x.lane],
+                x.ready or 0.0,
+            ),
+        )
 
     async def _rekey(self) -> None:
         """Give rows written before the `dkey` column a key (see `_q4m_rows.rekey`)."""

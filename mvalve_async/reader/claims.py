@@ -81,10 +81,14 @@ class Claimer:
     # -- a claim round --------------------------------------------------------------
 
     def _blocked(self, now: float) -> Callable[[str], bool]:
-        next_try, groups = self.next_try, self._groups
+        next_try, groups, blocked = self.next_try, self._groups, self.directory.blocked
 
         def skip(destination: str) -> bool:
-            return destination in groups or next_try.get(destination, 0.0) > now
+            return (
+                destination in groups
+                or next_try.get(destination, 0.0) > now
+                or blocked(destination, now) is not None
+            )
 
         return skip
 
@@ -141,6 +145,7 @@ class Claimer:
                     wants.append(Want(d, self.batch))
                 elif until_d > now:
                     self.next_try[d] = until_d
+                    self.directory.block(d, until_d)
                 else:
                     wants.append(Want(d, n))
             emergency = self.batch if self.directory.emergency or wants else 0

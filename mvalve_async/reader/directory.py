@@ -56,6 +56,30 @@ class Directory:
         self._full_every = FULL_EVERY
         self._cost = 0.0  # seconds the last scan took
         self._lock = asyncio.Lock()
+        # destination -> (nothing before, drop): what the readers of this process
+        # learned of pauses, durations and emergency windows, so that each of them
+        # holds back at once what it has in hand (others learn at their next claim)
+        self._blocks: dict[str, tuple[float, bool]] = {}
+
+    def block(self, destination: str, until: float, drop: bool = False) -> None:
+        """Nothing of `destination` before `until` (`drop`: its messages go to the
+        dead letters until then)."""
+        old = self._blocks.get(destination)
+        if old is None or until > old[0] or drop:
+            self._blocks[destination] = (until, drop)
+
+    def unblock(self, destination: str) -> None:
+        self._blocks.pop(destination, None)
+
+    def blocked(self, destination: str, now: float) -> tuple[float, bool] | None:
+        """(until, drop) while `destination` is held back, else None."""
+        found = self._blocks.get(destination)
+        if found is None:
+            return None
+        if found[0] <= now:
+            del self._blocks[destination]
+            return None
+        return found
 
     def __len__(self) -> int:
         return len(self.entries)

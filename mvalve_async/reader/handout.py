@@ -8,8 +8,8 @@ out at its slot.
 - A message of a destination with a rate goes out at its slot: `delivered_at` is
   the slot. One handed out later than its margin (a slow consumer ahead of it)
   first checks that its destination was not paused or hit by an emergency
-  meanwhile, and goes out with `delivered_at` = now; the group's checkin then
-  moves its log entry to that time.
+  meanwhile, and goes out with `delivered_at` = now; the group's later slots,
+  spaced from it, move as much, and the group's checkin moves their log entries.
 - A message with a duration keeps its destination busy: the rest of its group is
   given back (their rows keep their place) and the duration recorded.
 """
@@ -52,12 +52,25 @@ class Handout:
             return None
         group = slot.group
         now = self.clock.now()
+        directory = self.claimer.directory
+        if group is not None and (block := directory.blocked(msg.destination, now)):
+            # paused, busy or in an emergency window, as a reader of this process
+            # learned after this slot was claimed: it goes back (or to the dead letters)
+            rest = [slot, *self.held.rest(group)]
+            if block[1]:
+                await self.claimer.dead(rest, "emergency", "drop")
+            else:
+                await self.claimer.give_back(rest)
+            self.claimer.next_try[msg.destination] = block[0]
+            return None
         if group is None:
             window = await self.valve.emergency(msg.destination, msg.duration, deadline)
             if window is None:  # store down past the caller's deadline: keep it
                 self.held.put_back(slot)
                 return None
             if window:
+                policy = self.valve.policy
+                directory.block(msg.destination, window, policy is EmergencyPolicy.DROP)
                 await self._window(msg.destination)
             return self._out(slot, msg, now)
         if group.token:
@@ -75,12 +88,20 @@ class Handout:
                     return None
                 at = self.clock.now()
                 group.late.append((slot.entry, round(at + margin + self.clock.error, 6)))
+                # the group's later slots were spaced from this one: they move as much
+                shift = at - slot.at
+                for later in self.held.of_group(group):
+                    moved = round(later.entry + shift, 6)
+                    group.late.append((later.entry, moved))
+                    later.at, later.entry = round(later.at + shift, 6), moved
             if msg.duration:
                 group.busy = at + margin + self.clock.error + msg.duration
+                directory.block(msg.destination, group.busy)
                 await self.claimer.give_back(self.held.rest(group))
             return self._out(slot, msg, at)
         if msg.duration:
             await self.valve.busy(msg.destination, now + msg.duration)
+            directory.block(msg.destination, now + msg.duration)
             await self.claimer.give_back(self.held.rest(group))
         return self._out(slot, msg, now)
 

@@ -76,6 +76,10 @@ class Held:
         """When the earliest held slot comes due (None: nothing held)."""
         return min((s.at for s in self._slots), default=None)
 
+    def of_group(self, group: Group) -> list[Slot]:
+        """The slots of `group` still held (left in place)."""
+        return [s for s in self._slots if s.group is group]
+
     def rest(self, group: Group) -> list[Slot]:
         """Take out every slot of `group` still held."""
         out = [s for s in self._slots if s.group is group]

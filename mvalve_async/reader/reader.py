@@ -202,11 +202,13 @@ class Reader:
         shared by every reader of the store. Its rows stay where they are."""
         validate_destination(destination, self.max_destination)
         until = await self.valve.pause(destination, seconds)
+        self._directory.block(destination, until)  # the process's other readers at once
         self._claimer.next_try[destination] = until
         await self._claimer.give_back(self._held.of(destination))
 
     async def resume(self, destination: str) -> None:
         await self.valve.resume(destination)
+        self._directory.unblock(destination)
         self._claimer.next_try.pop(destination, None)
 
     async def close(self) -> None:

@@ -3,14 +3,11 @@ change what a claim returns, nor the rows' leases or delivery counts."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from mvalve_async.interfaces import Lane, Queue, Row
+from mvalve_async.interfaces import Lane, Queue, Row, Want
 
-KEYS = {"id", "lane", "table", "destination", "ready", "reserved", "deliveries", "lease_until",
-        "blob"}  # fmt: skip
+KEYS = {"id", "lane", "table", "destination", "ready", "deliveries", "lease_until", "blob"}
 
 
 def _peek_or_skip(queue: Queue) -> None:
@@ -20,7 +17,7 @@ def _peek_or_skip(queue: Queue) -> None:
 
 async def test_peek_orders_like_claim_and_claims_nothing(queue: Queue) -> None:
     _peek_or_skip(queue)
-    now = time.time()
+    now = queue.clock.now()
     await queue.insert(Lane.NORMAL, [Row("n", b"n1"), Row("n", b"n2")])
     await queue.insert(Lane.TIMED, [Row("t", b"later", now + 3600), Row("t", b"due", now - 1)])
     await queue.insert(Lane.EMERGENCY, [Row("e", b"\x00\xff")])
@@ -37,7 +34,7 @@ async def test_peek_orders_like_claim_and_claims_nothing(queue: Queue) -> None:
     assert [r["blob"] for r in await queue.peek(10, Lane.NORMAL)] == [b"n1", b"n2"]
 
     # Peeking changed nothing: the claim sees every due row, delivered for the first time.
-    leases = await queue.claim(10, now, 30.0)
+    leases = await queue.claim([Want("t", 10), Want("n", 10)], now, 30.0, emergency=10)
     assert [(x.blob, x.deliveries) for x in leases] == [
         (b"\x00\xff", 1), (b"due", 1), (b"n1", 1), (b"n2", 1),
     ]  # fmt: skip

@@ -22,10 +22,10 @@ import pytest
 import mvalve_async
 from mvalve_async import cli
 from mvalve_async.cli import main
-from mvalve_async.interfaces import Queue
-from mvalve_async.schedule import Rate
+from mvalve_async.clock import LocalClock
+from mvalve_async.interfaces import Lease, Queue, Want
+from mvalve_async.throttle import Rate, Valve
 from mvalve_async.urls import make_queue, make_store
-from mvalve_async.valve import Valve
 from tests.services import MEMCACHED_URL, MYSQL_URL, require_memcached, require_mysql
 
 ROOT = Path(mvalve_async.__file__).resolve().parents[1]
@@ -92,8 +92,19 @@ def with_queue(url: str, fn: Callable[[Queue], Awaitable[T]]) -> T:
     return asyncio.run(go())
 
 
+async def _claim(queue: Queue, limit: int) -> list[Lease]:
+    """Up to `limit` claimable rows: the emergency lane's, then each destination's."""
+    now = queue.clock.now()
+    scan = await queue.scan(now)
+    leases = await queue.claim([], now, 30.0, emergency=limit)
+    for dest in sorted(scan.found):
+        if len(leases) < limit:
+            leases += await queue.claim([Want(dest, limit - len(leases))], now, 30.0)
+    return leases
+
+
 async def _kill_first(queue: Queue) -> int:
-    leases = await queue.claim(1, time.time(), 30.0)
+    leases = await _claim(queue, 1)
     await queue.dead(leases, "carrier said no")
     return len(leases)
 
@@ -181,11 +192,12 @@ def test_send_stats_and_peek(
 
     # peek claimed nothing: a claim still gets every due message, on first delivery
     async def claim_all(queue: Queue) -> list[tuple[str, int]]:
-        leases = await queue.claim(10, time.time(), 30.0)
+        leases = await _claim(queue, 10)
         return [(x.destination, x.deliveries) for x in leases]
 
     claimed = with_queue(url, claim_all)
-    assert claimed == [("carrier-c", 1), ("carrier-a", 1)] + [("carrier-b", 1)] * 3
+    assert claimed[0] == ("carrier-c", 1)  # the emergency lane first
+    assert sorted(claimed[1:]) == [("carrier-a", 1)] + [("carrier-b", 1)] * 3
     rows = run_json(capsys, "--url", url, "peek")
     assert sum(r["leased"] for r in rows) == 5
     assert run_json(capsys, "--url", url, "stats")["leased"]["normal"] == 4
@@ -208,9 +220,9 @@ def test_stats_shows_pause_and_emergency_from_the_store(
     async def mark() -> None:
         store = make_store(store_url)
         try:
-            valve = Valve(store, rate=Rate(10, per=1.0))  # a rate: hand-outs are logged
+            valve = Valve(store, LocalClock(), rate=Rate(10, per=1.0))  # hand-outs logged
             await valve.pause("paused", 60)
-            await valve.decide("urgent", duration=30, emergency=True, reserved=False)
+            await valve.emergency("urgent", 30, None)
         finally:
             await store.close()
 

@@ -1,11 +1,11 @@
 """innodb readers send acks with their next claim: one transaction, no round trip
-or commit of their own, and nothing lost when that claim fails."""
+or commit of their own, and nothing lost when that claim fails; settling and
+giving back rows are one round trip each."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import aiomysql.connection
@@ -13,7 +13,7 @@ import pytest
 
 from mvalve_async import Message
 from mvalve_async.errors import QueueUnavailable
-from mvalve_async.interfaces import Lane
+from mvalve_async.interfaces import Lane, Want
 from mvalve_async.reader import Reader
 from mvalve_async.stores.memory import MemoryStore
 from mvalve_async.writer import Writer
@@ -58,17 +58,16 @@ async def test_acks_ride_with_the_next_claim_and_survive_its_failure(
         assert await rows_left(queue) == 2
 
         # the next claim fails once: its acks are kept and go out with the retry
-        settling = reader._acks.with_claim
-        assert settling is not None
+        claim = queue.claim
         failed: list[int] = []
 
-        async def flaky(acks: Any, *args: Any) -> Any:
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
             if not failed:
-                failed.append(len(acks))
+                failed.append(len(kwargs["acks"]))
                 raise QueueUnavailable("test: connection lost")
-            return await settling(acks, *args)
+            return await claim(*args, **kwargs)
 
-        reader._acks.with_claim = flaky
+        monkeypatch.setattr(queue, "claim", flaky)
         third = await reader.next(timeout=5)
         assert third is not None and third.content == 2
         assert failed == [1]
@@ -82,31 +81,30 @@ async def test_acks_ride_with_the_next_claim_and_survive_its_failure(
         await queue.close()
 
 
-async def test_moves_dead_letters_and_reschedules_are_one_round_trip_each(
+async def test_dead_letters_and_give_backs_are_one_round_trip_each(
     tmp_path: object, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A throttled backlog moves every message to the timed lane once: four round
-    # trips there (BEGIN, INSERT ... SELECT, DELETE, COMMIT) were most of a drain's SQL.
     queue: Any = await open_queue("innodb", tmp_path, request)
     try:
         await Writer(queue).insert_many([Message("d", i) for i in range(3)])
-        first, second, third = await queue.claim(3, time.time(), 30)
+        first, second, third = await queue.claim([Want("d", 3)], queue.clock.now(), 30)
         sent = spy_statements(monkeypatch)
-        await queue.move(first, time.time() + 60, True)
         await queue.dead([second], "test")
-        assert await queue.reschedule("d", [(first.created, 0.0, time.time() + 30)]) == 1
-        await queue.move(third, time.time() + 60, False)
-        assert len(sent) == 4
-        assert all(s.startswith("START TRANSACTION; ") and s.endswith("; COMMIT") for s in sent)
+        await queue.give_back([first, third])
+        assert len(sent) == 2
+        assert sent[0].startswith("START TRANSACTION; ") and sent[0].endswith("; COMMIT")
+        assert sent[1].startswith("UPDATE")
         monkeypatch.undo()
-        stats = await queue.stats(time.time())
-        assert stats.queued[Lane.TIMED] == 2 and stats.queued[Lane.NORMAL] == 0
-        assert stats.dead == 1
-        # a stale lease moves nothing and deletes nothing
-        await queue.move(first, time.time(), False)
+        stats = await queue.stats(queue.clock.now())
+        assert stats.queued[Lane.NORMAL] == 2 and stats.dead == 1
+        again = await queue.claim([Want("d", 3)], queue.clock.now(), 30)
+        assert [x.id for x in again] == [first.id, third.id]  # their places kept
+        assert [x.deliveries for x in again] == [1, 1]  # given back: not counted
+        # a stale lease deletes nothing and gives nothing back
         await queue.dead([second], "again")
-        stats = await queue.stats(time.time())
-        assert stats.queued[Lane.TIMED] == 2 and stats.dead == 1
+        await queue.give_back([first])
+        stats = await queue.stats(queue.clock.now())
+        assert stats.leased[Lane.NORMAL] == 2 and stats.dead == 1
     finally:
         monkeypatch.undo()
         await queue.drop_schema()
@@ -127,7 +125,7 @@ async def test_a_claim_chosen_as_deadlock_victim_is_retried(
     )  # fmt: skip
     try:
         await Writer(queue).insert_many([Message("d", i) for i in range(6)])
-        a, b = await queue.claim(2, time.time(), 30)
+        a, b = await queue.claim([Want("d", 2)], queue.clock.now(), 30)
         async with other.cursor() as cur:
             await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await cur.execute("BEGIN")
@@ -135,7 +133,9 @@ async def test_a_claim_chosen_as_deadlock_victim_is_retried(
             await cur.execute(f"UPDATE `{table}` SET deliveries = 7 WHERE id > %s", (b.id,))
             await cur.execute(f"SELECT id FROM `{table}` WHERE id = %s FOR UPDATE", (b.id,))
             caplog.set_level(logging.INFO, logger="mvalve_async.queues._mysql")
-            claim = asyncio.ensure_future(queue.claim_settling([a, b], 4, time.time(), 30))
+            claim = asyncio.ensure_future(
+                queue.claim([Want("d", 4)], queue.clock.now(), 30, acks=[a, b])
+            )
             await _until_a_lock_wait(queue)  # the claim waits for B
             await cur.execute(f"SELECT id FROM `{table}` WHERE id = %s FOR UPDATE", (a.id,))
             await other.rollback()  # the retried claim may go on
