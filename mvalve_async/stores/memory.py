@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from mvalve_async.errors import ConfigError
 
 __all__ = ["MemoryStore"]
 
@@ -33,12 +36,16 @@ class MemoryStore:
         return self._live(key)
 
     async def update(
-        self, key: str, fn: Callable[[bytes | None], tuple[bytes | None, R]], ttl: int = 0
+        self, key: str, fn: Callable[[bytes | None], tuple[bytes | None, R]], ttl: float = 0
     ) -> R:
+        if ttl < 0 or math.isnan(ttl):
+            raise ConfigError(f"ttl must be >= 0 seconds, got {ttl!r}")
         # No await between read and write: atomic within the event loop.
         self.ops += 1
         new, result = fn(self._live(key))
         if new is not None:
+            if not isinstance(new, bytes):
+                raise TypeError(f"update fn must return bytes or None, got {type(new).__name__}")
             self._data[key] = (new, time.time() + ttl if ttl else 0.0)
         return result
 

@@ -1,5 +1,7 @@
 """MemcachedStore against a real memcached on 127.0.0.1:11211 (plus extra instances
-started here on free loopback ports). Skipped when memcached is not reachable,
+started here on free loopback ports): what is specific to memcached (keys, the ring,
+ttl encoding, round trips, aiomcache's pitfalls). What every store must do is in
+tests/contract/test_store_contract.py. Skipped when memcached is not reachable,
 except under CI (env var CI set), where that is a failure."""
 
 from __future__ import annotations
@@ -23,21 +25,13 @@ import pytest
 from uhashring import HashRing
 
 from mvalve_async.errors import ConfigError, StoreError
-from mvalve_async.interfaces import Store
 from mvalve_async.stores.memcached import MAX_TTL, MemcachedStore
+from tests.memcached_proc import MemcachedProcess, _free_port, _reachable, _unavailable
 
 pytestmark = pytest.mark.memcached
 
 HOST = "127.0.0.1"
 PORT = 11211
-
-
-from tests.memcached_proc import (  # noqa: E402
-    MemcachedProcess,
-    _free_port,
-    _reachable,
-    _unavailable,
-)
 
 
 def _ns() -> str:
@@ -121,45 +115,6 @@ async def server_keys(port: int, mkeys: list[bytes]) -> set[bytes]:
 
 
 # -- basics ----------------------------------------------------------------------
-
-
-async def test_round_trip(store: MemcachedStore) -> None:
-    assert isinstance(store, Store)
-    assert await store.get("a") is None
-    assert await store.update("a", lambda old: (b"one", old)) is None
-    assert await store.get("a") == b"one"
-    assert await store.update("a", lambda old: (b"two", old)) == b"one"
-    assert await store.get("a") == b"two"
-    await store.delete("a")
-    assert await store.get("a") is None
-    await store.delete("a")  # deleting a missing key is fine
-
-
-async def test_update_of_missing_key_and_no_change(store: MemcachedStore) -> None:
-    seen: list[bytes | None] = []
-
-    def look(old: bytes | None) -> tuple[bytes | None, str]:
-        seen.append(old)
-        return None, "unchanged"
-
-    assert await store.update("missing", look) == "unchanged"
-    assert seen == [None]
-    assert await store.get("missing") is None  # returning None writes nothing
-    assert await store.update("missing", incr) == 1
-    assert await store.get("missing") == b"1"
-
-
-async def test_fn_errors_propagate_and_leave_value(store: MemcachedStore) -> None:
-    await store.update("k", lambda old: (b"kept", None))
-
-    def boom(old: bytes | None) -> tuple[bytes | None, None]:
-        raise KeyError("from fn")
-
-    with pytest.raises(KeyError):
-        await store.update("k", boom)
-    with pytest.raises(TypeError):
-        await store.update("k", lambda old: ("not bytes", None))  # type: ignore[arg-type,return-value]
-    assert await store.get("k") == b"kept"
 
 
 async def test_ops_count_round_trips(store: MemcachedStore) -> None:
@@ -280,7 +235,8 @@ async def test_long_and_unsafe_keys_are_hashed(store: MemcachedStore) -> None:
 # -- atomicity -------------------------------------------------------------------
 
 
-async def test_concurrent_updates_are_atomic(store: MemcachedStore) -> None:
+async def test_concurrent_updates_count_every_attempt(store: MemcachedStore) -> None:
+    # (Atomicity itself is in the contract suite.)
     async def worker() -> list[int]:
         return [await store.update("counter", incr) for _ in range(20)]
 

@@ -1,61 +1,12 @@
-"""MemoryStore: the in-process reference implementation of the `Store` protocol."""
+"""MemoryStore: what is specific to it. What every store must do is in
+tests/contract/test_store_contract.py, which runs it too."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from mvalve_async.interfaces import Store
 from mvalve_async.stores import memory
 from mvalve_async.stores.memory import MemoryStore
-
-
-def incr(old: bytes | None) -> tuple[bytes, int]:
-    n = int(old or b"0") + 1
-    return str(n).encode(), n
-
-
-async def test_update_semantics() -> None:
-    store = MemoryStore()
-    assert isinstance(store, Store)
-    seen: list[bytes | None] = []
-
-    def look(old: bytes | None) -> tuple[None, str]:
-        seen.append(old)
-        return None, "result"
-
-    assert await store.update("k", look) == "result"  # None: nothing written
-    assert seen == [None]
-    assert await store.get("k") is None
-    assert await store.update("k", incr) == 1
-    assert await store.update("k", incr) == 2
-
-    def boom(old: bytes | None) -> tuple[bytes, None]:
-        raise KeyError("from fn")
-
-    with pytest.raises(KeyError):
-        await store.update("k", boom)
-    assert await store.get("k") == b"2"  # a failing fn leaves the record alone
-    await store.delete("k")
-    await store.delete("k")
-    assert await store.get("k") is None
-    assert store.ops == 9
-
-
-async def test_concurrent_updates_are_atomic() -> None:
-    store = MemoryStore()
-
-    async def worker() -> list[int]:
-        results = []
-        for _ in range(20):
-            results.append(await store.update("counter", incr))
-            await asyncio.sleep(0)  # interleave the tasks
-        return results
-
-    results = await asyncio.gather(*(worker() for _ in range(50)))
-    assert await store.get("counter") == b"1000"
-    assert sorted(n for r in results for n in r) == list(range(1, 1001))
 
 
 class FakeClock:

@@ -1,0 +1,120 @@
+"""The Store contract (`mvalve_async.interfaces.Store`): every store must pass every
+test here. memcached runs against the server on 127.0.0.1:11211 (each test in a
+namespace of its own): in CI a missing memcached fails loudly (tests/services.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from mvalve_async.errors import ConfigError
+from mvalve_async.interfaces import Store
+from mvalve_async.stores.memcached import MemcachedStore
+from mvalve_async.stores.memory import MemoryStore
+from tests.services import require_memcached
+
+STORES = ["memory", "memcached"]
+
+
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore()
+    else:
+        require_memcached()
+        s = MemcachedStore([("127.0.0.1", 11211)], namespace="c" + uuid.uuid4().hex[:12])
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def incr(old: bytes | None) -> tuple[bytes, int]:
+    n = int(old or b"0") + 1
+    return str(n).encode(), n
+
+
+def put(value: bytes) -> Callable[[bytes | None], tuple[bytes, None]]:
+    return lambda old: (value, None)
+
+
+# -- get / update / delete ---------------------------------------------------------
+
+
+async def test_round_trip(store: Store) -> None:
+    assert isinstance(store, Store)
+    assert await store.get("a") is None
+    assert await store.update("a", lambda old: (b"one", old)) is None
+    assert await store.get("a") == b"one"
+    assert await store.update("a", lambda old: (b"two", old)) == b"one"
+    assert await store.get("a") == b"two"
+    await store.delete("a")
+    assert await store.get("a") is None
+    await store.delete("a")  # deleting a missing key is fine
+
+
+async def test_values_are_bytes_kept_exactly(store: Store) -> None:
+    values = {"empty": b"", "binary": bytes(range(256)), "crlf": b"END\r\nVALUE x 0 1\r\n"}
+    for key, value in values.items():
+        await store.update(key, put(value))
+    for key, value in values.items():
+        assert await store.get(key) == value
+
+
+async def test_update_of_missing_key_and_no_change(store: Store) -> None:
+    seen: list[bytes | None] = []
+
+    def look(old: bytes | None) -> tuple[bytes | None, str]:
+        seen.append(old)
+        return None, "unchanged"
+
+    assert await store.update("missing", look) == "unchanged"
+    assert seen == [None]
+    assert await store.get("missing") is None  # returning None writes nothing
+    assert await store.update("missing", incr) == 1
+    assert await store.update("missing", incr) == 2
+    assert await store.get("missing") == b"2"
+
+
+async def test_fn_errors_propagate_and_leave_value(store: Store) -> None:
+    await store.update("k", put(b"kept"))
+
+    def boom(old: bytes | None) -> tuple[bytes | None, None]:
+        raise KeyError("from fn")
+
+    with pytest.raises(KeyError):
+        await store.update("k", boom)
+    with pytest.raises(TypeError):
+        await store.update("k", lambda old: ("not bytes", None))  # type: ignore[arg-type,return-value]
+    with pytest.raises(ConfigError):
+        await store.update("k", incr, ttl=-1)
+    with pytest.raises(ConfigError):
+        await store.update("k", incr, ttl=math.nan)
+    assert await store.get("k") == b"kept"
+
+
+async def test_concurrent_updates_are_atomic(store: Store) -> None:
+    async def worker() -> list[int]:
+        results = []
+        for _ in range(20):
+            results.append(await store.update("counter", incr))
+            await asyncio.sleep(0)  # interleave the tasks
+        return results
+
+    results = await asyncio.gather(*(worker() for _ in range(50)))
+    assert await store.get("counter") == b"1000"
+    # Every update saw a distinct value: none was lost or applied twice.
+    assert sorted(n for r in results for n in r) == list(range(1, 1001))
+
+
+async def test_keys_are_any_text(store: Store) -> None:
+    keys = ["plain", "with space", "new\nline", "nul\x00", "ünïcödé✓", "h:x", "", "k" * 600]
+    for i, key in enumerate(keys):
+        await store.update(key, put(f"v{i}".encode()))
+    for i, key in enumerate(keys):
+        assert await store.get(key) == f"v{i}".encode(), key
