@@ -153,10 +153,20 @@ class Queue(Protocol):
 
 @runtime_checkable
 class Store(Protocol):
-    """Small records shared by every reader; `update` is atomic per key."""
+    """Small records shared by every reader; `update` is atomic per key.
+
+    **Lifetimes.** `ttl` (seconds, float) is how long a record written by `update`
+    lives *at least*, from the moment the call started; the store may keep it a
+    little longer (memcached: up to 2 s more, whole seconds). ``0``: no expiry. A
+    store keeps records at most `max_ttl` seconds (memcached: 30 days less 1 s; the
+    memory store: unlimited); a larger `ttl` is clamped to `max_ttl` (logged),
+    so callers that need a record to live longer must refuse instead. Any record
+    may still be lost before its ttl (a memcached restart, eviction or flush).
+    """
 
     name: str
     ops: int  # round trips to the server so far (for metrics and benchmarks)
+    max_ttl: float  # the longest ttl the store honours, seconds (math.inf: unlimited)
 
     async def get(self, key: str) -> bytes | None: ...
 
@@ -164,11 +174,14 @@ class Store(Protocol):
         self,
         key: str,
         fn: Callable[[bytes | None], tuple[bytes | None, R]],
-        ttl: int = 0,
+        ttl: float = 0,
     ) -> R:
         """Atomic read-modify-write. `fn(old)` returns (new value or None to leave the
         record unchanged, result). `fn` may run several times (optimistic retries)
-        and must be pure. Raises `StoreError` when the server cannot be reached."""
+        and must be pure; an exception from `fn` propagates and writes nothing.
+        A write sets the record's lifetime to `ttl` anew (see the class doc); no
+        write (None) leaves it as it was. Raises `StoreError` when the server cannot
+        be reached."""
 
     async def delete(self, key: str) -> None: ...
 

@@ -36,8 +36,13 @@ Behaviour of aiomcache 0.8 this module works around (see the tests):
 - `cas` returns False both on conflict and on a vanished key (both mean: retry);
   ``gets`` on a missing key returns ``(None, None)``; a cas token of 0 (memcached
   started with ``-C``) would make aiomcache send a plain ``cas`` without token.
-- Expiry times are whole seconds, and values over 30 days are read by memcached
-  as absolute Unix times: ttl is rounded up and clamped to 30 days.
+- Expiry times are whole seconds, counted on a clock that ticks once a second, so
+  an item written with exptime ``n`` lives between ``n - 1`` and ``n`` seconds
+  (measured: exptime 1 lived 0.10 to 0.88 s): a `ttl` is written as
+  ``ceil(ttl) + 1`` so that the record lives at least `ttl`. Values over 30 days
+  (`MAX_TTL`) are read by memcached as absolute Unix times: a ttl beyond
+  `max_ttl` (30 days less that second) is clamped, with a warning (the first time
+  per store); callers that need longer must refuse instead (`Store.max_ttl`).
 """
 
 from __future__ import annotations
@@ -140,18 +145,6 @@ class _Op:
         self.sent = False  # the command may have reached the server
 
 
-def _exptime(ttl: float) -> int:
-    if ttl < 0 or math.isnan(ttl):
-        raise ConfigError(f"ttl must be >= 0 seconds, got {ttl!r}")
-    if ttl == 0:
-        return 0  # never expires
-    seconds = math.ceil(ttl)
-    if seconds > MAX_TTL:
-        log.debug("ttl %s s clamped to memcached's relative maximum %d s", ttl, MAX_TTL)
-        return MAX_TTL
-    return seconds
-
-
 class MemcachedStore:
     """`Store` on one or more memcached servers (aiomcache), see the module doc.
 
@@ -162,15 +155,17 @@ class MemcachedStore:
       connection and connecting; on expiry the connection is dropped and
       `StoreError` raised.
     - `max_retries`: optimistic attempts of `update` before `StoreError`.
-    - `ttl` (of `update`): seconds, rounded up; 0 means no expiry; more than 30
-      days (`MAX_TTL`) is clamped to 30 days, since memcached reads larger values
-      as absolute times.
+    - `ttl` (of `update`): the record lives at least `ttl` seconds (written as
+      ``ceil(ttl) + 1`` whole seconds); 0 means no expiry; more than `max_ttl`
+      (30 days less 1 s) is clamped to it, since memcached reads larger values as
+      absolute times.
 
     `ops` counts round trips (each get, gets, add, cas, delete is one); `retries`
     counts the `update` attempts lost to a concurrent writer.
     """
 
     name = "memcached"
+    max_ttl = float(MAX_TTL - 1)
 
     def __init__(
         self,
@@ -218,6 +213,7 @@ class MemcachedStore:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._turns: dict[bytes, _Turn] = {}
         self._closed = False
+        self._clamp_logged = False
 
     # -- keys and servers ----------------------------------------------------
 
@@ -263,6 +259,24 @@ class MemcachedStore:
             return self._only
         # uhashring hashes str(key): give it the text, not bytes' repr.
         return self._servers[self._ring.get_node(mkey.decode())]
+
+    def _exptime(self, ttl: float) -> int:
+        if ttl < 0 or math.isnan(ttl):
+            raise ConfigError(f"ttl must be >= 0 seconds, got {ttl!r}")
+        if ttl == 0:
+            return 0  # never expires
+        if ttl > self.max_ttl:
+            if not self._clamp_logged:
+                self._clamp_logged = True
+                log.warning(
+                    "memcached: ttl %g s clamped to %g s (memcached reads longer "
+                    "expiry times as absolute dates); records may expire early",
+                    ttl,
+                    self.max_ttl,
+                )
+            return MAX_TTL
+        # memcached's clock ticks once a second: exptime n lives more than n - 1 s.
+        return math.ceil(ttl) + 1
 
     # -- one round trip ------------------------------------------------------
 
@@ -338,7 +352,7 @@ class MemcachedStore:
         If the caller is cancelled after the `add`/`cas` was sent, the write may
         still be applied (the caller sees `CancelledError` either way)."""
         mkey = self.key_for(key)
-        exptime = _exptime(ttl)
+        exptime = self._exptime(ttl)
         # Updates of one key from this process take turns: they would only defeat
         # each other's cas (50 tasks on one key cost ~8 retries per update and
         # could starve), so only other processes' writes are left to race with.

@@ -1,4 +1,9 @@
-"""In-process store: a dict and a lock. For one process, unit tests and demos."""
+"""In-process store: a dict. For one process, unit tests and demos.
+
+Every call completes at once, without suspending, so `update` is atomic within the
+event loop. Lifetimes are kept exactly (`ttl` seconds on the monotonic clock), with
+no upper bound (`max_ttl` is infinite).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ R = TypeVar("R")
 
 class MemoryStore:
     name = "memory"
+    max_ttl = math.inf
 
     def __init__(self) -> None:
         self.ops = 0
@@ -26,7 +32,7 @@ class MemoryStore:
         if item is None:
             return None
         value, expires = item
-        if expires and expires <= time.time():
+        if expires and expires <= time.monotonic():
             del self._data[key]
             return None
         return value
@@ -46,7 +52,7 @@ class MemoryStore:
         if new is not None:
             if not isinstance(new, bytes):
                 raise TypeError(f"update fn must return bytes or None, got {type(new).__name__}")
-            self._data[key] = (new, time.time() + ttl if ttl else 0.0)
+            self._data[key] = (new, time.monotonic() + ttl if ttl else 0.0)
         return result
 
     async def delete(self, key: str) -> None:

@@ -39,6 +39,10 @@ def incr(old: bytes | None) -> tuple[bytes, int]:
     return str(n).encode(), n
 
 
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
 def put(value: bytes) -> Callable[[bytes | None], tuple[bytes, None]]:
     return lambda old: (value, None)
 
@@ -118,3 +122,52 @@ async def test_keys_are_any_text(store: Store) -> None:
         await store.update(key, put(f"v{i}".encode()))
     for i, key in enumerate(keys):
         assert await store.get(key) == f"v{i}".encode(), key
+
+
+# -- lifetimes ----------------------------------------------------------------------
+
+
+def test_max_ttl() -> None:
+    assert MemoryStore.max_ttl == math.inf
+    assert MemcachedStore.max_ttl == 30 * 86400 - 1  # memcached: 30 days relative
+    assert isinstance(MemcachedStore.max_ttl, float)
+
+
+async def test_ttl_zero_and_max_ttl_keep_the_record(store: Store) -> None:
+    await store.update("forever", put(b"x"))
+    await store.update("longest", put(b"y"), ttl=min(store.max_ttl, 10 * 365 * 86400))
+    assert await store.get("forever") == b"x"
+    assert await store.get("longest") == b"y"
+
+
+async def test_ttl_lives_at_least_ttl_then_expires(store: Store) -> None:
+    """A record lives at least `ttl` from the call's start (memcached's clock ticks
+    once a second: the store must make up for it), then goes (memcached: within 2 s
+    more). A write sets the lifetime anew; an update that writes nothing does not."""
+    ttl = 1.0
+    started = now()
+    for key in ("plain", "unchanged", "rewritten"):
+        await store.update(key, put(b"x"), ttl=ttl)
+    assert await store.update("unchanged", lambda old: (None, old), ttl=100) == b"x"
+    await store.update("rewritten", put(b"y"), ttl=100)
+    plain_gone = unchanged_gone = None
+    while (plain_gone is None or unchanged_gone is None) and now() < started + ttl + 3.0:
+        got = {k: v for k in ("plain", "unchanged", "rewritten") if (v := await store.get(k))}
+        seen = now()  # each record was read before this moment
+        assert got.get("rewritten") == b"y"
+        for key, gone in (("plain", plain_gone), ("unchanged", unchanged_gone)):
+            if key in got:
+                assert gone is None, f"{key} came back"
+            else:
+                # Written after `started` with a ttl of 1 s: not gone before.
+                assert seen >= started + ttl, f"{key} expired {seen - started:.3f} s after"
+        if plain_gone is None and "plain" not in got:
+            plain_gone = seen
+        if unchanged_gone is None and "unchanged" not in got:
+            unchanged_gone = seen
+        await asyncio.sleep(0.02)
+    assert plain_gone is not None, "a record with ttl=1 did not expire within 3 s more"
+    # The no-change update did not extend it (memcached: the two writes may fall on
+    # either side of one of its clock ticks).
+    assert unchanged_gone is not None and abs(unchanged_gone - plain_gone) < 1.1
+    assert await store.get("rewritten") == b"y"

@@ -159,33 +159,44 @@ async def test_closed_store_refuses(memcached_up: None) -> None:
 # -- ttl -------------------------------------------------------------------------
 
 
-async def test_ttl_is_applied_and_expires(store: MemcachedStore) -> None:
-    await store.update("short", lambda old: (b"x", None), ttl=1)
-    assert await meta_ttl(PORT, store.key_for("short")) in (0, 1)
-    # memcached's clock ticks once a second: expiry comes within about 2 s.
-    deadline = time.monotonic() + 4.0
-    while await store.get("short") is not None:
-        assert time.monotonic() < deadline, "an item with ttl=1 did not expire"
-        await asyncio.sleep(0.05)
+async def test_ttl_is_written_one_second_longer_and_clamped(
+    store: MemcachedStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """memcached's clock ticks once a second, so exptime n lives more than n - 1 s:
+    ttl is written as ceil(ttl) + 1 (the contract suite checks the lifetime)."""
+    await store.update("frac", put(b"x"), ttl=0.2)  # ceil(0.2) + 1
+    assert await meta_ttl(PORT, store.key_for("frac")) in (1, 2)
+    await store.update("whole", put(b"x"), ttl=100)
+    ttl = await meta_ttl(PORT, store.key_for("whole"))
+    assert ttl is not None and 96 <= ttl <= 101
 
-
-async def test_ttl_rounding_clamping_and_rewrite(store: MemcachedStore) -> None:
-    await store.update("frac", lambda old: (b"x", None), ttl=0.2)  # rounded up to 1 s
-    assert await meta_ttl(PORT, store.key_for("frac")) in (0, 1)
-
-    await store.update("forever", lambda old: (b"x", None))  # ttl=0: no expiry
+    await store.update("forever", put(b"x"))  # ttl=0: no expiry
     assert await meta_ttl(PORT, store.key_for("forever")) == -1
 
-    # A year would be read as an absolute (past) time and vanish at once: clamped.
-    await store.update("year", lambda old: (b"x", None), ttl=365 * 86400)
-    assert await store.get("year") == b"x"
+    # The longest honoured ttl is written as exactly 30 days, memcached's relative
+    # maximum, without a warning.
+    await store.update("longest", put(b"x"), ttl=store.max_ttl)
+    ttl = await meta_ttl(PORT, store.key_for("longest"))
+    assert ttl is not None and MAX_TTL - 5 <= ttl <= MAX_TTL
+    assert not caplog.records
+
+    # A year would be read as an absolute (past) time and vanish at once: clamped,
+    # with a warning the first time only.
+    with caplog.at_level("WARNING", logger="mvalve_async.stores.memcached"):
+        await store.update("year", put(b"x"), ttl=365 * 86400)
+        await store.update("year2", put(b"x"), ttl=365 * 86400)
+    assert [r.getMessage() for r in caplog.records] == [
+        "memcached: ttl 3.1536e+07 s clamped to 2.592e+06 s (memcached reads longer "
+        "expiry times as absolute dates); records may expire early"
+    ]
+    assert await store.get("year") == b"x" and await store.get("year2") == b"x"
     ttl = await meta_ttl(PORT, store.key_for("year"))
     assert ttl is not None and MAX_TTL - 5 <= ttl <= MAX_TTL
 
     # Each successful update (cas) sets the ttl anew.
-    await store.update("year", lambda old: (b"y", None), ttl=100)
+    await store.update("year", put(b"y"), ttl=100)
     ttl = await meta_ttl(PORT, store.key_for("year"))
-    assert ttl is not None and 95 <= ttl <= 100
+    assert ttl is not None and 96 <= ttl <= 101
 
 
 # -- keys ------------------------------------------------------------------------

@@ -3,6 +3,8 @@ tests/contract/test_store_contract.py, which runs it too."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from mvalve_async.stores import memory
@@ -10,19 +12,30 @@ from mvalve_async.stores.memory import MemoryStore
 
 
 class FakeClock:
+    """Stands in for the `time` module inside stores/memory.py."""
+
     def __init__(self, now: float) -> None:
         self.now = now
 
-    def time(self) -> float:
+    def monotonic(self) -> float:
         return self.now
 
+    def time(self) -> float:
+        return 1_700_000_000.0 + self.now
 
-async def test_ttl_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock(1_000_000.0)
-    monkeypatch.setattr(memory, "time", clock)
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock(1_000.0)
+    monkeypatch.setattr(memory, "time", fake)
+    return fake
+
+
+async def test_ttl_is_exact(clock: FakeClock) -> None:
     store = MemoryStore()
     await store.update("short", lambda old: (b"x", None), ttl=10)
     await store.update("forever", lambda old: (b"y", None))  # ttl=0: never expires
+    await store.update("unlimited", lambda old: (b"z", None), ttl=math.inf)
 
     clock.now += 9.999
     assert await store.get("short") == b"x"
@@ -35,14 +48,20 @@ async def test_ttl_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
     clock.now += 1_000_000
     assert await store.get("short") is None
     assert await store.get("forever") == b"y"
+    assert await store.get("unlimited") == b"z"
 
 
-async def test_update_without_change_keeps_the_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock(50.0)
-    monkeypatch.setattr(memory, "time", clock)
+async def test_update_without_change_keeps_the_ttl(clock: FakeClock) -> None:
     store = MemoryStore()
     await store.update("k", lambda old: (b"v", None), ttl=10)
     clock.now += 8
     assert await store.update("k", lambda old: (None, old), ttl=100) == b"v"
     clock.now += 2
     assert await store.get("k") is None  # the no-change update did not extend it
+
+
+async def test_still_usable_after_close() -> None:
+    store = MemoryStore()
+    await store.update("k", lambda old: (b"v", None))
+    await store.close()
+    assert await store.get("k") == b"v"
