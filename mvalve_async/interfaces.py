@@ -9,7 +9,7 @@ backends store them as integer microseconds.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -168,7 +168,15 @@ class Store(Protocol):
     ops: int  # round trips to the server so far (for metrics and benchmarks)
     max_ttl: float  # the longest ttl the store honours, seconds (math.inf: unlimited)
 
-    async def get(self, key: str) -> bytes | None: ...
+    async def get(self, key: str) -> bytes | None:
+        """The record's value, or None when it is missing (or expired)."""
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The values of the records of `keys` that exist, keyed as given; missing
+        keys are absent from the result (duplicates are read once). One round trip
+        per server holding any of the keys (none for no keys), run concurrently;
+        `StoreError` if any of them fails. Each value is as `get` would return it,
+        read at some moment during the call (not one snapshot across keys)."""
 
     async def update(
         self,
@@ -183,6 +191,7 @@ class Store(Protocol):
         write (None) leaves it as it was. Raises `StoreError` when the server cannot
         be reached."""
 
-    async def delete(self, key: str) -> None: ...
+    async def delete(self, key: str) -> None:
+        """Remove the record; deleting a missing record is not an error."""
 
     async def close(self) -> None: ...

@@ -1,7 +1,8 @@
 """memcached store (aiomcache): records shared by every reader of every process.
 
 `update` is an optimistic `gets` / `cas` loop (`add` when the key is missing), so it
-is atomic per key across processes, with bounded retries.
+is atomic per key across processes, with bounded retries. `get_many` is one ``gets
+k1 k2 ...`` per server holding any of the keys.
 
 Keys are `namespace + ":" + key` (UTF-8 bytes). A key that would be longer than
 memcached's 250 bytes, that contains whitespace or control characters (which the
@@ -53,7 +54,7 @@ import logging
 import math
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import aiomcache
@@ -160,8 +161,9 @@ class MemcachedStore:
       (30 days less 1 s) is clamped to it, since memcached reads larger values as
       absolute times.
 
-    `ops` counts round trips (each get, gets, add, cas, delete is one); `retries`
-    counts the `update` attempts lost to a concurrent writer.
+    `ops` counts round trips (each get, gets, add, cas, delete, and each server's
+    share of a `get_many`, is one); `retries` counts the `update` attempts lost to
+    a concurrent writer.
     """
 
     name = "memcached"
@@ -336,6 +338,30 @@ class MemcachedStore:
         mkey = self.key_for(key)
         value: bytes | None = await self._call(self._server(mkey), "get", mkey)
         return value
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """One ``gets k1 k2 ...`` per server holding any of the keys, concurrently;
+        see `Store.get_many`."""
+        wanted: dict[_Server, dict[bytes, str]] = {}  # server -> {memcached key: key}
+        for key in keys:
+            mkey = self.key_for(key)
+            wanted.setdefault(self._server(mkey), {})[mkey] = key
+        if not wanted:
+            return {}
+        calls = [self._call(server, "multi_get", *mkeys) for server, mkeys in wanted.items()]
+        replies: list[tuple[bytes | None, ...]]
+        if len(calls) == 1:
+            replies = [await calls[0]]
+        else:
+            # The first failure is raised at once; the other calls end on their own
+            # (each within its timeout), their connections kept in step.
+            replies = await asyncio.gather(*calls)
+        found: dict[str, bytes] = {}
+        for mkeys, values in zip(wanted.values(), replies, strict=True):
+            for key, value in zip(mkeys.values(), values, strict=True):
+                if value is not None:
+                    found[key] = value
+        return found
 
     async def update(
         self,

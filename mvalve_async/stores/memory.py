@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from mvalve_async.errors import ConfigError
@@ -20,6 +20,9 @@ R = TypeVar("R")
 
 
 class MemoryStore:
+    """`Store` in a dict. `ops` counts calls that read or write records (a
+    `get_many` of any number of keys is one)."""
+
     name = "memory"
     max_ttl = math.inf
 
@@ -40,6 +43,18 @@ class MemoryStore:
     async def get(self, key: str) -> bytes | None:
         self.ops += 1
         return self._live(key)
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        wanted = dict.fromkeys(keys)
+        if not wanted:
+            return {}
+        self.ops += 1
+        found: dict[str, bytes] = {}
+        for key in wanted:
+            value = self._live(key)
+            if value is not None:
+                found[key] = value
+        return found
 
     async def update(
         self, key: str, fn: Callable[[bytes | None], tuple[bytes | None, R]], ttl: float = 0

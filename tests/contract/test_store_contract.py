@@ -122,6 +122,32 @@ async def test_keys_are_any_text(store: Store) -> None:
         await store.update(key, put(f"v{i}".encode()))
     for i, key in enumerate(keys):
         assert await store.get(key) == f"v{i}".encode(), key
+    assert await store.get_many(keys) == {k: f"v{i}".encode() for i, k in enumerate(keys)}
+
+
+# -- get_many ------------------------------------------------------------------------
+
+
+async def test_get_many(store: Store) -> None:
+    for i in range(5):
+        await store.update(f"k{i}", put(f"v{i}".encode()))
+    ops = store.ops
+    got = await store.get_many(["k0", "k3", "missing", "k4", "k3"])
+    assert got == {"k0": b"v0", "k3": b"v3", "k4": b"v4"}  # missing absent, dups once
+    assert store.ops == ops + 1  # one server: one round trip
+    assert await store.get_many(iter(["k1"])) == {"k1": b"v1"}  # any iterable
+    assert await store.get_many(["nothing", "here"]) == {}
+    ops = store.ops
+    assert await store.get_many([]) == {}
+    assert store.ops == ops  # no keys, no round trip
+
+
+async def test_get_many_sees_deletes_and_updates(store: Store) -> None:
+    await store.update("a", put(b"1"))
+    await store.update("b", put(b"2"))
+    await store.delete("a")
+    await store.update("b", put(b"3"))
+    assert await store.get_many(["a", "b"]) == {"b": b"3"}
 
 
 # -- lifetimes ----------------------------------------------------------------------
@@ -136,8 +162,7 @@ def test_max_ttl() -> None:
 async def test_ttl_zero_and_max_ttl_keep_the_record(store: Store) -> None:
     await store.update("forever", put(b"x"))
     await store.update("longest", put(b"y"), ttl=min(store.max_ttl, 10 * 365 * 86400))
-    assert await store.get("forever") == b"x"
-    assert await store.get("longest") == b"y"
+    assert await store.get_many(["forever", "longest"]) == {"forever": b"x", "longest": b"y"}
 
 
 async def test_ttl_lives_at_least_ttl_then_expires(store: Store) -> None:
@@ -152,7 +177,7 @@ async def test_ttl_lives_at_least_ttl_then_expires(store: Store) -> None:
     await store.update("rewritten", put(b"y"), ttl=100)
     plain_gone = unchanged_gone = None
     while (plain_gone is None or unchanged_gone is None) and now() < started + ttl + 3.0:
-        got = {k: v for k in ("plain", "unchanged", "rewritten") if (v := await store.get(k))}
+        got = await store.get_many(["plain", "unchanged", "rewritten"])
         seen = now()  # each record was read before this moment
         assert got.get("rewritten") == b"y"
         for key, gone in (("plain", plain_gone), ("unchanged", unchanged_gone)):

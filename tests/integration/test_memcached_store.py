@@ -1,6 +1,7 @@
 """MemcachedStore against a real memcached on 127.0.0.1:11211 (plus extra instances
-started here on free loopback ports): what is specific to memcached (keys, the ring,
-ttl encoding, round trips, aiomcache's pitfalls). What every store must do is in
+started here on free loopback ports, some behind a proxy that sees their traffic):
+what is specific to memcached (keys, the ring, ttl encoding, round trips,
+aiomcache's pitfalls). What every store must do is in
 tests/contract/test_store_contract.py. Skipped when memcached is not reachable,
 except under CI (env var CI set), where that is a failure."""
 
@@ -27,6 +28,7 @@ from uhashring import HashRing
 from mvalve_async.errors import ConfigError, StoreError
 from mvalve_async.stores.memcached import MAX_TTL, MemcachedStore
 from tests.memcached_proc import MemcachedProcess, _free_port, _reachable, _unavailable
+from tests.memcached_proxy import BlackholeProxy
 
 pytestmark = pytest.mark.memcached
 
@@ -189,7 +191,7 @@ async def test_ttl_is_written_one_second_longer_and_clamped(
         "memcached: ttl 3.1536e+07 s clamped to 2.592e+06 s (memcached reads longer "
         "expiry times as absolute dates); records may expire early"
     ]
-    assert await store.get("year") == b"x" and await store.get("year2") == b"x"
+    assert await store.get_many(["year", "year2"]) == {"year": b"x", "year2": b"x"}
     ttl = await meta_ttl(PORT, store.key_for("year"))
     assert ttl is not None and MAX_TTL - 5 <= ttl <= MAX_TTL
 
@@ -615,3 +617,67 @@ async def test_caller_cancellation_is_prompt(memcached_up: None) -> None:
         assert await s.update("k", incr) in (2, 3)
     finally:
         await s.close()
+
+
+# -- get_many ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def two_proxies(two_servers: list[MemcachedProcess]) -> AsyncIterator[list[BlackholeProxy]]:
+    proxies = [await BlackholeProxy(p.port).start() for p in two_servers]
+    try:
+        yield proxies
+    finally:
+        for proxy in proxies:
+            proxy.heal()
+            await proxy.close()
+
+
+def _gets_lines(proxy: BlackholeProxy) -> list[list[bytes]]:
+    """The keys of each get/gets command the proxy forwarded."""
+    return [line.split()[1:] for line in proxy.requests() if line.split()[0] in (b"get", b"gets")]
+
+
+async def test_get_many_is_one_round_trip_per_server(two_proxies: list[BlackholeProxy]) -> None:
+    """One `gets` per server, carrying exactly that server's memcached keys (hashed
+    and long keys as `key_for` makes them); missing keys absent from the result."""
+    s = MemcachedStore([(HOST, p.port) for p in two_proxies], namespace=_ns())
+    try:
+        keys = [f"dest-{i}" for i in range(100)] + ["a" * 300, "with space", "é" * 200, "h:1"]
+        for key in keys:
+            await s.update(key, put(key.encode()))
+        asked = [*keys, "missing-1", "missing 2", *keys[:10]]  # duplicates read once
+        before = {p.label: len(_gets_lines(p)) for p in two_proxies}
+        ops = s.ops
+        assert await s.get_many(asked) == {k: k.encode() for k in keys}
+        assert s.ops == ops + 2
+        for proxy in two_proxies:
+            lines = _gets_lines(proxy)[before[proxy.label] :]
+            assert len(lines) == 1, lines  # one round trip to this server
+            expected = {s.key_for(k) for k in set(asked) if s.server_for(k) == proxy.label}
+            assert sorted(lines[0]) == sorted(expected)
+            assert len(expected) > 10  # both servers hold some of the keys
+
+        # Keys that all live on one server: one round trip, to that server only.
+        label = two_proxies[0].label
+        mine = [k for k in keys if s.server_for(k) == label][:5]
+        other = two_proxies[1]
+        count = len(_gets_lines(other))
+        ops = s.ops
+        assert await s.get_many(mine) == {k: k.encode() for k in mine}
+        assert s.ops == ops + 1
+        assert len(_gets_lines(other)) == count
+    finally:
+        await s.close()
+
+
+async def test_get_many_of_a_large_batch(store: MemcachedStore) -> None:
+    """memcached takes a multiget line of any length (here about 400 KB)."""
+    keys = [f"{i:06d}-" + "k" * (230 - len(store.namespace)) for i in range(2000)]
+    assert all(len(store.key_for(k)) > 230 for k in keys)
+    for i, key in enumerate(keys[::2]):
+        await store.update(key, put(b"%d" % i * 100))
+    ops = store.ops
+    got = await store.get_many(keys)
+    assert store.ops == ops + 1
+    assert got == {key: b"%d" % i * 100 for i, key in enumerate(keys[::2])}

@@ -47,8 +47,10 @@ async def test_ttl_is_exact(clock: FakeClock) -> None:
     assert await store.get("short") == b"again"
     clock.now += 1_000_000
     assert await store.get("short") is None
-    assert await store.get("forever") == b"y"
-    assert await store.get("unlimited") == b"z"
+    assert await store.get_many(["short", "forever", "unlimited"]) == {
+        "forever": b"y",
+        "unlimited": b"z",
+    }
 
 
 async def test_update_without_change_keeps_the_ttl(clock: FakeClock) -> None:
@@ -58,6 +60,16 @@ async def test_update_without_change_keeps_the_ttl(clock: FakeClock) -> None:
     assert await store.update("k", lambda old: (None, old), ttl=100) == b"v"
     clock.now += 2
     assert await store.get("k") is None  # the no-change update did not extend it
+
+
+async def test_ops_count_calls(clock: FakeClock) -> None:
+    store = MemoryStore()
+    await store.update("k", lambda old: (b"v", None))
+    await store.get("k")
+    await store.get_many(["k", "j", "i"])
+    await store.get_many([])
+    await store.delete("k")
+    assert store.ops == 4
 
 
 async def test_still_usable_after_close() -> None:
