@@ -155,6 +155,22 @@ class Queue(Protocol):
 class Store(Protocol):
     """Small records shared by every reader; `update` is atomic per key.
 
+    **Deadlines.** Every call that reaches the server takes an optional keyword
+    `deadline`: an absolute time on the running event loop's clock
+    (``asyncio.get_running_loop().time()``). The whole call (waiting for a turn or
+    a free connection, connecting, every round trip, `update`'s optimistic
+    retries and their backoff) ends by then: if it has not finished, it raises
+    `StoreError` saying the deadline passed (promptly: within a few milliseconds of
+    scheduling delay). A deadline already past raises `StoreError` before anything
+    is sent. ``None``: each round trip is bounded only by the store's own timeout.
+    A call cut off by its deadline leaves no connection out of step: a later call
+    never reads the reply of an earlier one.
+
+    **Failures.** Every server or network failure raises `StoreError` (never a
+    driver's own exception). A write (`update`, `delete`) that raised `StoreError`
+    or was cancelled after its command was sent may or may not have been applied:
+    callers must treat it as possibly applied.
+
     **Lifetimes.** `ttl` (seconds, float) is how long a record written by `update`
     lives *at least*, from the moment the call started; the store may keep it a
     little longer (memcached: up to 2 s more, whole seconds). ``0``: no expiry. A
@@ -165,13 +181,15 @@ class Store(Protocol):
     """
 
     name: str
-    ops: int  # round trips to the server so far (for metrics and benchmarks)
+    ops: int  # round trips to the server(s) so far (for metrics and benchmarks)
     max_ttl: float  # the longest ttl the store honours, seconds (math.inf: unlimited)
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, *, deadline: float | None = None) -> bytes | None:
         """The record's value, or None when it is missing (or expired)."""
 
-    async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+    async def get_many(
+        self, keys: Iterable[str], *, deadline: float | None = None
+    ) -> dict[str, bytes]:
         """The values of the records of `keys` that exist, keyed as given; missing
         keys are absent from the result (duplicates are read once). One round trip
         per server holding any of the keys (none for no keys), run concurrently;
@@ -183,15 +201,20 @@ class Store(Protocol):
         key: str,
         fn: Callable[[bytes | None], tuple[bytes | None, R]],
         ttl: float = 0,
+        *,
+        deadline: float | None = None,
     ) -> R:
         """Atomic read-modify-write. `fn(old)` returns (new value or None to leave the
         record unchanged, result). `fn` may run several times (optimistic retries)
         and must be pure; an exception from `fn` propagates and writes nothing.
         A write sets the record's lifetime to `ttl` anew (see the class doc); no
         write (None) leaves it as it was. Raises `StoreError` when the server cannot
-        be reached."""
+        be reached, the deadline passes, or the retries are exhausted."""
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, deadline: float | None = None) -> None:
         """Remove the record; deleting a missing record is not an error."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Let calls in flight end, then release every connection. Idempotent.
+        (memcached: later calls raise `StoreError`; the memory store, which has no
+        connection, stays usable.)"""

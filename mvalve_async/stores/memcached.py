@@ -4,6 +4,11 @@
 is atomic per key across processes, with bounded retries. `get_many` is one ``gets
 k1 k2 ...`` per server holding any of the keys.
 
+Every call takes an optional `deadline` (`Store` protocol): each server command is
+bounded by the earlier of its own `timeout` and that deadline, and a command cut
+off in mid-reply drops its connection (below), so a deadline never leaves a
+connection out of step.
+
 Keys are `namespace + ":" + key` (UTF-8 bytes). A key that would be longer than
 memcached's 250 bytes, that contains whitespace or control characters (which the
 text protocol and aiomcache refuse), or whose own text starts with ``h:`` (so it can
@@ -22,11 +27,14 @@ Behaviour of aiomcache 0.8 this module works around (see the tests):
   shielded from the caller's cancellation: the caller sees `CancelledError` at
   once while the command finishes on its connection. A command that was already
   sent when its caller was cancelled (an `add` or a `cas`) may still be applied.
-- On a timeout the command is cut off in mid-reply, so its connection is dropped.
-  Each aiomcache client here is given exactly one connection (``pool_size=1``)
-  and this module keeps up to `pool_size` such clients per server, so a timeout
-  drops exactly the one connection at fault and no other caller can be handed it
-  in between (aiomcache's own pool wakes waiters with released connections).
+- On a timeout or at the caller's deadline the command is cut off in mid-reply, so
+  its connection is dropped (through a partition that heals, plain aiomcache reads
+  the late reply on its next call: see the tests). A write cut off that way may
+  still be applied later, when the network delivers it. Each aiomcache client here
+  is given exactly one connection (``pool_size=1``) and this module keeps up to
+  `pool_size` such clients per server, so a timeout drops exactly the one
+  connection at fault and no other caller can be handed it in between
+  (aiomcache's own pool wakes waiters with released connections).
 - aiomcache's pool never grows past ``pool_minsize`` (which defaults to
   ``pool_size`` and is then opened all at once on the first call); the per-client
   pool of one avoids that too.
@@ -154,7 +162,7 @@ class MemcachedStore:
     - `pool_size`: connections per server (opened on demand).
     - `timeout`: seconds for each server command, including the wait for a free
       connection and connecting; on expiry the connection is dropped and
-      `StoreError` raised.
+      `StoreError` raised. A call's `deadline` can only shorten it.
     - `max_retries`: optimistic attempts of `update` before `StoreError`.
     - `ttl` (of `update`): the record lives at least `ttl` seconds (written as
       ``ceil(ttl) + 1`` whole seconds); 0 means no expiry; more than `max_ttl`
@@ -212,7 +220,7 @@ class MemcachedStore:
         self.max_retries = max_retries
         self.ops = 0
         self.retries = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._turns: dict[bytes, _Turn] = {}
         self._closed = False
         self._clamp_logged = False
@@ -282,14 +290,26 @@ class MemcachedStore:
 
     # -- one round trip ------------------------------------------------------
 
-    async def _call(self, server: _Server, name: str, *args: Any) -> Any:
+    def _check(self, server: _Server, what: str, deadline: float | None) -> float:
+        """Refuse a call on a closed store or past its deadline; the loop's time."""
         if self._closed:
             raise StoreError(f"memcached store {self!r} is closed")
+        now = asyncio.get_running_loop().time()
+        if deadline is not None and deadline <= now:
+            raise StoreError(
+                f"memcached {server.label}: {what} not sent: the caller's deadline had "
+                f"passed ({now - deadline:.3f} s ago)"
+            )
+        return now
+
+    async def _call(
+        self, server: _Server, name: str, *args: Any, deadline: float | None = None
+    ) -> Any:
+        now = self._check(server, name, deadline)
         self.ops += 1
         op = _Op(server, name, args)
-        task = asyncio.ensure_future(self._run(op))
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
+        task = asyncio.ensure_future(self._run(op, now, deadline))
+        self._track(task)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -298,15 +318,23 @@ class MemcachedStore:
             # else it completes on its own connection, which stays in sync.
             raise
 
-    def _reap(self, task: asyncio.Task[Any]) -> None:
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: the caller may have been cancelled
 
-    async def _run(self, op: _Op) -> Any:
+    async def _run(self, op: _Op, started: float, deadline: float | None) -> Any:
         server = op.server
+        ends = started + self.timeout
+        by_deadline = deadline is not None and deadline < ends  # the caller's is sooner
+        if deadline is not None:
+            ends = min(ends, deadline)
         try:
-            async with asyncio.timeout(self.timeout), server.slots:
+            async with asyncio.timeout_at(ends), server.slots:
                 client = server.checkout()
                 op.sent = True
                 try:
@@ -319,14 +347,29 @@ class MemcachedStore:
                 server.checkin(client)
                 return result
         except TimeoutError:
+            elapsed = asyncio.get_running_loop().time() - started
+            where = "connection dropped" if op.sent else "waiting for a free connection"
+            if by_deadline:
+                log.info(
+                    "memcached %s: %s cut off by the caller's deadline after %.3f s (%s)",
+                    server.label,
+                    op.name,
+                    elapsed,
+                    where,
+                )
+                raise StoreError(
+                    f"memcached {server.label}: {op.name} cut off after {elapsed:.3f} s: "
+                    f"the caller's deadline passed ({where})"
+                ) from None
             log.warning(
-                "memcached %s: %s timed out after %g s, connection dropped",
+                "memcached %s: %s timed out after %g s (%s)",
                 server.label,
                 op.name,
                 self.timeout,
+                where,
             )
             raise StoreError(
-                f"memcached {server.label}: {op.name} timed out after {self.timeout:g} s"
+                f"memcached {server.label}: {op.name} timed out after {self.timeout:g} s ({where})"
             ) from None
         except Exception as exc:
             log.debug("memcached %s: %s failed: %r", server.label, op.name, exc)
@@ -334,12 +377,14 @@ class MemcachedStore:
 
     # -- Store protocol ------------------------------------------------------
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, *, deadline: float | None = None) -> bytes | None:
         mkey = self.key_for(key)
-        value: bytes | None = await self._call(self._server(mkey), "get", mkey)
+        value: bytes | None = await self._call(self._server(mkey), "get", mkey, deadline=deadline)
         return value
 
-    async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+    async def get_many(
+        self, keys: Iterable[str], *, deadline: float | None = None
+    ) -> dict[str, bytes]:
         """One ``gets k1 k2 ...`` per server holding any of the keys, concurrently;
         see `Store.get_many`."""
         wanted: dict[_Server, dict[bytes, str]] = {}  # server -> {memcached key: key}
@@ -348,13 +393,16 @@ class MemcachedStore:
             wanted.setdefault(self._server(mkey), {})[mkey] = key
         if not wanted:
             return {}
-        calls = [self._call(server, "multi_get", *mkeys) for server, mkeys in wanted.items()]
+        calls = [
+            self._call(server, "multi_get", *mkeys, deadline=deadline)
+            for server, mkeys in wanted.items()
+        ]
         replies: list[tuple[bytes | None, ...]]
         if len(calls) == 1:
             replies = [await calls[0]]
         else:
             # The first failure is raised at once; the other calls end on their own
-            # (each within its timeout), their connections kept in step.
+            # (each within the deadline or timeout), their connections kept in step.
             replies = await asyncio.gather(*calls)
         found: dict[str, bytes] = {}
         for mkeys, values in zip(wanted.values(), replies, strict=True):
@@ -368,17 +416,22 @@ class MemcachedStore:
         key: str,
         fn: Callable[[bytes | None], tuple[bytes | None, R]],
         ttl: float = 0,
+        *,
+        deadline: float | None = None,
     ) -> R:
         """Atomic read-modify-write by `gets` then `cas` (or `add` when missing),
         retried (up to `max_retries` attempts, with a short jittered backoff) when
         another writer got there first. See `Store.update`.
 
         Updates of one key through this store take turns, so they race only with
-        other processes. `ttl`: see the class doc; it is set anew by each write.
-        If the caller is cancelled after the `add`/`cas` was sent, the write may
-        still be applied (the caller sees `CancelledError` either way)."""
+        other processes; the wait for a turn counts against `deadline`. `ttl`: see
+        the class doc; it is set anew by each write. If the caller is cancelled, or
+        its deadline passes, after the `add`/`cas` was sent, the write may still be
+        applied (the caller sees `CancelledError` or `StoreError`)."""
         mkey = self.key_for(key)
+        server = self._server(mkey)
         exptime = self._exptime(ttl)
+        self._check(server, f"update of {key!r}", deadline)
         # Updates of one key from this process take turns: they would only defeat
         # each other's cas (50 tasks on one key cost ~8 retries per update and
         # could starve), so only other processes' writes are left to race with.
@@ -387,8 +440,19 @@ class MemcachedStore:
             turn = self._turns[mkey] = _Turn()
         turn.users += 1
         try:
-            async with turn.lock:
-                return await self._update(mkey, key, fn, exptime)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await turn.lock.acquire()
+            except TimeoutError:
+                raise StoreError(
+                    f"memcached {server.label}: update of {key!r} not sent: the caller's "
+                    "deadline passed while it waited for another update of that key in "
+                    "this process"
+                ) from None
+            try:
+                return await self._update(server, mkey, key, fn, exptime, deadline)
+            finally:
+                turn.lock.release()
         finally:
             turn.users -= 1
             if not turn.users:
@@ -396,48 +460,57 @@ class MemcachedStore:
 
     async def _update(
         self,
+        server: _Server,
         mkey: bytes,
         key: str,
         fn: Callable[[bytes | None], tuple[bytes | None, R]],
         exptime: int,
+        deadline: float | None,
     ) -> R:
-        server = self._server(mkey)
         for attempt in range(self.max_retries):
-            old, token = await self._call(server, "gets", mkey)
+            if attempt:
+                self._check(server, f"update of {key!r} (attempt {attempt + 1})", deadline)
+            old, token = await self._call(server, "gets", mkey, deadline=deadline)
             new, result = fn(old)
             if new is None:
                 return result
             if not isinstance(new, bytes):
                 raise TypeError(f"update fn must return bytes or None, got {type(new).__name__}")
             if old is None:
-                stored = await self._call(server, "add", mkey, new, exptime)
+                stored = await self._call(server, "add", mkey, new, exptime, deadline=deadline)
             elif not token:
                 raise StoreError(
                     f"memcached {server.label}: gets returned no cas token "
                     "(is memcached running with -C?)"
                 )
             else:
-                stored = await self._call(server, "cas", mkey, new, token, exptime)
+                stored = await self._call(
+                    server, "cas", mkey, new, token, exptime, deadline=deadline
+                )
             if stored:
                 return result
             # add: someone created it first; cas: changed or deleted meanwhile.
             self.retries += 1
             if attempt:
                 delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(attempt, 16))
-                await asyncio.sleep(random.uniform(0, delay))
+                pause = random.uniform(0, delay)
+                if deadline is not None:  # then the next attempt's check raises
+                    pause = min(pause, max(0.0, deadline - asyncio.get_running_loop().time()))
+                await asyncio.sleep(pause)
         log.warning("memcached %s: update of %r lost %d races", server.label, key, self.max_retries)
         raise StoreError(
             f"memcached {server.label}: update of {key!r} gave up after "
             f"{self.max_retries} conflicting writes"
         )
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, deadline: float | None = None) -> None:
         mkey = self.key_for(key)
-        await self._call(self._server(mkey), "delete", mkey)
+        await self._call(self._server(mkey), "delete", mkey, deadline=deadline)
 
     async def close(self) -> None:
-        """Let commands in flight finish (each is bounded by `timeout`), then close
-        every connection. Later calls raise `StoreError`."""
+        """Let commands in flight finish (each is bounded by `timeout` or its
+        caller's deadline), then close every connection. Later calls raise
+        `StoreError`."""
         self._closed = True
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

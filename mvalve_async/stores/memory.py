@@ -1,22 +1,30 @@
 """In-process store: a dict. For one process, unit tests and demos.
 
-Every call completes at once, without suspending, so `update` is atomic within the
-event loop. Lifetimes are kept exactly (`ttl` seconds on the monotonic clock), with
-no upper bound (`max_ttl` is infinite).
+It follows the `Store` contract (`mvalve_async.interfaces.Store`) with nothing to
+wait for: every call completes at once, without suspending, so `update` is atomic
+within the event loop. A `deadline` that has already passed raises `StoreError`
+before anything is read or written, as with memcached. Lifetimes are kept exactly
+(`ttl` seconds on the monotonic clock), with no upper bound (`max_ttl` is infinite).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from mvalve_async.errors import ConfigError
+from mvalve_async.errors import ConfigError, StoreError
 
 __all__ = ["MemoryStore"]
 
 R = TypeVar("R")
+
+
+def _check_deadline(deadline: float | None, what: str) -> None:
+    if deadline is not None and deadline <= asyncio.get_running_loop().time():
+        raise StoreError(f"memory store: {what} not run: the caller's deadline had passed")
 
 
 class MemoryStore:
@@ -40,12 +48,16 @@ class MemoryStore:
             return None
         return value
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, *, deadline: float | None = None) -> bytes | None:
+        _check_deadline(deadline, "get")
         self.ops += 1
         return self._live(key)
 
-    async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+    async def get_many(
+        self, keys: Iterable[str], *, deadline: float | None = None
+    ) -> dict[str, bytes]:
         wanted = dict.fromkeys(keys)
+        _check_deadline(deadline, "get_many")
         if not wanted:
             return {}
         self.ops += 1
@@ -57,10 +69,16 @@ class MemoryStore:
         return found
 
     async def update(
-        self, key: str, fn: Callable[[bytes | None], tuple[bytes | None, R]], ttl: float = 0
+        self,
+        key: str,
+        fn: Callable[[bytes | None], tuple[bytes | None, R]],
+        ttl: float = 0,
+        *,
+        deadline: float | None = None,
     ) -> R:
         if ttl < 0 or math.isnan(ttl):
             raise ConfigError(f"ttl must be >= 0 seconds, got {ttl!r}")
+        _check_deadline(deadline, "update")
         # No await between read and write: atomic within the event loop.
         self.ops += 1
         new, result = fn(self._live(key))
@@ -70,7 +88,8 @@ class MemoryStore:
             self._data[key] = (new, time.monotonic() + ttl if ttl else 0.0)
         return result
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, deadline: float | None = None) -> None:
+        _check_deadline(deadline, "delete")
         self.ops += 1
         self._data.pop(key, None)
 

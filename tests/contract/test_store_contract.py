@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from mvalve_async.errors import ConfigError
+from mvalve_async.errors import ConfigError, StoreError
 from mvalve_async.interfaces import Store
 from mvalve_async.stores.memcached import MemcachedStore
 from mvalve_async.stores.memory import MemoryStore
@@ -39,12 +39,12 @@ def incr(old: bytes | None) -> tuple[bytes, int]:
     return str(n).encode(), n
 
 
-def now() -> float:
-    return asyncio.get_running_loop().time()
-
-
 def put(value: bytes) -> Callable[[bytes | None], tuple[bytes, None]]:
     return lambda old: (value, None)
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 # -- get / update / delete ---------------------------------------------------------
@@ -196,3 +196,39 @@ async def test_ttl_lives_at_least_ttl_then_expires(store: Store) -> None:
     # either side of one of its clock ticks).
     assert unchanged_gone is not None and abs(unchanged_gone - plain_gone) < 1.1
     assert await store.get("rewritten") == b"y"
+
+
+# -- deadlines --------------------------------------------------------------------
+
+
+async def test_a_past_deadline_raises_before_anything_is_done(store: Store) -> None:
+    await store.update("k", put(b"v"))
+    ops = store.ops
+    calls: list[bytes | None] = []
+
+    def record(old: bytes | None) -> tuple[bytes, None]:
+        calls.append(old)
+        return b"changed", None
+
+    for deadline in (now(), now() - 10.0):
+        with pytest.raises(StoreError, match="deadline"):
+            await store.get("k", deadline=deadline)
+        with pytest.raises(StoreError, match="deadline"):
+            await store.get_many(["k", "j"], deadline=deadline)
+        with pytest.raises(StoreError, match="deadline"):
+            await store.update("k", record, ttl=5, deadline=deadline)
+        with pytest.raises(StoreError, match="deadline"):
+            await store.delete("k", deadline=deadline)
+    assert calls == []
+    assert store.ops == ops  # nothing was sent
+    assert await store.get("k") == b"v"
+
+
+async def test_calls_within_their_deadline_succeed(store: Store) -> None:
+    deadline = now() + 5.0
+    assert await store.update("k", incr, ttl=60, deadline=deadline) == 1
+    assert await store.get("k", deadline=deadline) == b"1"
+    assert await store.get_many(["k", "x"], deadline=deadline) == {"k": b"1"}
+    await store.delete("k", deadline=deadline)
+    assert await store.get("k", deadline=deadline) is None
+    assert now() < deadline

@@ -1,9 +1,9 @@
 """MemcachedStore against a real memcached on 127.0.0.1:11211 (plus extra instances
-started here on free loopback ports, some behind a proxy that sees their traffic):
-what is specific to memcached (keys, the ring, ttl encoding, round trips,
-aiomcache's pitfalls). What every store must do is in
-tests/contract/test_store_contract.py. Skipped when memcached is not reachable,
-except under CI (env var CI set), where that is a failure."""
+started here on free loopback ports, some behind a proxy that can black-hole them):
+what is specific to memcached (keys, the ring, ttl encoding, round trips, deadlines
+under a partition, aiomcache's pitfalls). What every store must do is in
+tests/contract/test_store_contract.py. Skipped when memcached is not
+reachable, except under CI (env var CI set), where that is a failure."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiomcache
 import pytest
@@ -28,7 +29,7 @@ from uhashring import HashRing
 from mvalve_async.errors import ConfigError, StoreError
 from mvalve_async.stores.memcached import MAX_TTL, MemcachedStore
 from tests.memcached_proc import MemcachedProcess, _free_port, _reachable, _unavailable
-from tests.memcached_proxy import BlackholeProxy
+from tests.memcached_proxy import BlackholeProxy, hanging_port
 
 pytestmark = pytest.mark.memcached
 
@@ -287,10 +288,10 @@ async def test_update_gives_up_after_max_retries(
         await store.update("k", incr)
         call = s._call
 
-        async def meddling_call(server: object, name: str, *args: object) -> object:
+        async def meddling_call(server: object, name: str, *args: object, **kw: object) -> object:
             if name == "cas":  # another writer gets in between our gets and our cas
                 await store.update("k", incr)
-            return await call(server, name, *args)  # type: ignore[arg-type]
+            return await call(server, name, *args, **kw)  # type: ignore[arg-type]
 
         monkeypatch.setattr(s, "_call", meddling_call)
         with pytest.raises(StoreError, match="gave up after 3"):
@@ -681,3 +682,212 @@ async def test_get_many_of_a_large_batch(store: MemcachedStore) -> None:
     got = await store.get_many(keys)
     assert store.ops == ops + 1
     assert got == {key: b"%d" % i * 100 for i, key in enumerate(keys[::2])}
+
+
+# -- deadlines: a server black-holed behind a proxy -------------------------------
+
+
+@pytest.fixture
+async def partitioned(
+    spare_server: MemcachedProcess,
+) -> AsyncIterator[tuple[MemcachedStore, BlackholeProxy]]:
+    """A store (4 connections, a 5 s command timeout: the deadlines bind first) on a
+    private memcached behind a proxy that can black-hole it."""
+    proxy = await BlackholeProxy(spare_server.port).start()
+    s = MemcachedStore([(HOST, proxy.port)], namespace=_ns(), pool_size=4, timeout=5.0)
+    try:
+        yield s, proxy
+    finally:
+        proxy.heal()
+        await s.close()
+        await proxy.close()
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def _timed(call: Callable[[float], Any], within: float) -> tuple[float, BaseException | Any]:
+    """Run `call(deadline)` with deadline = now + `within`: (elapsed, result or error)."""
+    started = _now()
+    try:
+        result = await call(started + within)
+    except Exception as exc:
+        return _now() - started, exc
+    return _now() - started, result
+
+
+async def test_blackholed_calls_end_by_their_deadline(
+    partitioned: tuple[MemcachedStore, BlackholeProxy],
+) -> None:
+    s, proxy = partitioned
+    values = {f"k{i}": f"value-{i}".encode() for i in range(8)}
+    for key, value in values.items():
+        await s.update(key, put(value))
+    await asyncio.gather(*(s.get(k) for k in values))  # several pooled connections
+    proxy.blackhole()
+
+    calls: dict[str, Callable[[float], Any]] = {
+        "get": lambda d: s.get("k0", deadline=d),
+        "get_many": lambda d: s.get_many(["k1", "k2", "nope"], deadline=d),
+        # (Held writes still land after healing: they touch keys of their own.)
+        "update": lambda d: s.update("w-update", incr, ttl=60, deadline=d),
+        "delete": lambda d: s.delete("w-delete", deadline=d),
+        "get (waits for a connection)": lambda d: s.get("k6", deadline=d),
+    }
+    for _ in range(2):  # pooled connections first, then new ones opened in the partition
+        outcomes = await asyncio.gather(*(_timed(call, 1.0) for call in calls.values()))
+        print("black-holed, s:", [round(elapsed, 4) for elapsed, _ in outcomes])
+        for name, (elapsed, outcome) in zip(calls, outcomes, strict=True):
+            assert isinstance(outcome, StoreError), (name, outcome)
+            assert "deadline passed" in str(outcome), (name, outcome)
+            assert 1.0 <= elapsed <= 1.1, (name, elapsed)
+
+    proxy.heal()
+    elapsed, value = await _timed(lambda d: s.get("k7", deadline=d), 1.0)
+    assert value == values["k7"] and elapsed < 0.1, elapsed
+    print(f"first get after healing: {elapsed:.4f} s")
+    # No connection reads a reply meant for another request: every key, many times
+    # over, concurrently, comes back with its own value.
+    for _ in range(5):
+        keys = random.sample(sorted(values), len(values))
+        got = await asyncio.gather(*(s.get(k, deadline=_now() + 1.0) for k in keys))
+        assert got == [values[k] for k in keys]
+        assert await s.get_many(keys) == values
+    assert await s.update("k0", put(b"after"), deadline=_now() + 1.0) is None
+    assert await s.get("k0") == b"after"
+
+
+async def test_a_reused_connection_would_read_a_stale_reply(
+    spare_server: MemcachedProcess,
+) -> None:
+    """Control for the test above: through the same proxy, plain aiomcache, whose
+    call is cut off by a timeout, reads the previous request's reply after healing.
+    The proxy does reproduce the hazard that the store's connection handling avoids."""
+    proxy = await BlackholeProxy(spare_server.port).start()
+    client = aiomcache.Client(HOST, proxy.port, pool_size=1)
+    try:
+        await client.set(b"k1", b"one")
+        await client.set(b"k2", b"two")
+        proxy.blackhole()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.get(b"k1"), 0.2)
+        proxy.heal()
+        assert await client.get(b"k2") != b"two"  # it read k1's late reply instead
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_a_write_cut_off_by_its_deadline_may_land_later(
+    partitioned: tuple[MemcachedStore, BlackholeProxy],
+) -> None:
+    """The partition starts between the `gets` and the `cas`: the caller gets
+    StoreError at its deadline, and the held `cas` still reaches the server when the
+    network heals (TCP would deliver it the same way). Callers must treat a write
+    that raised as possibly applied."""
+    s, proxy = partitioned
+    await s.update("k", put(b"1"))
+
+    def then_partition(old: bytes | None) -> tuple[bytes, None]:
+        proxy.blackhole()
+        return b"2", None
+
+    elapsed, outcome = await _timed(lambda d: s.update("k", then_partition, deadline=d), 0.5)
+    assert isinstance(outcome, StoreError) and "cas cut off" in str(outcome), outcome
+    assert 0.5 <= elapsed <= 0.6
+    proxy.heal()
+    limit = _now() + 2.0
+    while await s.get("k") != b"2":  # the server applies the late cas
+        assert _now() < limit, "the held cas never landed"
+        await asyncio.sleep(0.01)
+
+
+async def test_deadline_bounds_the_wait_for_a_connection_and_a_turn(
+    partitioned: tuple[MemcachedStore, BlackholeProxy],
+) -> None:
+    s, proxy = partitioned
+    one = MemcachedStore([(HOST, proxy.port)], namespace=s.namespace, pool_size=1, timeout=5.0)
+    try:
+        await one.get("warm")
+        proxy.blackhole()
+        # The first holds the only connection; the second waits for it.
+        slow, waiting = await asyncio.gather(
+            _timed(lambda d: one.get("a", deadline=d), 1.0),
+            _timed(lambda d: one.get("b", deadline=d), 0.3),
+        )
+        assert isinstance(waiting[1], StoreError), waiting
+        assert "waiting for a free connection" in str(waiting[1])
+        assert 0.3 <= waiting[0] <= 0.4, waiting
+        assert isinstance(slow[1], StoreError) and 1.0 <= slow[0] <= 1.1, slow
+
+        # Updates of one key from one process take turns: the second waits its turn.
+        first, second = await asyncio.gather(
+            _timed(lambda d: s.update("t", incr, deadline=d), 1.0),
+            _timed(lambda d: s.update("t", incr, deadline=d), 0.3),
+        )
+        assert isinstance(second[1], StoreError), second
+        assert "waited for another update" in str(second[1])
+        assert 0.3 <= second[0] <= 0.4, second
+        assert isinstance(first[1], StoreError) and 1.0 <= first[0] <= 1.1, first
+    finally:
+        proxy.heal()
+        await one.close()
+
+
+async def test_deadline_bounds_connecting() -> None:
+    with hanging_port() as port:
+        s = MemcachedStore([(HOST, port)], namespace=_ns(), timeout=5.0)
+        try:
+            elapsed, outcome = await _timed(lambda d: s.get("k", deadline=d), 0.5)
+            assert isinstance(outcome, StoreError), outcome
+            assert "deadline passed (connection dropped)" in str(outcome)
+            assert 0.5 <= elapsed <= 0.6, elapsed
+        finally:
+            await s.close()
+
+
+async def test_deadline_bounds_update_retries(
+    store: MemcachedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that wins every race: the update gives up at its deadline, not after
+    its retries (of which it would have many more)."""
+    s = MemcachedStore([(HOST, PORT)], namespace=store.namespace, max_retries=10**6)
+    try:
+        await store.update("k", incr)
+        call = s._call
+
+        async def meddling_call(server: object, name: str, *args: object, **kw: object) -> object:
+            if name == "cas":
+                await store.update("k", incr)
+            return await call(server, name, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(s, "_call", meddling_call)
+        elapsed, outcome = await _timed(lambda d: s.update("k", put(b"mine"), deadline=d), 0.3)
+        assert isinstance(outcome, StoreError) and "deadline" in str(outcome), outcome
+        assert 0.3 <= elapsed <= 0.4, elapsed
+        assert s.retries > 5
+        assert await store.get("k") != b"mine"
+    finally:
+        await s.close()
+
+
+async def test_get_many_with_one_server_blackholed(two_proxies: list[BlackholeProxy]) -> None:
+    s = MemcachedStore([(HOST, p.port) for p in two_proxies], namespace=_ns(), timeout=5.0)
+    try:
+        keys = [f"dest-{i}" for i in range(20)]
+        for key in keys:
+            await s.update(key, put(b"x"))
+        dark, lit = two_proxies
+        dark.blackhole()
+        elapsed, outcome = await _timed(lambda d: s.get_many(keys, deadline=d), 1.0)
+        assert isinstance(outcome, StoreError) and dark.label in str(outcome), outcome
+        assert 1.0 <= elapsed <= 1.1, elapsed
+        on_lit = [k for k in keys if s.server_for(k) == lit.label]
+        assert on_lit and await s.get_many(on_lit, deadline=_now() + 1.0) == dict.fromkeys(
+            on_lit, b"x"
+        )
+        dark.heal()
+        assert await s.get_many(keys, deadline=_now() + 1.0) == dict.fromkeys(keys, b"x")
+    finally:
+        await s.close()

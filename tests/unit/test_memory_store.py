@@ -1,4 +1,5 @@
-"""MemoryStore: what is specific to it. What every store must do is in
+"""MemoryStore: what is specific to it. What every store must do (get, update,
+delete, get_many, lifetimes, deadlines) is in
 tests/contract/test_store_contract.py, which runs it too."""
 
 from __future__ import annotations
