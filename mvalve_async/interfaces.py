@@ -20,6 +20,7 @@ __all__ = [
     "QueueStats",
     "Row",
     "Store",
+    "StoreHealth",
 ]
 
 R = TypeVar("R")
@@ -151,6 +152,46 @@ class Queue(Protocol):
     async def purge_dead(self) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """What a store server says about itself, to detect that it may have forgotten
+    records (`Store.health`).
+
+    - `server`: the server's label (``host:port``; ``"memory"`` for the memory store).
+    - `uptime`: seconds the server has been up (memcached: whole seconds).
+    - `evictions`: live records the server dropped to make room since it started
+      (memcached: ``evictions`` plus ``slab_reassign_evictions_nomem``); any
+      records, not only this store's.
+    - `started`: when the server started, on the server's own clock (memcached:
+      ``time - uptime``, constant for one run of the server): with `pid`, the
+      identity of this incarnation of the server.
+    - `pid`: the server's process id.
+    - `flushes`: ``flush_all`` commands received since it started (each may have
+      dropped every record).
+    """
+
+    server: str
+    uptime: float
+    evictions: int
+    started: float
+    pid: int
+    flushes: int = 0
+
+    def lost_since(self, earlier: StoreHealth) -> bool:
+        """True when records may have been lost between the `earlier` reading and
+        this one: another server, a restart (another incarnation), an eviction or a
+        flush in between. Conservative: any eviction counts, other applications'
+        too (memcached evicts per slab class, by item size: most evictions of
+        other sizes touch no record of this store, but the counters cannot say)."""
+        return (
+            self.server != earlier.server
+            or self.started != earlier.started
+            or self.pid != earlier.pid
+            or self.evictions != earlier.evictions
+            or self.flushes != earlier.flushes
+        )
+
+
 @runtime_checkable
 class Store(Protocol):
     """Small records shared by every reader; `update` is atomic per key.
@@ -177,7 +218,8 @@ class Store(Protocol):
     store keeps records at most `max_ttl` seconds (memcached: 30 days less 1 s; the
     memory store: unlimited); a larger `ttl` is clamped to `max_ttl` (logged),
     so callers that need a record to live longer must refuse instead. Any record
-    may still be lost before its ttl (a memcached restart, eviction or flush).
+    may still be lost before its ttl (a memcached restart, eviction or flush):
+    `health` tells when that may have happened.
     """
 
     name: str
@@ -213,6 +255,21 @@ class Store(Protocol):
 
     async def delete(self, key: str, *, deadline: float | None = None) -> None:
         """Remove the record; deleting a missing record is not an error."""
+
+    async def health(
+        self, key: str, *, since: float | None = None, deadline: float | None = None
+    ) -> StoreHealth:
+        """The health of the server that holds `key`: one round trip, or none when a
+        recent reading can be shared (memcached keeps one per server for a short
+        time, and concurrent callers share the one in flight).
+
+        `since` (loop time, like `deadline`): only a reading whose request was sent
+        at or after `since` will do (a time still to come counts as now). A reading
+        proves nothing about records read after it was taken: to learn whether
+        records read (or found missing) by a call that returned at time ``t`` may
+        already have been lost, ask with ``since=t`` and compare the reading, with
+        `StoreHealth.lost_since`, to one taken before those records were written.
+        """
 
     async def close(self) -> None:
         """Let calls in flight end, then release every connection. Idempotent.

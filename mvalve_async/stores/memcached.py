@@ -2,7 +2,8 @@
 
 `update` is an optimistic `gets` / `cas` loop (`add` when the key is missing), so it
 is atomic per key across processes, with bounded retries. `get_many` is one ``gets
-k1 k2 ...`` per server holding any of the keys.
+k1 k2 ...`` per server holding any of the keys. `health` is one ``stats`` per server,
+cached for `health_ttl` seconds and shared by concurrent callers.
 
 Every call takes an optional `deadline` (`Store` protocol): each server command is
 bounded by the earlier of its own `timeout` and that deadline, and a command cut
@@ -70,6 +71,7 @@ import uhashring
 from aiomcache.pool import Connection
 
 from mvalve_async.errors import ConfigError, StoreError
+from mvalve_async.interfaces import StoreHealth
 
 __all__ = ["MAX_TTL", "MemcachedStore"]
 
@@ -79,6 +81,8 @@ R = TypeVar("R")
 
 #: memcached reads an exptime above 30 days as an absolute Unix time.
 MAX_TTL = 30 * 24 * 3600
+#: Counters of `stats` that count live items dropped to make room.
+_EVICTION_STATS = (b"evictions", b"slab_reassign_evictions_nomem")
 _MAX_KEY = 250  # bytes, memcached's limit
 _SHA1_HEX = 40
 # Characters aiomcache (and the text protocol) refuse in a key: whitespace, C0, DEL, C1.
@@ -103,7 +107,8 @@ class _Client(aiomcache.Client):
 
 
 class _Server:
-    """One memcached server: up to `pool_size` single-connection aiomcache clients."""
+    """One memcached server: up to `pool_size` single-connection aiomcache clients,
+    and its last `stats` reading."""
 
     def __init__(self, host: str, port: int, pool_size: int) -> None:
         self.host = host
@@ -111,6 +116,8 @@ class _Server:
         self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.slots = asyncio.Semaphore(pool_size)
         self._idle: list[_Client] = []
+        self.health: _Reading | None = None  # the newest reading done
+        self.health_read: _Reading | None = None  # the newest reading in flight
 
     def checkout(self) -> _Client:
         # Only called while holding a slot, so at most `pool_size` clients exist.
@@ -154,6 +161,42 @@ class _Op:
         self.sent = False  # the command may have reached the server
 
 
+class _Reading:
+    """One `stats` round trip for `health`: `sent` is the loop time before its
+    request went out, `until` the loop time until which it may be served."""
+
+    __slots__ = ("sent", "task", "until", "value")
+
+    def __init__(self, sent: float) -> None:
+        self.sent = sent
+        self.until = sent
+        self.value: StoreHealth | None = None
+        self.task: asyncio.Future[StoreHealth] | None = None
+
+
+def _health(label: str, stats: dict[bytes, bytes | None]) -> StoreHealth:
+    def number(name: bytes, default: int | None = None) -> int:
+        raw = stats.get(name)
+        if raw is None:
+            if default is None:
+                raise StoreError(f"memcached {label}: stats has no {name.decode()!r}")
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise StoreError(f"memcached {label}: stats {name.decode()} = {raw!r}") from None
+
+    uptime = number(b"uptime")
+    return StoreHealth(
+        server=label,
+        uptime=float(uptime),
+        evictions=sum(number(name, 0) for name in _EVICTION_STATS),
+        started=float(number(b"time") - uptime),
+        pid=number(b"pid"),
+        flushes=number(b"cmd_flush", 0),
+    )
+
+
 class MemcachedStore:
     """`Store` on one or more memcached servers (aiomcache), see the module doc.
 
@@ -164,14 +207,17 @@ class MemcachedStore:
       connection and connecting; on expiry the connection is dropped and
       `StoreError` raised. A call's `deadline` can only shorten it.
     - `max_retries`: optimistic attempts of `update` before `StoreError`.
+    - `health_ttl`: seconds a server's `health` reading is served from cache
+      (0: read anew by every call that does not join one in flight; a caller's
+      `since` can always ask for a newer one).
     - `ttl` (of `update`): the record lives at least `ttl` seconds (written as
       ``ceil(ttl) + 1`` whole seconds); 0 means no expiry; more than `max_ttl`
       (30 days less 1 s) is clamped to it, since memcached reads larger values as
       absolute times.
 
-    `ops` counts round trips (each get, gets, add, cas, delete, and each server's
-    share of a `get_many`, is one); `retries` counts the `update` attempts lost to
-    a concurrent writer.
+    `ops` counts round trips (each get, gets, add, cas, delete, stats, and each
+    server's share of a `get_many`, is one); `retries` counts the `update`
+    attempts lost to a concurrent writer.
     """
 
     name = "memcached"
@@ -185,6 +231,7 @@ class MemcachedStore:
         pool_size: int = 8,
         timeout: float = 2.0,
         max_retries: int = 64,
+        health_ttl: float = 0.5,
     ) -> None:
         if not servers:
             raise ConfigError("MemcachedStore needs at least one (host, port) server")
@@ -195,9 +242,10 @@ class MemcachedStore:
             )
         if len(namespace.encode()) + len(":h:") + _SHA1_HEX > _MAX_KEY:
             raise ConfigError(f"memcached namespace too long: {namespace!r}")
-        if pool_size < 1 or max_retries < 1 or not timeout > 0:
+        if pool_size < 1 or max_retries < 1 or not timeout > 0 or not health_ttl >= 0:
             raise ConfigError(
-                "MemcachedStore needs pool_size >= 1, max_retries >= 1 and timeout > 0"
+                "MemcachedStore needs pool_size >= 1, max_retries >= 1, timeout > 0 "
+                "and health_ttl >= 0"
             )
         self._servers: dict[str, _Server] = {}
         for host, port in servers:
@@ -218,6 +266,7 @@ class MemcachedStore:
         self.pool_size = pool_size
         self.timeout = timeout
         self.max_retries = max_retries
+        self.health_ttl = health_ttl
         self.ops = 0
         self.retries = 0
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -506,6 +555,49 @@ class MemcachedStore:
     async def delete(self, key: str, *, deadline: float | None = None) -> None:
         mkey = self.key_for(key)
         await self._call(self._server(mkey), "delete", mkey, deadline=deadline)
+
+    async def health(
+        self, key: str, *, since: float | None = None, deadline: float | None = None
+    ) -> StoreHealth:
+        """The `stats` of the server holding `key` (see `Store.health`). A reading
+        done less than `health_ttl` ago, or one in flight, is shared when its
+        request was sent at or after `since` (``None``: any); otherwise one
+        ``stats`` round trip. The round trip is bounded by `timeout`, each caller's
+        wait by its own deadline (the reading goes on for the others)."""
+        server = self._server(self.key_for(key))
+        now = self._check(server, "stats", deadline)
+        floor = -math.inf if since is None else min(since, now)
+        done = server.health
+        if done is not None and done.value is not None and now < done.until:
+            if done.sent >= floor:
+                return done.value
+        reading = server.health_read
+        if reading is None or reading.sent < floor:
+            reading = server.health_read = _Reading(now)
+            reading.task = asyncio.ensure_future(self._read_health(server, reading))
+            self._track(reading.task)
+        assert reading.task is not None
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(reading.task)
+        except TimeoutError:
+            raise StoreError(
+                f"memcached {server.label}: stats cut off after "
+                f"{asyncio.get_running_loop().time() - now:.3f} s: the caller's deadline "
+                "passed (the reading goes on for other callers)"
+            ) from None
+
+    async def _read_health(self, server: _Server, reading: _Reading) -> StoreHealth:
+        try:
+            value = _health(server.label, await self._call(server, "stats"))
+        finally:
+            if server.health_read is reading:
+                server.health_read = None
+        reading.value = value
+        reading.until = asyncio.get_running_loop().time() + self.health_ttl
+        if server.health is None or server.health.sent <= reading.sent:
+            server.health = reading
+        return value
 
     async def close(self) -> None:
         """Let commands in flight finish (each is bounded by `timeout` or its

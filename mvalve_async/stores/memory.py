@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from mvalve_async.errors import ConfigError, StoreError
+from mvalve_async.interfaces import StoreHealth
 
 __all__ = ["MemoryStore"]
 
@@ -29,7 +31,7 @@ def _check_deadline(deadline: float | None, what: str) -> None:
 
 class MemoryStore:
     """`Store` in a dict. `ops` counts calls that read or write records (a
-    `get_many` of any number of keys is one)."""
+    `get_many` of any number of keys is one); `health` costs none."""
 
     name = "memory"
     max_ttl = math.inf
@@ -37,6 +39,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self.ops = 0
         self._data: dict[str, tuple[bytes, float]] = {}  # key -> (value, expires or 0)
+        self._born = time.monotonic()
+        self._started = time.time()
 
     def _live(self, key: str) -> bytes | None:
         item = self._data.get(key)
@@ -92,6 +96,21 @@ class MemoryStore:
         _check_deadline(deadline, "delete")
         self.ops += 1
         self._data.pop(key, None)
+
+    async def health(
+        self, key: str, *, since: float | None = None, deadline: float | None = None
+    ) -> StoreHealth:
+        """Always the same incarnation, never an eviction: records live until they
+        expire or are deleted. `uptime` counts from the store's creation; every
+        reading is fresh (`since` is always met)."""
+        _check_deadline(deadline, "health")
+        return StoreHealth(
+            server="memory",
+            uptime=time.monotonic() - self._born,
+            evictions=0,
+            started=self._started,
+            pid=os.getpid(),
+        )
 
     async def close(self) -> None:
         return None

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from mvalve_async.errors import ConfigError, StoreError
-from mvalve_async.interfaces import Store
+from mvalve_async.interfaces import Store, StoreHealth
 from mvalve_async.stores.memcached import MemcachedStore
 from mvalve_async.stores.memory import MemoryStore
 from tests.services import require_memcached
@@ -219,6 +221,8 @@ async def test_a_past_deadline_raises_before_anything_is_done(store: Store) -> N
             await store.update("k", record, ttl=5, deadline=deadline)
         with pytest.raises(StoreError, match="deadline"):
             await store.delete("k", deadline=deadline)
+        with pytest.raises(StoreError, match="deadline"):
+            await store.health("k", deadline=deadline)
     assert calls == []
     assert store.ops == ops  # nothing was sent
     assert await store.get("k") == b"v"
@@ -229,6 +233,47 @@ async def test_calls_within_their_deadline_succeed(store: Store) -> None:
     assert await store.update("k", incr, ttl=60, deadline=deadline) == 1
     assert await store.get("k", deadline=deadline) == b"1"
     assert await store.get_many(["k", "x"], deadline=deadline) == {"k": b"1"}
+    assert isinstance(await store.health("k", deadline=deadline), StoreHealth)
     await store.delete("k", deadline=deadline)
     assert await store.get("k", deadline=deadline) is None
     assert now() < deadline
+
+
+# -- health -----------------------------------------------------------------------
+
+
+async def test_health_shape(store: Store) -> None:
+    health = await store.health("some key")
+    assert isinstance(health, StoreHealth)
+    with pytest.raises(AttributeError):
+        health.uptime = 0.0  # type: ignore[misc]  # frozen
+    assert isinstance(health.server, str) and health.server
+    assert isinstance(health.uptime, float) and health.uptime >= 0
+    assert isinstance(health.evictions, int) and health.evictions >= 0
+    assert isinstance(health.flushes, int) and health.flushes >= 0
+    assert isinstance(health.pid, int) and health.pid > 0
+    # Server and test run on one host here: the server's clock is ours.
+    assert abs(health.started + health.uptime - time.time()) < 2.5
+    if store.name == "memory":
+        assert health.server == "memory" and health.pid == os.getpid()
+        assert health.evictions == 0 and health.flushes == 0
+
+    again = await store.health("another key", since=now())  # one server: the same one
+    assert again.server == health.server
+    assert (again.started, again.pid) == (health.started, health.pid)
+    assert again.uptime >= health.uptime
+    assert not again.lost_since(health)
+
+
+def test_lost_since() -> None:
+    base = StoreHealth(server="h:1", uptime=100.0, evictions=5, started=1000.0, pid=7)
+    assert not base.lost_since(base)
+    assert not StoreHealth("h:1", 250.0, 5, 1000.0, 7).lost_since(base)  # just older
+    for changed in (
+        StoreHealth("h:2", 100.0, 5, 1000.0, 7),  # another server
+        StoreHealth("h:1", 1.0, 5, 1099.0, 7),  # restarted (a new start time)
+        StoreHealth("h:1", 1.0, 5, 1000.0, 8),  # restarted within the same second
+        StoreHealth("h:1", 120.0, 6, 1000.0, 7),  # an eviction
+        StoreHealth("h:1", 120.0, 5, 1000.0, 7, flushes=1),  # flush_all
+    ):
+        assert changed.lost_since(base), changed

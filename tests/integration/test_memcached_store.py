@@ -1,8 +1,8 @@
 """MemcachedStore against a real memcached on 127.0.0.1:11211 (plus extra instances
 started here on free loopback ports, some behind a proxy that can black-hole them):
 what is specific to memcached (keys, the ring, ttl encoding, round trips, deadlines
-under a partition, aiomcache's pitfalls). What every store must do is in
-tests/contract/test_store_contract.py. Skipped when memcached is not
+under a partition, health readings, aiomcache's pitfalls). What every store must do
+is in tests/contract/test_store_contract.py. Skipped when memcached is not
 reachable, except under CI (env var CI set), where that is a failure."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pytest
 from uhashring import HashRing
 
 from mvalve_async.errors import ConfigError, StoreError
+from mvalve_async.interfaces import StoreHealth
 from mvalve_async.stores.memcached import MAX_TTL, MemcachedStore
 from tests.memcached_proc import MemcachedProcess, _free_port, _reachable, _unavailable
 from tests.memcached_proxy import BlackholeProxy, hanging_port
@@ -146,6 +147,8 @@ async def test_repr_and_config_errors(store: MemcachedStore) -> None:
         MemcachedStore([(HOST, PORT)], namespace="n" * 208)
     with pytest.raises(ConfigError):
         MemcachedStore([(HOST, PORT), (HOST, PORT)])
+    with pytest.raises(ConfigError):
+        MemcachedStore([(HOST, PORT)], health_ttl=-1)
     with pytest.raises(ConfigError):
         await store.update("k", incr, ttl=-1)
 
@@ -733,6 +736,7 @@ async def test_blackholed_calls_end_by_their_deadline(
         # (Held writes still land after healing: they touch keys of their own.)
         "update": lambda d: s.update("w-update", incr, ttl=60, deadline=d),
         "delete": lambda d: s.delete("w-delete", deadline=d),
+        "health": lambda d: s.health("k5", deadline=d),
         "get (waits for a connection)": lambda d: s.get("k6", deadline=d),
     }
     for _ in range(2):  # pooled connections first, then new ones opened in the partition
@@ -891,3 +895,162 @@ async def test_get_many_with_one_server_blackholed(two_proxies: list[BlackholePr
         assert await s.get_many(keys, deadline=_now() + 1.0) == dict.fromkeys(keys, b"x")
     finally:
         await s.close()
+
+
+# -- health --------------------------------------------------------------------------
+
+
+async def _health_after_restart(s: MemcachedStore, key: str) -> StoreHealth:
+    # The pooled connection to the old server is found dead once (StoreError).
+    for _ in range(2):
+        try:
+            return await s.health(key)
+        except StoreError:
+            pass
+    return await s.health(key)
+
+
+async def test_health_of_a_restarted_server(spare_server: MemcachedProcess) -> None:
+    """A restart shows as a new incarnation (start time, pid) with a small uptime.
+    A cached reading cannot show what happened after it was taken: `since` asks for
+    one taken after the read whose result is in question."""
+    s = MemcachedStore([(HOST, spare_server.port)], namespace=_ns(), health_ttl=60)
+    try:
+        await s.update("k", put(b"v"))
+        before = await s.health("k")
+        assert before.server == spare_server.label
+        assert before.pid == spare_server.pid
+        assert before.evictions == 0 and before.flushes == 0
+
+        spare_server.stop()
+        spare_server.start()
+        missing = None
+        for _ in range(3):  # the pooled connection to the old server fails once
+            try:
+                missing = await s.get("k")
+                break
+            except StoreError:
+                pass
+        else:
+            raise AssertionError("the restarted server did not answer")
+        read_at = _now()
+        assert missing is None  # the record is gone with the old server...
+        assert await s.health("k") is before  # ...which a cached reading cannot show
+
+        after = await s.health("k", since=read_at)
+        assert after.pid == spare_server.pid
+        assert (after.started, after.pid) != (before.started, before.pid)
+        assert after.started >= before.started
+        assert after.uptime < 5  # memcached starts counting at 2 s
+        assert after.lost_since(before)
+    finally:
+        await s.close()
+
+
+async def test_health_since_never_takes_an_older_reading(memcached_up: None) -> None:
+    s = MemcachedStore([(HOST, PORT)], namespace=_ns(), health_ttl=60)
+    try:
+        ops = s.ops
+        first = await s.health("k")
+        assert await s.health("k") is first and s.ops == ops + 1  # cached
+        assert await s.health("k", since=_now() - 60) is first  # old enough a wish
+        t = _now()
+        fresh = await asyncio.gather(*(s.health("k", since=t) for _ in range(10)))
+        assert s.ops == ops + 2  # ten callers, one new round trip
+        assert all(h is fresh[0] for h in fresh) and fresh[0] is not first
+        assert await s.health("k") is fresh[0]  # the newest reading is the cached one
+
+        # A reading in flight whose request went out before `since` is not joined.
+        early = asyncio.create_task(s.health("k", since=_now()))
+        await asyncio.sleep(0)  # its request is on its way
+        await asyncio.sleep(0.002)  # and the clock moves on
+        late = await s.health("k", since=_now())
+        assert await early is not late
+        assert s.ops == ops + 4
+    finally:
+        await s.close()
+
+
+async def test_health_is_cached_and_shared(two_servers: list[MemcachedProcess]) -> None:
+    s = MemcachedStore([(HOST, p.port) for p in two_servers], namespace=_ns(), health_ttl=0.3)
+    try:
+        keys = [f"dest-{i}" for i in range(50)]
+        ops = s.ops
+        readings = await asyncio.gather(*(s.health(k) for k in keys))
+        assert s.ops == ops + 2  # 50 callers, two servers: two stats round trips
+        for key, health in zip(keys, readings, strict=True):
+            assert health.server == s.server_for(key)
+        assert await s.health(keys[0]) is readings[0]  # from the cache
+        assert s.ops == ops + 2
+        await asyncio.sleep(0.35)  # the cache's lifetime passes
+        fresh = await s.health(keys[0])
+        assert s.ops == ops + 3
+        assert fresh is not readings[0] and not fresh.lost_since(readings[0])
+    finally:
+        await s.close()
+
+
+async def test_health_sees_a_flush(spare_server: MemcachedProcess) -> None:
+    s = MemcachedStore([(HOST, spare_server.port)], namespace=_ns(), health_ttl=0)
+    client = aiomcache.Client(HOST, spare_server.port)
+    try:
+        before = await s.health("k")
+        await client.flush_all()
+        after = await s.health("k")
+        assert after.flushes == before.flushes + 1 and after.lost_since(before)
+    finally:
+        await client.close()
+        await s.close()
+
+
+async def _flood(port: int, size: int, count: int) -> None:
+    """Another application's client writes `count` keys of `size` bytes."""
+    client = aiomcache.Client(HOST, port, pool_size=4)
+    try:
+        value = b"x" * size
+        for start in range(0, count, 500):
+            await asyncio.gather(
+                *(
+                    client.set(b"other-app:%d:%d" % (size, i), value)
+                    for i in range(start, start + 500)
+                )
+            )
+    finally:
+        await client.close()
+
+
+@pytest.mark.slow
+async def test_health_sees_evictions_and_a_record_can_be_evicted(
+    memcached_binary: None, tmp_path: Path
+) -> None:
+    """In an 8 MB memcached another client's keys evict, `evictions` rises, and a
+    record of the store can be evicted while the server stays up: the loss a
+    restart check cannot see. (memcached keeps one LRU per slab class: a flood of
+    1 KB values evicts 1 KB items; a record of a few hundred bytes goes once items
+    of its own size class flood in.)"""
+    proc = MemcachedProcess(tmp_path, "-m", "8")
+    proc.start()
+    s = MemcachedStore([(HOST, proc.port)], namespace=_ns(), health_ttl=0)
+    try:
+        record = b"r" * 200  # the size of a valve record
+        await s.update("dest:slow", put(record), ttl=3600)
+        start = await s.health("dest:slow")
+        assert start.evictions == 0
+
+        await _flood(proc.port, 1024, 40_000)  # 40 MB of 1 KB values into 8 MB
+        flooded = await s.health("dest:slow")
+        assert flooded.evictions > 10_000, flooded
+        assert flooded.lost_since(start)
+        assert (flooded.started, flooded.pid) == (start.started, start.pid)  # no restart
+
+        # The record is not read meanwhile (a read would keep it warm in the LRU).
+        await _flood(proc.port, len(record), 40_000)
+        assert await s.get("dest:slow") is None, "the record survived: test too weak"
+        evicted = await s.health("dest:slow")
+        assert evicted.evictions > flooded.evictions
+        assert (evicted.started, evicted.pid) == (start.started, start.pid)  # still up
+        assert evicted.lost_since(flooded)
+        print(f"evictions: {flooded.evictions} after 1 KB, {evicted.evictions} after 200 B")
+    finally:
+        await s.close()
+        proc.stop()

@@ -1,5 +1,5 @@
 """MemoryStore: what is specific to it. What every store must do (get, update,
-delete, get_many, lifetimes, deadlines) is in
+delete, get_many, lifetimes, deadlines, health) is in
 tests/contract/test_store_contract.py, which runs it too."""
 
 from __future__ import annotations
@@ -61,6 +61,17 @@ async def test_update_without_change_keeps_the_ttl(clock: FakeClock) -> None:
     assert await store.update("k", lambda old: (None, old), ttl=100) == b"v"
     clock.now += 2
     assert await store.get("k") is None  # the no-change update did not extend it
+
+
+async def test_health_is_one_incarnation_that_never_evicts(clock: FakeClock) -> None:
+    store = MemoryStore()
+    first = await store.health("a")
+    assert (first.uptime, first.started, first.evictions) == (0.0, 1_700_001_000.0, 0)
+    clock.now += 3600
+    later = await store.health("b")
+    assert later.uptime == 3600.0 and later.started == first.started
+    assert not later.lost_since(first)
+    assert store.ops == 0  # health reads no record
 
 
 async def test_ops_count_calls(clock: FakeClock) -> None:
