@@ -9,7 +9,7 @@ clock (`Queue.clock`, clock.py); SQL backends store them as integer microseconds
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -25,6 +25,7 @@ __all__ = [
     "Row",
     "Scan",
     "Store",
+    "StoreHealth",
     "Want",
 ]
 
@@ -218,30 +219,128 @@ class Queue(Protocol):
     async def purge_dead(self) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """What a store server says about itself, to detect that it may have forgotten
+    records (`Store.health`).
+
+    - `server`: the server's label (``host:port``; ``"memory"`` for the memory store).
+    - `uptime`: seconds the server has been up (memcached: whole seconds).
+    - `evictions`: live records the server dropped to make room since it started
+      (memcached: ``evictions`` plus ``slab_reassign_evictions_nomem``); any
+      records, not only this store's.
+    - `started`: when the server started, on the server's own clock (memcached:
+      ``time - uptime``, constant for one run of the server): with `pid`, the
+      identity of this incarnation of the server.
+    - `pid`: the server's process id.
+    - `flushes`: ``flush_all`` commands received since it started (each may have
+      dropped every record).
+    """
+
+    server: str
+    uptime: float
+    evictions: int
+    started: float
+    pid: int
+    flushes: int = 0
+
+    def lost_since(self, earlier: StoreHealth) -> bool:
+        """True when records may have been lost between the `earlier` reading and
+        this one: another server, a restart (another incarnation), an eviction or a
+        flush in between. Conservative: any eviction counts, other applications'
+        too (memcached evicts per slab class, by item size: most evictions of
+        other sizes touch no record of this store, but the counters cannot say)."""
+        return (
+            self.server != earlier.server
+            or self.started != earlier.started
+            or self.pid != earlier.pid
+            or self.evictions != earlier.evictions
+            or self.flushes != earlier.flushes
+        )
+
+
 @runtime_checkable
 class Store(Protocol):
-    """Small records shared by every reader; `update` is atomic per key."""
+    """Small records shared by every reader; `update` is atomic per key.
+
+    **Deadlines.** Every call that reaches the server takes an optional keyword
+    `deadline`: an absolute time on the running event loop's clock
+    (``asyncio.get_running_loop().time()``). The whole call (waiting for a turn or
+    a free connection, connecting, every round trip, `update`'s optimistic
+    retries and their backoff) ends by then: if it has not finished, it raises
+    `StoreError` saying the deadline passed (promptly: within a few milliseconds of
+    scheduling delay). A deadline already past raises `StoreError` before anything
+    is sent. ``None``: each round trip is bounded only by the store's own timeout.
+    A call cut off by its deadline leaves no connection out of step: a later call
+    never reads the reply of an earlier one.
+
+    **Failures.** Every server or network failure raises `StoreError` (never a
+    driver's own exception). A write (`update`, `delete`) that raised `StoreError`
+    or was cancelled after its command was sent may or may not have been applied:
+    callers must treat it as possibly applied.
+
+    **Lifetimes.** `ttl` (seconds, float) is how long a record written by `update`
+    lives *at least*, from the moment the call started; the store may keep it a
+    little longer (memcached: up to 2 s more, whole seconds). ``0``: no expiry. A
+    store keeps records at most `max_ttl` seconds (memcached: 30 days less 1 s; the
+    memory store: unlimited); a larger `ttl` is clamped to `max_ttl` (logged),
+    so callers that need a record to live longer must refuse instead. Any record
+    may still be lost before its ttl (a memcached restart, eviction or flush):
+    `health` tells when that may have happened.
+    """
 
     name: str
-    ops: int  # round trips to the server so far (for metrics and benchmarks)
+    ops: int  # round trips to the server(s) so far (for metrics and benchmarks)
+    max_ttl: float  # the longest ttl the store honours, seconds (math.inf: unlimited)
 
-    async def get(self, key: str) -> bytes | None: ...
+    async def get(self, key: str, *, deadline: float | None = None) -> bytes | None:
+        """The record's value, or None when it is missing (or expired)."""
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
-        """The records of `keys` that exist, in one round trip per server."""
+    async def get_many(
+        self, keys: Iterable[str], *, deadline: float | None = None
+    ) -> dict[str, bytes]:
+        """The values of the records of `keys` that exist, keyed as given; missing
+        keys are absent from the result (duplicates are read once). One round trip
+        per server holding any of the keys (none for no keys), run concurrently;
+        `StoreError` if any of them fails. Each value is as `get` would return it,
+        read at some moment during the call (not one snapshot across keys)."""
 
     async def update(
         self,
         key: str,
         fn: Callable[[bytes | None], tuple[bytes | None, R]],
         ttl: float | Callable[[bytes], float] = 0,
+        *,
+        deadline: float | None = None,
     ) -> R:
         """Atomic read-modify-write. `fn(old)` returns (new value or None to leave the
         record unchanged, result). `fn` may run several times (optimistic retries)
-        and must be pure. `ttl`: seconds the written record lives (0: for ever), or a
-        function of the bytes written (called after `fn`). Raises `StoreError` when
-        the server cannot be reached."""
+        and must be pure; an exception from `fn` propagates and writes nothing.
+        A write sets the record's lifetime to `ttl` anew (see the class doc), or to
+        `ttl(new)` when it is a function of the bytes written (called after `fn`,
+        for records whose lifetime depends on what they hold); no write (None)
+        leaves it as it was. Raises `StoreError` when the server cannot be reached,
+        the deadline passes, or the retries are exhausted."""
 
-    async def delete(self, key: str) -> None: ...
+    async def delete(self, key: str, *, deadline: float | None = None) -> None:
+        """Remove the record; deleting a missing record is not an error."""
 
-    async def close(self) -> None: ...
+    async def health(
+        self, key: str, *, since: float | None = None, deadline: float | None = None
+    ) -> StoreHealth:
+        """The health of the server that holds `key`: one round trip, or none when a
+        recent reading can be shared (memcached keeps one per server for a short
+        time, and concurrent callers share the one in flight).
+
+        `since` (loop time, like `deadline`): only a reading whose request was sent
+        at or after `since` will do (a time still to come counts as now). A reading
+        proves nothing about records read after it was taken: to learn whether
+        records read (or found missing) by a call that returned at time ``t`` may
+        already have been lost, ask with ``since=t`` and compare the reading, with
+        `StoreHealth.lost_since`, to one taken before those records were written.
+        """
+
+    async def close(self) -> None:
+        """Let calls in flight end, then release every connection. Idempotent.
+        (memcached: later calls raise `StoreError`; the memory store, which has no
+        connection, stays usable.)"""

@@ -268,7 +268,7 @@ class Q4MQueue:
         """Emergency first, then each want's rows (they are claimed want by want):
         its timed rows by ready (Q4M serves due rows FIFO), then its normal rows."""
         rank = {Lane.EMERGENCY: 0, Lane.TIMED: 1, Lane.NORMAL: 2}
-        first = {}
+        first: dict[str, int] = {}
         for i, x in enumerate(leases):
             first.setdefault(x.destination if x.lane is not Lane.EMERGENCY else "", i)
         return sorted(

@@ -1,7 +1,14 @@
 """memcached store (aiomcache): records shared by every reader of every process.
 
 `update` is an optimistic `gets` / `cas` loop (`add` when the key is missing), so it
-is atomic per key across processes, with bounded retries.
+is atomic per key across processes, with bounded retries. `get_many` is one ``gets
+k1 k2 ...`` per server holding any of the keys. `health` is one ``stats`` per server,
+cached for `health_ttl` seconds and shared by concurrent callers.
+
+Every call takes an optional `deadline` (`Store` protocol): each server command is
+bounded by the earlier of its own `timeout` and that deadline, and a command cut
+off in mid-reply drops its connection (below), so a deadline never leaves a
+connection out of step.
 
 Keys are `namespace + ":" + key` (UTF-8 bytes). A key that would be longer than
 memcached's 250 bytes, that contains whitespace or control characters (which the
@@ -21,11 +28,14 @@ Behaviour of aiomcache 0.8 this module works around (see the tests):
   shielded from the caller's cancellation: the caller sees `CancelledError` at
   once while the command finishes on its connection. A command that was already
   sent when its caller was cancelled (an `add` or a `cas`) may still be applied.
-- On a timeout the command is cut off in mid-reply, so its connection is dropped.
-  Each aiomcache client here is given exactly one connection (``pool_size=1``)
-  and this module keeps up to `pool_size` such clients per server, so a timeout
-  drops exactly the one connection at fault and no other caller can be handed it
-  in between (aiomcache's own pool wakes waiters with released connections).
+- On a timeout or at the caller's deadline the command is cut off in mid-reply, so
+  its connection is dropped (through a partition that heals, plain aiomcache reads
+  the late reply on its next call: see the tests). A write cut off that way may
+  still be applied later, when the network delivers it. Each aiomcache client here
+  is given exactly one connection (``pool_size=1``) and this module keeps up to
+  `pool_size` such clients per server, so a timeout drops exactly the one
+  connection at fault and no other caller can be handed it in between
+  (aiomcache's own pool wakes waiters with released connections).
 - aiomcache's pool never grows past ``pool_minsize`` (which defaults to
   ``pool_size`` and is then opened all at once on the first call); the per-client
   pool of one avoids that too.
@@ -36,8 +46,13 @@ Behaviour of aiomcache 0.8 this module works around (see the tests):
 - `cas` returns False both on conflict and on a vanished key (both mean: retry);
   ``gets`` on a missing key returns ``(None, None)``; a cas token of 0 (memcached
   started with ``-C``) would make aiomcache send a plain ``cas`` without token.
-- Expiry times are whole seconds, and values over 30 days are read by memcached
-  as absolute Unix times: ttl is rounded up and clamped to 30 days.
+- Expiry times are whole seconds, counted on a clock that ticks once a second, so
+  an item written with exptime ``n`` lives between ``n - 1`` and ``n`` seconds
+  (measured: exptime 1 lived 0.10 to 0.88 s): a `ttl` is written as
+  ``ceil(ttl) + 1`` so that the record lives at least `ttl`. Values over 30 days
+  (`MAX_TTL`) are read by memcached as absolute Unix times: a ttl beyond
+  `max_ttl` (30 days less that second) is clamped, with a warning (the first time
+  per store); callers that need longer must refuse instead (`Store.max_ttl`).
 """
 
 from __future__ import annotations
@@ -48,7 +63,7 @@ import logging
 import math
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import aiomcache
@@ -56,6 +71,7 @@ import uhashring
 from aiomcache.pool import Connection
 
 from mvalve_async.errors import ConfigError, StoreError
+from mvalve_async.interfaces import StoreHealth
 
 __all__ = ["MAX_TTL", "MemcachedStore"]
 
@@ -65,6 +81,8 @@ R = TypeVar("R")
 
 #: memcached reads an exptime above 30 days as an absolute Unix time.
 MAX_TTL = 30 * 24 * 3600
+#: Counters of `stats` that count live items dropped to make room.
+_EVICTION_STATS = (b"evictions", b"slab_reassign_evictions_nomem")
 _MAX_KEY = 250  # bytes, memcached's limit
 _SHA1_HEX = 40
 # Characters aiomcache (and the text protocol) refuse in a key: whitespace, C0, DEL, C1.
@@ -89,7 +107,8 @@ class _Client(aiomcache.Client):
 
 
 class _Server:
-    """One memcached server: up to `pool_size` single-connection aiomcache clients."""
+    """One memcached server: up to `pool_size` single-connection aiomcache clients,
+    and its last `stats` reading."""
 
     def __init__(self, host: str, port: int, pool_size: int) -> None:
         self.host = host
@@ -97,6 +116,8 @@ class _Server:
         self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.slots = asyncio.Semaphore(pool_size)
         self._idle: list[_Client] = []
+        self.health: _Reading | None = None  # the newest reading done
+        self.health_read: _Reading | None = None  # the newest reading in flight
 
     def checkout(self) -> _Client:
         # Only called while holding a slot, so at most `pool_size` clients exist.
@@ -140,16 +161,40 @@ class _Op:
         self.sent = False  # the command may have reached the server
 
 
-def _exptime(ttl: float) -> int:
-    if ttl < 0 or math.isnan(ttl):
-        raise ConfigError(f"ttl must be >= 0 seconds, got {ttl!r}")
-    if ttl == 0:
-        return 0  # never expires
-    seconds = math.ceil(ttl)
-    if seconds > MAX_TTL:
-        log.debug("ttl %s s clamped to memcached's relative maximum %d s", ttl, MAX_TTL)
-        return MAX_TTL
-    return seconds
+class _Reading:
+    """One `stats` round trip for `health`: `sent` is the loop time before its
+    request went out, `until` the loop time until which it may be served."""
+
+    __slots__ = ("sent", "task", "until", "value")
+
+    def __init__(self, sent: float) -> None:
+        self.sent = sent
+        self.until = sent
+        self.value: StoreHealth | None = None
+        self.task: asyncio.Future[StoreHealth] | None = None
+
+
+def _health(label: str, stats: dict[bytes, bytes | None]) -> StoreHealth:
+    def number(name: bytes, default: int | None = None) -> int:
+        raw = stats.get(name)
+        if raw is None:
+            if default is None:
+                raise StoreError(f"memcached {label}: stats has no {name.decode()!r}")
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise StoreError(f"memcached {label}: stats {name.decode()} = {raw!r}") from None
+
+    uptime = number(b"uptime")
+    return StoreHealth(
+        server=label,
+        uptime=float(uptime),
+        evictions=sum(number(name, 0) for name in _EVICTION_STATS),
+        started=float(number(b"time") - uptime),
+        pid=number(b"pid"),
+        flushes=number(b"cmd_flush", 0),
+    )
 
 
 class MemcachedStore:
@@ -160,17 +205,23 @@ class MemcachedStore:
     - `pool_size`: connections per server (opened on demand).
     - `timeout`: seconds for each server command, including the wait for a free
       connection and connecting; on expiry the connection is dropped and
-      `StoreError` raised.
+      `StoreError` raised. A call's `deadline` can only shorten it.
     - `max_retries`: optimistic attempts of `update` before `StoreError`.
-    - `ttl` (of `update`): seconds, rounded up; 0 means no expiry; more than 30
-      days (`MAX_TTL`) is clamped to 30 days, since memcached reads larger values
-      as absolute times.
+    - `health_ttl`: seconds a server's `health` reading is served from cache
+      (0: read anew by every call that does not join one in flight; a caller's
+      `since` can always ask for a newer one).
+    - `ttl` (of `update`): the record lives at least `ttl` seconds (written as
+      ``ceil(ttl) + 1`` whole seconds); 0 means no expiry; more than `max_ttl`
+      (30 days less 1 s) is clamped to it, since memcached reads larger values as
+      absolute times.
 
-    `ops` counts round trips (each get, gets, add, cas, delete is one); `retries`
-    counts the `update` attempts lost to a concurrent writer.
+    `ops` counts round trips (each get, gets, add, cas, delete, stats, and each
+    server's share of a `get_many`, is one); `retries` counts the `update`
+    attempts lost to a concurrent writer.
     """
 
     name = "memcached"
+    max_ttl = float(MAX_TTL - 1)
 
     def __init__(
         self,
@@ -180,6 +231,7 @@ class MemcachedStore:
         pool_size: int = 8,
         timeout: float = 2.0,
         max_retries: int = 64,
+        health_ttl: float = 0.5,
     ) -> None:
         if not servers:
             raise ConfigError("MemcachedStore needs at least one (host, port) server")
@@ -190,9 +242,10 @@ class MemcachedStore:
             )
         if len(namespace.encode()) + len(":h:") + _SHA1_HEX > _MAX_KEY:
             raise ConfigError(f"memcached namespace too long: {namespace!r}")
-        if pool_size < 1 or max_retries < 1 or not timeout > 0:
+        if pool_size < 1 or max_retries < 1 or not timeout > 0 or not health_ttl >= 0:
             raise ConfigError(
-                "MemcachedStore needs pool_size >= 1, max_retries >= 1 and timeout > 0"
+                "MemcachedStore needs pool_size >= 1, max_retries >= 1, timeout > 0 "
+                "and health_ttl >= 0"
             )
         self._servers: dict[str, _Server] = {}
         for host, port in servers:
@@ -213,11 +266,13 @@ class MemcachedStore:
         self.pool_size = pool_size
         self.timeout = timeout
         self.max_retries = max_retries
+        self.health_ttl = health_ttl
         self.ops = 0
         self.retries = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._turns: dict[bytes, _Turn] = {}
         self._closed = False
+        self._clamp_logged = False
 
     # -- keys and servers ----------------------------------------------------
 
@@ -264,16 +319,46 @@ class MemcachedStore:
         # uhashring hashes str(key): give it the text, not bytes' repr.
         return self._servers[self._ring.get_node(mkey.decode())]
 
+    def _exptime(self, ttl: float) -> int:
+        if ttl < 0 or math.isnan(ttl):
+            raise ConfigError(f"ttl must be >= 0 seconds, got {ttl!r}")
+        if ttl == 0:
+            return 0  # never expires
+        if ttl > self.max_ttl:
+            if not self._clamp_logged:
+                self._clamp_logged = True
+                log.warning(
+                    "memcached: ttl %g s clamped to %g s (memcached reads longer "
+                    "expiry times as absolute dates); records may expire early",
+                    ttl,
+                    self.max_ttl,
+                )
+            return MAX_TTL
+        # memcached's clock ticks once a second: exptime n lives more than n - 1 s.
+        return math.ceil(ttl) + 1
+
     # -- one round trip ------------------------------------------------------
 
-    async def _call(self, server: _Server, name: str, *args: Any) -> Any:
+    def _check(self, server: _Server, what: str, deadline: float | None) -> float:
+        """Refuse a call on a closed store or past its deadline; the loop's time."""
         if self._closed:
             raise StoreError(f"memcached store {self!r} is closed")
+        now = asyncio.get_running_loop().time()
+        if deadline is not None and deadline <= now:
+            raise StoreError(
+                f"memcached {server.label}: {what} not sent: the caller's deadline had "
+                f"passed ({now - deadline:.3f} s ago)"
+            )
+        return now
+
+    async def _call(
+        self, server: _Server, name: str, *args: Any, deadline: float | None = None
+    ) -> Any:
+        now = self._check(server, name, deadline)
         self.ops += 1
         op = _Op(server, name, args)
-        task = asyncio.ensure_future(self._run(op))
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
+        task = asyncio.ensure_future(self._run(op, now, deadline))
+        self._track(task)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -282,15 +367,23 @@ class MemcachedStore:
             # else it completes on its own connection, which stays in sync.
             raise
 
-    def _reap(self, task: asyncio.Task[Any]) -> None:
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: the caller may have been cancelled
 
-    async def _run(self, op: _Op) -> Any:
+    async def _run(self, op: _Op, started: float, deadline: float | None) -> Any:
         server = op.server
+        ends = started + self.timeout
+        by_deadline = deadline is not None and deadline < ends  # the caller's is sooner
+        if deadline is not None:
+            ends = min(ends, deadline)
         try:
-            async with asyncio.timeout(self.timeout), server.slots:
+            async with asyncio.timeout_at(ends), server.slots:
                 client = server.checkout()
                 op.sent = True
                 try:
@@ -303,14 +396,29 @@ class MemcachedStore:
                 server.checkin(client)
                 return result
         except TimeoutError:
+            elapsed = asyncio.get_running_loop().time() - started
+            where = "connection dropped" if op.sent else "waiting for a free connection"
+            if by_deadline:
+                log.info(
+                    "memcached %s: %s cut off by the caller's deadline after %.3f s (%s)",
+                    server.label,
+                    op.name,
+                    elapsed,
+                    where,
+                )
+                raise StoreError(
+                    f"memcached {server.label}: {op.name} cut off after {elapsed:.3f} s: "
+                    f"the caller's deadline passed ({where})"
+                ) from None
             log.warning(
-                "memcached %s: %s timed out after %g s, connection dropped",
+                "memcached %s: %s timed out after %g s (%s)",
                 server.label,
                 op.name,
                 self.timeout,
+                where,
             )
             raise StoreError(
-                f"memcached {server.label}: {op.name} timed out after {self.timeout:g} s"
+                f"memcached {server.label}: {op.name} timed out after {self.timeout:g} s ({where})"
             ) from None
         except Exception as exc:
             log.debug("memcached %s: %s failed: %r", server.label, op.name, exc)
@@ -318,29 +426,63 @@ class MemcachedStore:
 
     # -- Store protocol ------------------------------------------------------
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, *, deadline: float | None = None) -> bytes | None:
         mkey = self.key_for(key)
-        value: bytes | None = await self._call(self._server(mkey), "get", mkey)
+        value: bytes | None = await self._call(self._server(mkey), "get", mkey, deadline=deadline)
         return value
+
+    async def get_many(
+        self, keys: Iterable[str], *, deadline: float | None = None
+    ) -> dict[str, bytes]:
+        """One ``gets k1 k2 ...`` per server holding any of the keys, concurrently;
+        see `Store.get_many`."""
+        wanted: dict[_Server, dict[bytes, str]] = {}  # server -> {memcached key: key}
+        for key in keys:
+            mkey = self.key_for(key)
+            wanted.setdefault(self._server(mkey), {})[mkey] = key
+        if not wanted:
+            return {}
+        calls = [
+            self._call(server, "multi_get", *mkeys, deadline=deadline)
+            for server, mkeys in wanted.items()
+        ]
+        replies: list[tuple[bytes | None, ...]]
+        if len(calls) == 1:
+            replies = [await calls[0]]
+        else:
+            # The first failure is raised at once; the other calls end on their own
+            # (each within the deadline or timeout), their connections kept in step.
+            replies = await asyncio.gather(*calls)
+        found: dict[str, bytes] = {}
+        for mkeys, values in zip(wanted.values(), replies, strict=True):
+            for key, value in zip(mkeys.values(), values, strict=True):
+                if value is not None:
+                    found[key] = value
+        return found
 
     async def update(
         self,
         key: str,
         fn: Callable[[bytes | None], tuple[bytes | None, R]],
         ttl: float | Callable[[bytes], float] = 0,
+        *,
+        deadline: float | None = None,
     ) -> R:
         """Atomic read-modify-write by `gets` then `cas` (or `add` when missing),
         retried (up to `max_retries` attempts, with a short jittered backoff) when
         another writer got there first. See `Store.update`.
 
         Updates of one key through this store take turns, so they race only with
-        other processes. `ttl`: see the class doc; it is set anew by each write.
-        If the caller is cancelled after the `add`/`cas` was sent, the write may
-        still be applied (the caller sees `CancelledError` either way)."""
+        other processes; the wait for a turn counts against `deadline`. `ttl`: see
+        the class doc; it is set anew by each write. If the caller is cancelled, or
+        its deadline passes, after the `add`/`cas` was sent, the write may still be
+        applied (the caller sees `CancelledError` or `StoreError`)."""
         mkey = self.key_for(key)
+        server = self._server(mkey)
         exptime: int | Callable[[bytes], int] = (
-            (lambda new: _exptime(ttl(new))) if callable(ttl) else _exptime(ttl)
+            (lambda new: self._exptime(ttl(new))) if callable(ttl) else self._exptime(ttl)
         )
+        self._check(server, f"update of {key!r}", deadline)
         # Updates of one key from this process take turns: they would only defeat
         # each other's cas (50 tasks on one key cost ~8 retries per update and
         # could starve), so only other processes' writes are left to race with.
@@ -349,8 +491,19 @@ class MemcachedStore:
             turn = self._turns[mkey] = _Turn()
         turn.users += 1
         try:
-            async with turn.lock:
-                return await self._update(mkey, key, fn, exptime)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await turn.lock.acquire()
+            except TimeoutError:
+                raise StoreError(
+                    f"memcached {server.label}: update of {key!r} not sent: the caller's "
+                    "deadline passed while it waited for another update of that key in "
+                    "this process"
+                ) from None
+            try:
+                return await self._update(server, mkey, key, fn, exptime, deadline)
+            finally:
+                turn.lock.release()
         finally:
             turn.users -= 1
             if not turn.users:
@@ -358,14 +511,17 @@ class MemcachedStore:
 
     async def _update(
         self,
+        server: _Server,
         mkey: bytes,
         key: str,
         fn: Callable[[bytes | None], tuple[bytes | None, R]],
         exptime: int | Callable[[bytes], int],
+        deadline: float | None,
     ) -> R:
-        server = self._server(mkey)
         for attempt in range(self.max_retries):
-            old, token = await self._call(server, "gets", mkey)
+            if attempt:
+                self._check(server, f"update of {key!r} (attempt {attempt + 1})", deadline)
+            old, token = await self._call(server, "gets", mkey, deadline=deadline)
             new, result = fn(old)
             if new is None:
                 return result
@@ -373,51 +529,83 @@ class MemcachedStore:
                 raise TypeError(f"update fn must return bytes or None, got {type(new).__name__}")
             expires = exptime(new) if callable(exptime) else exptime
             if old is None:
-                stored = await self._call(server, "add", mkey, new, expires)
+                stored = await self._call(server, "add", mkey, new, expires, deadline=deadline)
             elif not token:
                 raise StoreError(
                     f"memcached {server.label}: gets returned no cas token "
                     "(is memcached running with -C?)"
                 )
             else:
-                stored = await self._call(server, "cas", mkey, new, token, expires)
+                stored = await self._call(
+                    server, "cas", mkey, new, token, expires, deadline=deadline
+                )
             if stored:
                 return result
             # add: someone created it first; cas: changed or deleted meanwhile.
             self.retries += 1
             if attempt:
                 delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(attempt, 16))
-                await asyncio.sleep(random.uniform(0, delay))
+                pause = random.uniform(0, delay)
+                if deadline is not None:  # then the next attempt's check raises
+                    pause = min(pause, max(0.0, deadline - asyncio.get_running_loop().time()))
+                await asyncio.sleep(pause)
         log.warning("memcached %s: update of %r lost %d races", server.label, key, self.max_retries)
         raise StoreError(
             f"memcached {server.label}: update of {key!r} gave up after "
             f"{self.max_retries} conflicting writes"
         )
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
-        """One `get k1 k2 ...` per server holding any of `keys`."""
-        by_server: dict[str, list[tuple[str, bytes]]] = {}
-        for key in keys:
-            mkey = self.key_for(key)
-            by_server.setdefault(self._server(mkey).label, []).append((key, mkey))
-        out: dict[str, bytes] = {}
-
-        async def one(label: str, items: list[tuple[str, bytes]]) -> None:
-            values = await self._call(self._servers[label], "multi_get", *[m for _, m in items])
-            for (key, _), value in zip(items, values, strict=True):
-                if value is not None:
-                    out[key] = value
-
-        await asyncio.gather(*(one(label, items) for label, items in by_server.items()))
-        return out
-
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, deadline: float | None = None) -> None:
         mkey = self.key_for(key)
-        await self._call(self._server(mkey), "delete", mkey)
+        await self._call(self._server(mkey), "delete", mkey, deadline=deadline)
+
+    async def health(
+        self, key: str, *, since: float | None = None, deadline: float | None = None
+    ) -> StoreHealth:
+        """The `stats` of the server holding `key` (see `Store.health`). A reading
+        done less than `health_ttl` ago, or one in flight, is shared when its
+        request was sent at or after `since` (``None``: any); otherwise one
+        ``stats`` round trip. The round trip is bounded by `timeout`, each caller's
+        wait by its own deadline (the reading goes on for the others)."""
+        server = self._server(self.key_for(key))
+        now = self._check(server, "stats", deadline)
+        floor = -math.inf if since is None else min(since, now)
+        done = server.health
+        if done is not None and done.value is not None and now < done.until:
+            if done.sent >= floor:
+                return done.value
+        reading = server.health_read
+        if reading is None or reading.sent < floor:
+            reading = server.health_read = _Reading(now)
+            reading.task = asyncio.ensure_future(self._read_health(server, reading))
+            self._track(reading.task)
+        assert reading.task is not None
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(reading.task)
+        except TimeoutError:
+            raise StoreError(
+                f"memcached {server.label}: stats cut off after "
+                f"{asyncio.get_running_loop().time() - now:.3f} s: the caller's deadline "
+                "passed (the reading goes on for other callers)"
+            ) from None
+
+    async def _read_health(self, server: _Server, reading: _Reading) -> StoreHealth:
+        try:
+            value = _health(server.label, await self._call(server, "stats"))
+        finally:
+            if server.health_read is reading:
+                server.health_read = None
+        reading.value = value
+        reading.until = asyncio.get_running_loop().time() + self.health_ttl
+        if server.health is None or server.health.sent <= reading.sent:
+            server.health = reading
+        return value
 
     async def close(self) -> None:
-        """Let commands in flight finish (each is bounded by `timeout`), then close
-        every connection. Later calls raise `StoreError`."""
+        """Let commands in flight finish (each is bounded by `timeout` or its
+        caller's deadline), then close every connection. Later calls raise
+        `StoreError`."""
         self._closed = True
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

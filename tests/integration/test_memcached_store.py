@@ -1,6 +1,9 @@
 """MemcachedStore against a real memcached on 127.0.0.1:11211 (plus extra instances
-started here on free loopback ports). Skipped when memcached is not reachable,
-except under CI (env var CI set), where that is a failure."""
+started here on free loopback ports, some behind a proxy that can black-hole them):
+what is specific to memcached (keys, the ring, ttl encoding, round trips, deadlines
+under a partition, health readings, aiomcache's pitfalls). What every store must do
+is in tests/contract/test_store_contract.py. Skipped when memcached is not
+reachable, except under CI (env var CI set), where that is a failure."""
 
 from __future__ import annotations
 
@@ -17,27 +20,22 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiomcache
 import pytest
 from uhashring import HashRing
 
 from mvalve_async.errors import ConfigError, StoreError
-from mvalve_async.interfaces import Store
+from mvalve_async.interfaces import StoreHealth
 from mvalve_async.stores.memcached import MAX_TTL, MemcachedStore
+from tests.memcached_proc import MemcachedProcess, _free_port, _reachable, _unavailable
+from tests.memcached_proxy import BlackholeProxy, hanging_port
 
 pytestmark = pytest.mark.memcached
 
 HOST = "127.0.0.1"
 PORT = 11211
-
-
-from tests.memcached_proc import (  # noqa: E402
-    MemcachedProcess,
-    _free_port,
-    _reachable,
-    _unavailable,
-)
 
 
 def _ns() -> str:
@@ -123,45 +121,6 @@ async def server_keys(port: int, mkeys: list[bytes]) -> set[bytes]:
 # -- basics ----------------------------------------------------------------------
 
 
-async def test_round_trip(store: MemcachedStore) -> None:
-    assert isinstance(store, Store)
-    assert await store.get("a") is None
-    assert await store.update("a", lambda old: (b"one", old)) is None
-    assert await store.get("a") == b"one"
-    assert await store.update("a", lambda old: (b"two", old)) == b"one"
-    assert await store.get("a") == b"two"
-    await store.delete("a")
-    assert await store.get("a") is None
-    await store.delete("a")  # deleting a missing key is fine
-
-
-async def test_update_of_missing_key_and_no_change(store: MemcachedStore) -> None:
-    seen: list[bytes | None] = []
-
-    def look(old: bytes | None) -> tuple[bytes | None, str]:
-        seen.append(old)
-        return None, "unchanged"
-
-    assert await store.update("missing", look) == "unchanged"
-    assert seen == [None]
-    assert await store.get("missing") is None  # returning None writes nothing
-    assert await store.update("missing", incr) == 1
-    assert await store.get("missing") == b"1"
-
-
-async def test_fn_errors_propagate_and_leave_value(store: MemcachedStore) -> None:
-    await store.update("k", lambda old: (b"kept", None))
-
-    def boom(old: bytes | None) -> tuple[bytes | None, None]:
-        raise KeyError("from fn")
-
-    with pytest.raises(KeyError):
-        await store.update("k", boom)
-    with pytest.raises(TypeError):
-        await store.update("k", lambda old: ("not bytes", None))  # type: ignore[arg-type,return-value]
-    assert await store.get("k") == b"kept"
-
-
 async def test_ops_count_round_trips(store: MemcachedStore) -> None:
     assert store.ops == 0
     await store.update("c", incr)  # gets + add
@@ -189,6 +148,8 @@ async def test_repr_and_config_errors(store: MemcachedStore) -> None:
     with pytest.raises(ConfigError):
         MemcachedStore([(HOST, PORT), (HOST, PORT)])
     with pytest.raises(ConfigError):
+        MemcachedStore([(HOST, PORT)], health_ttl=-1)
+    with pytest.raises(ConfigError):
         await store.update("k", incr, ttl=-1)
 
 
@@ -204,33 +165,44 @@ async def test_closed_store_refuses(memcached_up: None) -> None:
 # -- ttl -------------------------------------------------------------------------
 
 
-async def test_ttl_is_applied_and_expires(store: MemcachedStore) -> None:
-    await store.update("short", lambda old: (b"x", None), ttl=1)
-    assert await meta_ttl(PORT, store.key_for("short")) in (0, 1)
-    # memcached's clock ticks once a second: expiry comes within about 2 s.
-    deadline = time.monotonic() + 4.0
-    while await store.get("short") is not None:
-        assert time.monotonic() < deadline, "an item with ttl=1 did not expire"
-        await asyncio.sleep(0.05)
+async def test_ttl_is_written_one_second_longer_and_clamped(
+    store: MemcachedStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """memcached's clock ticks once a second, so exptime n lives more than n - 1 s:
+    ttl is written as ceil(ttl) + 1 (the contract suite checks the lifetime)."""
+    await store.update("frac", put(b"x"), ttl=0.2)  # ceil(0.2) + 1
+    assert await meta_ttl(PORT, store.key_for("frac")) in (1, 2)
+    await store.update("whole", put(b"x"), ttl=100)
+    ttl = await meta_ttl(PORT, store.key_for("whole"))
+    assert ttl is not None and 96 <= ttl <= 101
 
-
-async def test_ttl_rounding_clamping_and_rewrite(store: MemcachedStore) -> None:
-    await store.update("frac", lambda old: (b"x", None), ttl=0.2)  # rounded up to 1 s
-    assert await meta_ttl(PORT, store.key_for("frac")) in (0, 1)
-
-    await store.update("forever", lambda old: (b"x", None))  # ttl=0: no expiry
+    await store.update("forever", put(b"x"))  # ttl=0: no expiry
     assert await meta_ttl(PORT, store.key_for("forever")) == -1
 
-    # A year would be read as an absolute (past) time and vanish at once: clamped.
-    await store.update("year", lambda old: (b"x", None), ttl=365 * 86400)
-    assert await store.get("year") == b"x"
+    # The longest honoured ttl is written as exactly 30 days, memcached's relative
+    # maximum, without a warning.
+    await store.update("longest", put(b"x"), ttl=store.max_ttl)
+    ttl = await meta_ttl(PORT, store.key_for("longest"))
+    assert ttl is not None and MAX_TTL - 5 <= ttl <= MAX_TTL
+    assert not caplog.records
+
+    # A year would be read as an absolute (past) time and vanish at once: clamped,
+    # with a warning the first time only.
+    with caplog.at_level("WARNING", logger="mvalve_async.stores.memcached"):
+        await store.update("year", put(b"x"), ttl=365 * 86400)
+        await store.update("year2", put(b"x"), ttl=365 * 86400)
+    assert [r.getMessage() for r in caplog.records] == [
+        "memcached: ttl 3.1536e+07 s clamped to 2.592e+06 s (memcached reads longer "
+        "expiry times as absolute dates); records may expire early"
+    ]
+    assert await store.get_many(["year", "year2"]) == {"year": b"x", "year2": b"x"}
     ttl = await meta_ttl(PORT, store.key_for("year"))
     assert ttl is not None and MAX_TTL - 5 <= ttl <= MAX_TTL
 
     # Each successful update (cas) sets the ttl anew.
-    await store.update("year", lambda old: (b"y", None), ttl=100)
+    await store.update("year", put(b"y"), ttl=100)
     ttl = await meta_ttl(PORT, store.key_for("year"))
-    assert ttl is not None and 95 <= ttl <= 100
+    assert ttl is not None and 96 <= ttl <= 101
 
 
 # -- keys ------------------------------------------------------------------------
@@ -280,7 +252,8 @@ async def test_long_and_unsafe_keys_are_hashed(store: MemcachedStore) -> None:
 # -- atomicity -------------------------------------------------------------------
 
 
-async def test_concurrent_updates_are_atomic(store: MemcachedStore) -> None:
+async def test_concurrent_updates_count_every_attempt(store: MemcachedStore) -> None:
+    # (Atomicity itself is in the contract suite.)
     async def worker() -> list[int]:
         return [await store.update("counter", incr) for _ in range(20)]
 
@@ -318,10 +291,10 @@ async def test_update_gives_up_after_max_retries(
         await store.update("k", incr)
         call = s._call
 
-        async def meddling_call(server: object, name: str, *args: object) -> object:
+        async def meddling_call(server: object, name: str, *args: object, **kw: object) -> object:
             if name == "cas":  # another writer gets in between our gets and our cas
                 await store.update("k", incr)
-            return await call(server, name, *args)  # type: ignore[arg-type]
+            return await call(server, name, *args, **kw)  # type: ignore[arg-type]
 
         monkeypatch.setattr(s, "_call", meddling_call)
         with pytest.raises(StoreError, match="gave up after 3"):
@@ -648,3 +621,436 @@ async def test_caller_cancellation_is_prompt(memcached_up: None) -> None:
         assert await s.update("k", incr) in (2, 3)
     finally:
         await s.close()
+
+
+# -- get_many ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def two_proxies(two_servers: list[MemcachedProcess]) -> AsyncIterator[list[BlackholeProxy]]:
+    proxies = [await BlackholeProxy(p.port).start() for p in two_servers]
+    try:
+        yield proxies
+    finally:
+        for proxy in proxies:
+            proxy.heal()
+            await proxy.close()
+
+
+def _gets_lines(proxy: BlackholeProxy) -> list[list[bytes]]:
+    """The keys of each get/gets command the proxy forwarded."""
+    return [line.split()[1:] for line in proxy.requests() if line.split()[0] in (b"get", b"gets")]
+
+
+async def test_get_many_is_one_round_trip_per_server(two_proxies: list[BlackholeProxy]) -> None:
+    """One `gets` per server, carrying exactly that server's memcached keys (hashed
+    and long keys as `key_for` makes them); missing keys absent from the result."""
+    s = MemcachedStore([(HOST, p.port) for p in two_proxies], namespace=_ns())
+    try:
+        keys = [f"dest-{i}" for i in range(100)] + ["a" * 300, "with space", "é" * 200, "h:1"]
+        for key in keys:
+            await s.update(key, put(key.encode()))
+        asked = [*keys, "missing-1", "missing 2", *keys[:10]]  # duplicates read once
+        before = {p.label: len(_gets_lines(p)) for p in two_proxies}
+        ops = s.ops
+        assert await s.get_many(asked) == {k: k.encode() for k in keys}
+        assert s.ops == ops + 2
+        for proxy in two_proxies:
+            lines = _gets_lines(proxy)[before[proxy.label] :]
+            assert len(lines) == 1, lines  # one round trip to this server
+            expected = {s.key_for(k) for k in set(asked) if s.server_for(k) == proxy.label}
+            assert sorted(lines[0]) == sorted(expected)
+            assert len(expected) > 10  # both servers hold some of the keys
+
+        # Keys that all live on one server: one round trip, to that server only.
+        label = two_proxies[0].label
+        mine = [k for k in keys if s.server_for(k) == label][:5]
+        other = two_proxies[1]
+        count = len(_gets_lines(other))
+        ops = s.ops
+        assert await s.get_many(mine) == {k: k.encode() for k in mine}
+        assert s.ops == ops + 1
+        assert len(_gets_lines(other)) == count
+    finally:
+        await s.close()
+
+
+async def test_get_many_of_a_large_batch(store: MemcachedStore) -> None:
+    """memcached takes a multiget line of any length (here about 400 KB)."""
+    keys = [f"{i:06d}-" + "k" * (230 - len(store.namespace)) for i in range(2000)]
+    assert all(len(store.key_for(k)) > 230 for k in keys)
+    for i, key in enumerate(keys[::2]):
+        await store.update(key, put(b"%d" % i * 100), ttl=60)  # a shared server: tidy
+    ops = store.ops
+    got = await store.get_many(keys)
+    assert store.ops == ops + 1
+    assert got == {key: b"%d" % i * 100 for i, key in enumerate(keys[::2])}
+
+
+# -- deadlines: a server black-holed behind a proxy -------------------------------
+
+
+@pytest.fixture
+async def partitioned(
+    spare_server: MemcachedProcess,
+) -> AsyncIterator[tuple[MemcachedStore, BlackholeProxy]]:
+    """A store (4 connections, a 5 s command timeout: the deadlines bind first) on a
+    private memcached behind a proxy that can black-hole it."""
+    proxy = await BlackholeProxy(spare_server.port).start()
+    s = MemcachedStore([(HOST, proxy.port)], namespace=_ns(), pool_size=4, timeout=5.0)
+    try:
+        yield s, proxy
+    finally:
+        proxy.heal()
+        await s.close()
+        await proxy.close()
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def _timed(call: Callable[[float], Any], within: float) -> tuple[float, BaseException | Any]:
+    """Run `call(deadline)` with deadline = now + `within`: (elapsed, result or error)."""
+    started = _now()
+    try:
+        result = await call(started + within)
+    except Exception as exc:
+        return _now() - started, exc
+    return _now() - started, result
+
+
+async def test_blackholed_calls_end_by_their_deadline(
+    partitioned: tuple[MemcachedStore, BlackholeProxy],
+) -> None:
+    s, proxy = partitioned
+    values = {f"k{i}": f"value-{i}".encode() for i in range(8)}
+    for key, value in values.items():
+        await s.update(key, put(value))
+    await asyncio.gather(*(s.get(k) for k in values))  # several pooled connections
+    proxy.blackhole()
+
+    calls: dict[str, Callable[[float], Any]] = {
+        "get": lambda d: s.get("k0", deadline=d),
+        "get_many": lambda d: s.get_many(["k1", "k2", "nope"], deadline=d),
+        # (Held writes still land after healing: they touch keys of their own.)
+        "update": lambda d: s.update("w-update", incr, ttl=60, deadline=d),
+        "delete": lambda d: s.delete("w-delete", deadline=d),
+        "health": lambda d: s.health("k5", deadline=d),
+        "get (waits for a connection)": lambda d: s.get("k6", deadline=d),
+    }
+    for _ in range(2):  # pooled connections first, then new ones opened in the partition
+        outcomes = await asyncio.gather(*(_timed(call, 1.0) for call in calls.values()))
+        print("black-holed, s:", [round(elapsed, 4) for elapsed, _ in outcomes])
+        for name, (elapsed, outcome) in zip(calls, outcomes, strict=True):
+            assert isinstance(outcome, StoreError), (name, outcome)
+            assert "deadline passed" in str(outcome), (name, outcome)
+            assert 1.0 <= elapsed <= 1.1, (name, elapsed)
+
+    proxy.heal()
+    elapsed, value = await _timed(lambda d: s.get("k7", deadline=d), 1.0)
+    assert value == values["k7"] and elapsed < 0.1, elapsed
+    print(f"first get after healing: {elapsed:.4f} s")
+    # No connection reads a reply meant for another request: every key, many times
+    # over, concurrently, comes back with its own value.
+    for _ in range(5):
+        keys = random.sample(sorted(values), len(values))
+        got = await asyncio.gather(*(s.get(k, deadline=_now() + 1.0) for k in keys))
+        assert got == [values[k] for k in keys]
+        assert await s.get_many(keys) == values
+    assert await s.update("k0", put(b"after"), deadline=_now() + 1.0) is None
+    assert await s.get("k0") == b"after"
+
+
+async def test_a_reused_connection_would_read_a_stale_reply(
+    spare_server: MemcachedProcess,
+) -> None:
+    """Control for the test above: through the same proxy, plain aiomcache, whose
+    call is cut off by a timeout, reads the previous request's reply after healing.
+    The proxy does reproduce the hazard that the store's connection handling avoids."""
+    proxy = await BlackholeProxy(spare_server.port).start()
+    client = aiomcache.Client(HOST, proxy.port, pool_size=1)
+    try:
+        await client.set(b"k1", b"one")
+        await client.set(b"k2", b"two")
+        proxy.blackhole()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.get(b"k1"), 0.2)
+        proxy.heal()
+        assert await client.get(b"k2") != b"two"  # it read k1's late reply instead
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+async def test_a_write_cut_off_by_its_deadline_may_land_later(
+    partitioned: tuple[MemcachedStore, BlackholeProxy],
+) -> None:
+    """The partition starts between the `gets` and the `cas`: the caller gets
+    StoreError at its deadline, and the held `cas` still reaches the server when the
+    network heals (TCP would deliver it the same way). Callers must treat a write
+    that raised as possibly applied."""
+    s, proxy = partitioned
+    await s.update("k", put(b"1"))
+
+    def then_partition(old: bytes | None) -> tuple[bytes, None]:
+        proxy.blackhole()
+        return b"2", None
+
+    elapsed, outcome = await _timed(lambda d: s.update("k", then_partition, deadline=d), 0.5)
+    assert isinstance(outcome, StoreError) and "cas cut off" in str(outcome), outcome
+    assert 0.5 <= elapsed <= 0.6
+    proxy.heal()
+    limit = _now() + 2.0
+    while await s.get("k") != b"2":  # the server applies the late cas
+        assert _now() < limit, "the held cas never landed"
+        await asyncio.sleep(0.01)
+
+
+async def test_deadline_bounds_the_wait_for_a_connection_and_a_turn(
+    partitioned: tuple[MemcachedStore, BlackholeProxy],
+) -> None:
+    s, proxy = partitioned
+    one = MemcachedStore([(HOST, proxy.port)], namespace=s.namespace, pool_size=1, timeout=5.0)
+    try:
+        await one.get("warm")
+        proxy.blackhole()
+        # The first holds the only connection; the second waits for it.
+        slow, waiting = await asyncio.gather(
+            _timed(lambda d: one.get("a", deadline=d), 1.0),
+            _timed(lambda d: one.get("b", deadline=d), 0.3),
+        )
+        assert isinstance(waiting[1], StoreError), waiting
+        assert "waiting for a free connection" in str(waiting[1])
+        assert 0.3 <= waiting[0] <= 0.4, waiting
+        assert isinstance(slow[1], StoreError) and 1.0 <= slow[0] <= 1.1, slow
+
+        # Updates of one key from one process take turns: the second waits its turn.
+        first, second = await asyncio.gather(
+            _timed(lambda d: s.update("t", incr, deadline=d), 1.0),
+            _timed(lambda d: s.update("t", incr, deadline=d), 0.3),
+        )
+        assert isinstance(second[1], StoreError), second
+        assert "waited for another update" in str(second[1])
+        assert 0.3 <= second[0] <= 0.4, second
+        assert isinstance(first[1], StoreError) and 1.0 <= first[0] <= 1.1, first
+    finally:
+        proxy.heal()
+        await one.close()
+
+
+async def test_deadline_bounds_connecting() -> None:
+    with hanging_port() as port:
+        s = MemcachedStore([(HOST, port)], namespace=_ns(), timeout=5.0)
+        try:
+            elapsed, outcome = await _timed(lambda d: s.get("k", deadline=d), 0.5)
+            assert isinstance(outcome, StoreError), outcome
+            assert "deadline passed (connection dropped)" in str(outcome)
+            assert 0.5 <= elapsed <= 0.6, elapsed
+        finally:
+            await s.close()
+
+
+async def test_deadline_bounds_update_retries(
+    store: MemcachedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that wins every race: the update gives up at its deadline, not after
+    its retries (of which it would have many more)."""
+    s = MemcachedStore([(HOST, PORT)], namespace=store.namespace, max_retries=10**6)
+    try:
+        await store.update("k", incr)
+        call = s._call
+
+        async def meddling_call(server: object, name: str, *args: object, **kw: object) -> object:
+            if name == "cas":
+                await store.update("k", incr)
+            return await call(server, name, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(s, "_call", meddling_call)
+        elapsed, outcome = await _timed(lambda d: s.update("k", put(b"mine"), deadline=d), 0.3)
+        assert isinstance(outcome, StoreError) and "deadline" in str(outcome), outcome
+        assert 0.3 <= elapsed <= 0.4, elapsed
+        assert s.retries > 5
+        assert await store.get("k") != b"mine"
+    finally:
+        await s.close()
+
+
+async def test_get_many_with_one_server_blackholed(two_proxies: list[BlackholeProxy]) -> None:
+    s = MemcachedStore([(HOST, p.port) for p in two_proxies], namespace=_ns(), timeout=5.0)
+    try:
+        keys = [f"dest-{i}" for i in range(20)]
+        for key in keys:
+            await s.update(key, put(b"x"))
+        dark, lit = two_proxies
+        dark.blackhole()
+        elapsed, outcome = await _timed(lambda d: s.get_many(keys, deadline=d), 1.0)
+        assert isinstance(outcome, StoreError) and dark.label in str(outcome), outcome
+        assert 1.0 <= elapsed <= 1.1, elapsed
+        on_lit = [k for k in keys if s.server_for(k) == lit.label]
+        assert on_lit and await s.get_many(on_lit, deadline=_now() + 1.0) == dict.fromkeys(
+            on_lit, b"x"
+        )
+        dark.heal()
+        assert await s.get_many(keys, deadline=_now() + 1.0) == dict.fromkeys(keys, b"x")
+    finally:
+        await s.close()
+
+
+# -- health --------------------------------------------------------------------------
+
+
+async def _health_after_restart(s: MemcachedStore, key: str) -> StoreHealth:
+    # The pooled connection to the old server is found dead once (StoreError).
+    for _ in range(2):
+        try:
+            return await s.health(key)
+        except StoreError:
+            pass
+    return await s.health(key)
+
+
+async def test_health_of_a_restarted_server(spare_server: MemcachedProcess) -> None:
+    """A restart shows as a new incarnation (start time, pid) with a small uptime.
+    A cached reading cannot show what happened after it was taken: `since` asks for
+    one taken after the read whose result is in question."""
+    s = MemcachedStore([(HOST, spare_server.port)], namespace=_ns(), health_ttl=60)
+    try:
+        await s.update("k", put(b"v"))
+        before = await s.health("k")
+        assert before.server == spare_server.label
+        assert before.pid == spare_server.pid
+        assert before.evictions == 0 and before.flushes == 0
+
+        spare_server.stop()
+        spare_server.start()
+        missing = None
+        for _ in range(3):  # the pooled connection to the old server fails once
+            try:
+                missing = await s.get("k")
+                break
+            except StoreError:
+                pass
+        else:
+            raise AssertionError("the restarted server did not answer")
+        read_at = _now()
+        assert missing is None  # the record is gone with the old server...
+        assert await s.health("k") is before  # ...which a cached reading cannot show
+
+        after = await s.health("k", since=read_at)
+        assert after.pid == spare_server.pid
+        assert (after.started, after.pid) != (before.started, before.pid)
+        assert after.started >= before.started
+        assert after.uptime < 5  # memcached starts counting at 2 s
+        assert after.lost_since(before)
+    finally:
+        await s.close()
+
+
+async def test_health_since_never_takes_an_older_reading(memcached_up: None) -> None:
+    s = MemcachedStore([(HOST, PORT)], namespace=_ns(), health_ttl=60)
+    try:
+        ops = s.ops
+        first = await s.health("k")
+        assert await s.health("k") is first and s.ops == ops + 1  # cached
+        assert await s.health("k", since=_now() - 60) is first  # old enough a wish
+        t = _now()
+        fresh = await asyncio.gather(*(s.health("k", since=t) for _ in range(10)))
+        assert s.ops == ops + 2  # ten callers, one new round trip
+        assert all(h is fresh[0] for h in fresh) and fresh[0] is not first
+        assert await s.health("k") is fresh[0]  # the newest reading is the cached one
+
+        # A reading in flight whose request went out before `since` is not joined.
+        early = asyncio.create_task(s.health("k", since=_now()))
+        await asyncio.sleep(0)  # its request is on its way
+        await asyncio.sleep(0.002)  # and the clock moves on
+        late = await s.health("k", since=_now())
+        assert await early is not late
+        assert s.ops == ops + 4
+    finally:
+        await s.close()
+
+
+async def test_health_is_cached_and_shared(two_servers: list[MemcachedProcess]) -> None:
+    s = MemcachedStore([(HOST, p.port) for p in two_servers], namespace=_ns(), health_ttl=0.3)
+    try:
+        keys = [f"dest-{i}" for i in range(50)]
+        ops = s.ops
+        readings = await asyncio.gather(*(s.health(k) for k in keys))
+        assert s.ops == ops + 2  # 50 callers, two servers: two stats round trips
+        for key, health in zip(keys, readings, strict=True):
+            assert health.server == s.server_for(key)
+        assert await s.health(keys[0]) is readings[0]  # from the cache
+        assert s.ops == ops + 2
+        await asyncio.sleep(0.35)  # the cache's lifetime passes
+        fresh = await s.health(keys[0])
+        assert s.ops == ops + 3
+        assert fresh is not readings[0] and not fresh.lost_since(readings[0])
+    finally:
+        await s.close()
+
+
+async def test_health_sees_a_flush(spare_server: MemcachedProcess) -> None:
+    s = MemcachedStore([(HOST, spare_server.port)], namespace=_ns(), health_ttl=0)
+    client = aiomcache.Client(HOST, spare_server.port)
+    try:
+        before = await s.health("k")
+        await client.flush_all()
+        after = await s.health("k")
+        assert after.flushes == before.flushes + 1 and after.lost_since(before)
+    finally:
+        await client.close()
+        await s.close()
+
+
+async def _flood(port: int, size: int, count: int) -> None:
+    """Another application's client writes `count` keys of `size` bytes."""
+    client = aiomcache.Client(HOST, port, pool_size=4)
+    try:
+        value = b"x" * size
+        for start in range(0, count, 500):
+            await asyncio.gather(
+                *(
+                    client.set(b"other-app:%d:%d" % (size, i), value)
+                    for i in range(start, start + 500)
+                )
+            )
+    finally:
+        await client.close()
+
+
+@pytest.mark.slow
+async def test_health_sees_evictions_and_a_record_can_be_evicted(
+    memcached_binary: None, tmp_path: Path
+) -> None:
+    """In an 8 MB memcached another client's keys evict, `evictions` rises, and a
+    record of the store can be evicted while the server stays up: the loss a
+    restart check cannot see. (memcached keeps one LRU per slab class: a flood of
+    1 KB values evicts 1 KB items; a record of a few hundred bytes goes once items
+    of its own size class flood in.)"""
+    proc = MemcachedProcess(tmp_path, "-m", "8")
+    proc.start()
+    s = MemcachedStore([(HOST, proc.port)], namespace=_ns(), health_ttl=0)
+    try:
+        record = b"r" * 200  # the size of a valve record
+        await s.update("dest:slow", put(record), ttl=3600)
+        start = await s.health("dest:slow")
+        assert start.evictions == 0
+
+        await _flood(proc.port, 1024, 40_000)  # 40 MB of 1 KB values into 8 MB
+        flooded = await s.health("dest:slow")
+        assert flooded.evictions > 10_000, flooded
+        assert flooded.lost_since(start)
+        assert (flooded.started, flooded.pid) == (start.started, start.pid)  # no restart
+
+        # The record is not read meanwhile (a read would keep it warm in the LRU).
+        await _flood(proc.port, len(record), 40_000)
+        assert await s.get("dest:slow") is None, "the record survived: test too weak"
+        evicted = await s.health("dest:slow")
+        assert evicted.evictions > flooded.evictions
+        assert (evicted.started, evicted.pid) == (start.started, start.pid)  # still up
+        assert evicted.lost_since(flooded)
+        print(f"evictions: {flooded.evictions} after 1 KB, {evicted.evictions} after 200 B")
+    finally:
+        await s.close()
+        proc.stop()

@@ -1,77 +1,42 @@
-"""MemoryStore: the in-process reference implementation of the `Store` protocol."""
+"""MemoryStore: what is specific to it. What every store must do (get, update,
+delete, get_many, lifetimes, deadlines, health) is in
+tests/contract/test_store_contract.py, which runs it too."""
 
 from __future__ import annotations
 
-import asyncio
+import math
 
 import pytest
 
-from mvalve_async.interfaces import Store
 from mvalve_async.stores import memory
 from mvalve_async.stores.memory import MemoryStore
 
 
-def incr(old: bytes | None) -> tuple[bytes, int]:
-    n = int(old or b"0") + 1
-    return str(n).encode(), n
-
-
-async def test_update_semantics() -> None:
-    store = MemoryStore()
-    assert isinstance(store, Store)
-    seen: list[bytes | None] = []
-
-    def look(old: bytes | None) -> tuple[None, str]:
-        seen.append(old)
-        return None, "result"
-
-    assert await store.update("k", look) == "result"  # None: nothing written
-    assert seen == [None]
-    assert await store.get("k") is None
-    assert await store.update("k", incr) == 1
-    assert await store.update("k", incr) == 2
-
-    def boom(old: bytes | None) -> tuple[bytes, None]:
-        raise KeyError("from fn")
-
-    with pytest.raises(KeyError):
-        await store.update("k", boom)
-    assert await store.get("k") == b"2"  # a failing fn leaves the record alone
-    await store.delete("k")
-    await store.delete("k")
-    assert await store.get("k") is None
-    assert store.ops == 9
-
-
-async def test_concurrent_updates_are_atomic() -> None:
-    store = MemoryStore()
-
-    async def worker() -> list[int]:
-        results = []
-        for _ in range(20):
-            results.append(await store.update("counter", incr))
-            await asyncio.sleep(0)  # interleave the tasks
-        return results
-
-    results = await asyncio.gather(*(worker() for _ in range(50)))
-    assert await store.get("counter") == b"1000"
-    assert sorted(n for r in results for n in r) == list(range(1, 1001))
-
-
 class FakeClock:
+    """Stands in for the `time` module inside stores/memory.py."""
+
     def __init__(self, now: float) -> None:
         self.now = now
 
-    def time(self) -> float:
+    def monotonic(self) -> float:
         return self.now
 
+    def time(self) -> float:
+        return 1_700_000_000.0 + self.now
 
-async def test_ttl_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock(1_000_000.0)
-    monkeypatch.setattr(memory, "time", clock)
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock(1_000.0)
+    monkeypatch.setattr(memory, "time", fake)
+    return fake
+
+
+async def test_ttl_is_exact(clock: FakeClock) -> None:
     store = MemoryStore()
     await store.update("short", lambda old: (b"x", None), ttl=10)
     await store.update("forever", lambda old: (b"y", None))  # ttl=0: never expires
+    await store.update("unlimited", lambda old: (b"z", None), ttl=math.inf)
 
     clock.now += 9.999
     assert await store.get("short") == b"x"
@@ -83,15 +48,44 @@ async def test_ttl_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
     assert await store.get("short") == b"again"
     clock.now += 1_000_000
     assert await store.get("short") is None
-    assert await store.get("forever") == b"y"
+    assert await store.get_many(["short", "forever", "unlimited"]) == {
+        "forever": b"y",
+        "unlimited": b"z",
+    }
 
 
-async def test_update_without_change_keeps_the_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock(50.0)
-    monkeypatch.setattr(memory, "time", clock)
+async def test_update_without_change_keeps_the_ttl(clock: FakeClock) -> None:
     store = MemoryStore()
     await store.update("k", lambda old: (b"v", None), ttl=10)
     clock.now += 8
     assert await store.update("k", lambda old: (None, old), ttl=100) == b"v"
     clock.now += 2
     assert await store.get("k") is None  # the no-change update did not extend it
+
+
+async def test_health_is_one_incarnation_that_never_evicts(clock: FakeClock) -> None:
+    store = MemoryStore()
+    first = await store.health("a")
+    assert (first.uptime, first.started, first.evictions) == (0.0, 1_700_001_000.0, 0)
+    clock.now += 3600
+    later = await store.health("b")
+    assert later.uptime == 3600.0 and later.started == first.started
+    assert not later.lost_since(first)
+    assert store.ops == 0  # health reads no record
+
+
+async def test_ops_count_calls(clock: FakeClock) -> None:
+    store = MemoryStore()
+    await store.update("k", lambda old: (b"v", None))
+    await store.get("k")
+    await store.get_many(["k", "j", "i"])
+    await store.get_many([])
+    await store.delete("k")
+    assert store.ops == 4
+
+
+async def test_still_usable_after_close() -> None:
+    store = MemoryStore()
+    await store.update("k", lambda old: (b"v", None))
+    await store.close()
+    assert await store.get("k") == b"v"
