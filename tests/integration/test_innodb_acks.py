@@ -82,11 +82,13 @@ async def test_acks_ride_with_the_next_claim_and_survive_its_failure(
         await queue.close()
 
 
-async def test_moves_dead_letters_and_reschedules_are_one_round_trip_each(
+async def test_moves_dead_letters_and_reschedules_are_two_round_trips_each(
     tmp_path: object, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A throttled backlog moves every message to the timed lane once: four round
     # trips there (BEGIN, INSERT ... SELECT, DELETE, COMMIT) were most of a drain's SQL.
+    # Now the statements in one packet, and COMMIT alone: a COMMIT riding in the
+    # packet can report OK for a transaction Galera rolled back (tests/galera).
     queue: Any = await open_queue("innodb", tmp_path, request)
     try:
         await Writer(queue).insert_many([Message("d", i) for i in range(3)])
@@ -96,8 +98,9 @@ async def test_moves_dead_letters_and_reschedules_are_one_round_trip_each(
         await queue.dead([second], "test")
         assert await queue.reschedule("d", [(first.created, 0.0, time.time() + 30)]) == 1
         await queue.move(third, time.time() + 60, False)
-        assert len(sent) == 4
-        assert all(s.startswith("START TRANSACTION; ") and s.endswith("; COMMIT") for s in sent)
+        assert len(sent) == 8
+        assert all(s.startswith("START TRANSACTION; ") and "COMMIT" not in s for s in sent[::2])
+        assert sent[1::2] == ["COMMIT"] * 4
         monkeypatch.undo()
         stats = await queue.stats(time.time())
         assert stats.queued[Lane.TIMED] == 2 and stats.queued[Lane.NORMAL] == 0

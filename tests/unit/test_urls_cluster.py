@@ -47,6 +47,7 @@ def test_a_cluster_url_makes_one_innodb_queue_with_every_option() -> None:
     assert s.tables == Tables(normal=("n",), dead="dl")
     queue = make_queue(s)
     assert isinstance(queue, InnoDBQueue)
+    assert queue.db.nodes == (("h1", 3311), ("h2", 3312)) and queue.db.failover
 
 
 def test_safe_url_keeps_the_nodes_and_the_option_and_masks_the_password() -> None:
