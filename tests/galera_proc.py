@@ -52,6 +52,7 @@ def available() -> str | None:
             ("mariadb-install-db", bool(shutil.which("mariadb-install-db"))),
             ("rsync", bool(shutil.which("rsync"))),
             ("wsrep_sst_rsync", bool(shutil.which("wsrep_sst_rsync"))),
+            ("ss or lsof (rsync SST)", bool(shutil.which("ss") or shutil.which("lsof"))),
         ]
         if not ok
     ]
