@@ -101,6 +101,7 @@ class GaleraNode:
         self.cluster = cluster
         self.index = index
         self.name = f"node{index + 1}"
+        self.host = HOST
         self.port = base + index
         self.gcomm_port = base + 1260 + index
         self.ist_port = base + 1270 + index
