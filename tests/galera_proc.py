@@ -336,6 +336,14 @@ class GaleraCluster:
                 )
             time.sleep(0.2)
 
+    def wait_state(self, node: GaleraNode, state: str, timeout: float = 30.0) -> None:
+        """Until `node`'s wsrep_local_state_comment is `state` (polls its status)."""
+        deadline = time.monotonic() + timeout
+        while node.status().get("wsrep_local_state_comment") != state:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{node.name} did not reach {state} in {timeout} s")
+            time.sleep(0.1)
+
     def wait_size(self, size: int, timeout: float = 30.0) -> float:
         """Until the live nodes see a primary component of `size`; the seconds it took."""
         t0 = time.monotonic()

@@ -152,3 +152,27 @@ async def test_kill9_of_the_pools_node_moves_the_pool_to_another(
         stop.set()
         await pool.execute(f"DROP TABLE IF EXISTS `{table}`", deadline=loop.time() + 30)
         await pool.close()
+
+
+async def test_a_node_that_is_not_synced_is_passed_over(
+    galera: GaleraCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A desynced node (a donor, say) answers but may stall: the pool skips it."""
+    first = galera.nodes[0]
+    with first.connect() as conn, conn.cursor() as cur:
+        cur.execute("SET GLOBAL wsrep_desync = ON")
+    try:
+        galera.wait_state(first, "Donor/Desynced")
+        pool = MySQLPool(replace(QueueSettings.from_url(galera.url()), pool_size=2))
+        try:
+            loop = asyncio.get_running_loop()
+            assert await pool.fetch("SELECT 1", deadline=loop.time() + 10) == [(1,)]
+            assert pool.node == (galera.nodes[1].host, galera.nodes[1].port)
+            moves = [r.getMessage() for r in caplog.records if "moving to" in r.getMessage()]
+            assert len(moves) == 1 and "1047" in moves[0]
+        finally:
+            await pool.close()
+    finally:
+        with first.connect() as conn, conn.cursor() as cur:
+            cur.execute("SET GLOBAL wsrep_desync = OFF")
+        galera.wait_synced(30)
