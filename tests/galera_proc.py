@@ -148,14 +148,14 @@ class GaleraNode:
             *extra,
         ]  # fmt: skip
 
-    def install(self) -> None:
+    def install_process(self) -> subprocess.Popen[bytes]:
+        """`mariadb-install-db` into the node's datadir, started (not waited for)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
+        return subprocess.Popen(
             ["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", *_user_flag(),
              "--auth-root-authentication-method=normal", "--skip-test-db"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        _give(self.dir)
 
     def launch(self, *extra: str) -> None:
         """Start the process (it joins, or with --wsrep-new-cluster bootstraps);
@@ -294,8 +294,11 @@ class GaleraCluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         if run_as():  # the nodes' user must reach its datadir
             os.chmod(self.dir, 0o755)
-        for node in self.nodes:
-            node.install()
+        installs = [node.install_process() for node in self.nodes]  # in parallel
+        for node, proc in zip(self.nodes, installs, strict=True):
+            if proc.wait() != 0:
+                raise RuntimeError(f"mariadb-install-db failed for {node.name}")
+            _give(node.dir)
         first, *others = self.nodes
         try:
             first.launch("--wsrep-new-cluster")
@@ -305,9 +308,8 @@ class GaleraCluster:
                 cur.execute("CREATE USER IF NOT EXISTS root@'127.0.0.1'")
                 cur.execute("GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION")
                 cur.execute("CREATE DATABASE IF NOT EXISTS test")
-            for node in others:  # one at a time: the first node donates to each
+            for node in others:  # together: a joiner without a free donor waits for one
                 node.launch()
-                self.wait_synced(timeout, nodes=[node], size=node.index + 1)
             self.wait_synced(timeout)
         except BaseException:
             self.stop()
