@@ -136,11 +136,14 @@ class Transaction:
     that waits, with an error) each `run` is one packet. COMMIT is always alone.
     """
 
-    __slots__ = ("_conn", "_split", "started")
+    __slots__ = ("_conn", "_packed", "_split", "started")
 
-    def __init__(self, conn: Any, split: bool) -> None:
+    def __init__(self, conn: Any, split: bool, packed: bool = True) -> None:
+        """`packed`: the connection allows several statements per packet (a pool
+        made with multi_statements); without it every statement goes alone."""
         self._conn = conn
-        self._split = split
+        self._split = split or not packed
+        self._packed = packed
         self.started = False
 
     async def run(self, statements: Sequence[Statement]) -> list[Result]:
@@ -153,6 +156,9 @@ class Transaction:
             sqls = [s if isinstance(s, str) else cur.mogrify(s[0], s[1]) for s in statements]
             out: list[Result] = []
             groups = [[sql] for sql in sqls] if self._split else [sqls]
+            if not self.started and not self._packed:
+                await cur.execute("START TRANSACTION")
+                self.started = True
             for group in groups:
                 head = not self.started
                 if head:
@@ -505,7 +511,7 @@ class MySQLPool:
         """
 
         async def work(conn: Any) -> T:
-            tx = Transaction(conn, self.split)
+            tx = Transaction(conn, self.split, self.multi_statements)
             value = await fn(tx)
             await tx.commit()
             return value

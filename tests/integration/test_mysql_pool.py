@@ -237,6 +237,36 @@ async def test_transact_commits_in_a_round_trip_of_its_own(
         await pool.close()
 
 
+async def test_transact_on_a_pool_without_multi_statements_sends_each_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = await open_pool(2)  # multi_statements=False
+    table = f"tx_{uuid.uuid4().hex[:8]}"
+    try:
+        await pool.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+        sent = spy_packets(monkeypatch)
+
+        async def work(tx: Transaction) -> list[int]:
+            done = await tx.run(
+                [f"INSERT INTO `{table}` VALUES (1)", f"INSERT INTO `{table}` VALUES (2)"]
+            )
+            return [r.rowcount for r in done]
+
+        assert await pool.transact(work) == [1, 1]
+        monkeypatch.undo()
+        assert sent == [
+            "START TRANSACTION",
+            f"INSERT INTO `{table}` VALUES (1)",
+            f"INSERT INTO `{table}` VALUES (2)",
+            "COMMIT",
+        ]
+        assert await pool.fetch(f"SELECT COUNT(*) FROM `{table}`") == [(2,)]
+    finally:
+        monkeypatch.undo()
+        await pool.execute(f"DROP TABLE IF EXISTS `{table}`")
+        await pool.close()
+
+
 async def test_transact_runs_the_whole_function_again_after_a_rollback() -> None:
     require_mysql()
     settings = replace(QueueSettings.from_url(MYSQL_URL), pool_size=2)
