@@ -227,7 +227,15 @@ class MySQLPool:
 
     async def connect(self, deadline: float | None = None) -> None:
         """Open the pool on the current node (failover: on the first node, from the
-        current one on, that answers and is ready)."""
+        current one on, that answers and is ready). With a `deadline`, TimeoutError
+        when it passes (waiting for another task's connect included)."""
+        if deadline is None:
+            await self._connect()
+        else:
+            async with asyncio.timeout_at(deadline):
+                await self._connect(deadline)
+
+    async def _connect(self, deadline: float | None = None) -> None:
         async with self._lock:
             if self._pool is not None:
                 return
@@ -338,7 +346,7 @@ class MySQLPool:
         if self._pool is None:
             try:
                 await self.connect(deadline)
-            except QueueError as exc:
+            except (QueueError, TimeoutError) as exc:
                 raise _NotSent(exc) from None
         while self._idle:  # the most recently used first: its socket is warm
             conn = self._idle.pop()

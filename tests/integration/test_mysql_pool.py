@@ -5,8 +5,10 @@ connection that died or sat idle must not be used again, and the pool's size hol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -312,3 +314,57 @@ async def test_a_cluster_url_skips_a_node_that_does_not_answer(
         assert len(moves) == 1 and f"127.0.0.1:{dead} failed" in moves[0]
     finally:
         await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A port that accepts connections and never says a word (a hung node)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_hung_node_holds_no_call_past_its_deadline() -> None:
+    async with silent_server() as port:
+        settings = replace(QueueSettings.from_url(MYSQL_URL), host="127.0.0.1", port=port)
+        pool = MySQLPool(settings)
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(2):  # the second waits behind nobody's connect
+                t0 = loop.time()
+                with pytest.raises(QueueUnavailable):
+                    await pool.fetch("SELECT 1", deadline=t0 + 0.4)
+                assert loop.time() - t0 < 0.4 + 0.3
+        finally:
+            await pool.close()
+
+
+async def test_a_cluster_url_moves_past_a_hung_node_after_the_connect_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    require_mysql()
+    base = QueueSettings.from_url(MYSQL_URL)
+    async with silent_server() as port:
+        settings = replace(
+            base, connect_timeout=0.3, nodes=(("127.0.0.1", port), (base.host, base.port))
+        )
+        pool = MySQLPool(settings)
+        loop = asyncio.get_running_loop()
+        try:
+            t0 = loop.time()
+            assert await pool.fetch("SELECT 1", deadline=t0 + 5) == [(1,)]
+            assert 0.3 <= loop.time() - t0 < 1.5
+            assert pool.node == (base.host, base.port)
+            assert any(f"127.0.0.1:{port} failed" in r.getMessage() for r in caplog.records)
+        finally:
+            await pool.close()
