@@ -175,13 +175,15 @@ class Queue(Protocol):
         *,
         emergency: int = 0,
         acks: Sequence[Lease] = (),
+        deadline: float | None = None,
     ) -> list[Lease]:
         """Settle `acks` (as `ack`) and lease rows, in one transaction where the
         dialect can: up to `emergency` rows of the emergency lane (by insertion),
         then for each want up to `n` of its destination's oldest claimable rows,
         due timed rows first (by ready, then insertion), then normal rows (by
         insertion). Returns the emergency leases, then each want's in that order.
-        Every claimed row's `deliveries` goes up by one."""
+        Every claimed row's `deliveries` goes up by one. A dialect that waits on a
+        server returns or raises `QueueUnavailable` by `deadline` (loop time)."""
 
     async def ack(self, leases: Sequence[Lease]) -> None:
         """Delete the rows (only if still held under the same lease)."""

@@ -14,6 +14,11 @@ dead=, pool_size=, namespace=. Passwords never appear in a repr or an error.
 Shards: several comma-separated ``host[:port]`` in one innodb URL (IPv6 in
 brackets) make a `ShardedQueue`, one child queue per server; every shard shares
 the user, password, database and query options (the same table names on each).
+
+One cluster: the same host list with ``?cluster=failover`` names the nodes of one
+cluster holding the same tables (MariaDB Galera), not shards:
+``mysql+innodb://app@h1:3306,h2:3306,h3:3306/db?cluster=failover``. The pool uses
+one node at a time and moves to the next when it fails (`QueueSettings.nodes`).
 """
 
 from __future__ import annotations
@@ -106,6 +111,9 @@ class QueueSettings:
     max_destination: int = 40
     connect_timeout: float = 5.0
     shards: tuple[tuple[str, int], ...] = ()  # 2+ (host, port): a sharded queue
+    # The nodes of one cluster (?cluster=failover), in the URL's order: the pool uses
+    # one and moves to the next when it fails. host/port are the first.
+    nodes: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_url(cls, url: str) -> QueueSettings:
@@ -121,6 +129,9 @@ class QueueSettings:
         if self.shards:
             hosts = ",".join(_hostport(h, p) for h, p in self.shards)
             return f"mysql+{self.dialect}://{auth}@{hosts}/{self.database}"
+        if self.nodes:
+            hosts = ",".join(_hostport(h, p) for h, p in self.nodes)
+            return f"mysql+{self.dialect}://{auth}@{hosts}/{self.database}?cluster=failover"
         return f"mysql+{self.dialect}://{auth}@{self.host}:{self.port}/{self.database}"
 
     def shard_settings(self) -> list[QueueSettings]:
@@ -180,7 +191,7 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _shard_hosts(netloc: str) -> tuple[tuple[str, int], ...]:
+def _host_list(netloc: str) -> tuple[tuple[str, int], ...]:
     """The ``h1:3306,h2:3307`` part of a netloc as (host, port) pairs (one pair when
     there is no comma). Raises ConfigError naming the bad item (never the userinfo)."""
     hostlist = netloc.rpartition("@")[2]
@@ -218,8 +229,8 @@ def parse_queue_url(url: str) -> QueueSettings:
         )
     try:
         parts = urlsplit(url)
-        sharded = "," in parts.netloc.rpartition("@")[2]  # several hosts: checked below
-        if not sharded:
+        several = "," in parts.netloc.rpartition("@")[2]  # several hosts: checked below
+        if not several:
             parts.hostname  # noqa: B018 - raises ValueError on a malformed IPv6 host
     except ValueError:
         raise ConfigError(f"the {scheme}:// URL is malformed") from None
@@ -233,6 +244,11 @@ def parse_queue_url(url: str) -> QueueSettings:
         kw["dead"] = validate_identifier(opts.pop("dead"))
     if kw:
         tables = replace(tables, **kw)  # type: ignore[arg-type]
+    cluster = opts.pop("cluster", None) if dialect in ("innodb", "q4m") else None
+    if cluster is not None and cluster != "failover":
+        raise ConfigError("URL option cluster takes one value: cluster=failover")
+    if cluster and dialect != "innodb":
+        raise ConfigError("cluster=failover is supported by mysql+innodb:// only")
     pool_size = _int(opts, "pool_size", 10)
     max_destination = _int(opts, "max_destination", 40)
     settings = QueueSettings(dialect, tables=tables, pool_size=pool_size,
@@ -242,11 +258,16 @@ def parse_queue_url(url: str) -> QueueSettings:
         settings = replace(settings, path=unquote(path) or DEFAULT_SQLITE_PATH)
     elif dialect in ("innodb", "q4m"):
         shards: tuple[tuple[str, int], ...] = ()
-        if sharded:
+        nodes: tuple[tuple[str, int], ...] = ()
+        if several or cluster:
             if dialect != "innodb":
                 raise ConfigError("several hosts (shards) are supported by mysql+innodb:// only")
-            shards = _shard_hosts(parts.netloc)
-            host, port = shards[0]
+            hosts = _host_list(parts.netloc)
+            host, port = hosts[0]
+            if cluster:
+                nodes = hosts  # one cluster: the nodes hold the same tables
+            else:
+                shards = hosts
         else:
             try:
                 host, port = parts.hostname or "127.0.0.1", parts.port or 3306
@@ -257,6 +278,7 @@ def parse_queue_url(url: str) -> QueueSettings:
             host=host,
             port=port,
             shards=shards,
+            nodes=nodes,
             user=unquote(parts.username or "root"),
             password=unquote(parts.password or ""),
             database=_database(parts.path),

@@ -27,7 +27,14 @@ from ..interfaces import Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan,
 from ..schema import render
 from ..urls import QueueSettings
 from ._common import US, peek_item, row_args, schema_sql, tally, to_us
-from ._mysql import MySQLPool, count_dead, drop_tables, purge_lanes, read_dead_letters
+from ._mysql import (
+    MySQLPool,
+    Transaction,
+    count_dead,
+    drop_tables,
+    purge_lanes,
+    read_dead_letters,
+)
 
 __all__ = ["InnoDBQueue"]
 
@@ -94,12 +101,6 @@ def _keep(
         mine.sort(key=lambda r: (rank[r[0][0]], r[0][5], r[0][4], r[0][2]))
         kept += mine[: want.n]
     return kept
-
-
-async def _drain(cur: Any) -> None:
-    """Read the remaining results of a multi-statement query (or the next one fails)."""
-    while await cur.nextset():
-        pass
 
 
 class InnoDBQueue:
@@ -273,11 +274,14 @@ class InnoDBQueue:
         *,
         emergency: int = 0,
         acks: Sequence[Lease] = (),
+        deadline: float | None = None,
     ) -> list[Lease]:
-        """The acks and the claim in one transaction, two round trips: START
+        """The acks and the claim in one transaction (`MySQLPool.transact`): START
         TRANSACTION + the acks' DELETEs + the SELECT ... SKIP LOCKED, then the lease
-        UPDATEs + COMMIT. Acked rows are gone before the SELECT (leased rows left at
-        the head of a destination are rows its next claim must step over)."""
+        UPDATEs, then COMMIT alone (a COMMIT riding with other statements can report
+        OK for a transaction a Galera node rolled back). Acked rows are gone before
+        the SELECT (leased rows left at the head of a destination are rows its next
+        claim must step over)."""
         deletes = _deletes(acks)
         select = self._claim_sql(wants, emergency)
         args: dict[str, Any] = {"now": to_us(now), "e": int(emergency)}
@@ -286,37 +290,27 @@ class InnoDBQueue:
         until = to_us(now + lease_seconds)
         lanes, rank = self._lanes, self._rank
 
-        async def work(conn: Any) -> list[Lease]:
+        async def work(tx: Transaction) -> list[Lease]:
             token = secrets.randbits(62) + 1
-            async with conn.cursor() as cur:
-                head = "".join(f"{d.replace('%', '%%')}; " for d in deletes)
-                if not select:
-                    if deletes:
-                        await cur.execute("START TRANSACTION; " + head + "COMMIT")
-                        await _drain(cur)
-                    return []
-                await cur.execute("START TRANSACTION; " + head + select, args)
-                for _ in range(1 + len(deletes)):
-                    await cur.nextset()
-                found = list(await cur.fetchall())
-                await _drain(cur)
-                if not found:
-                    await cur.execute("COMMIT")
-                    return []
-                # (k, w, id, deliveries, created, ready), destination, message
-                rows = [([int(x) for x in nums.split()], dest, blob) for nums, dest, blob in found]
-                kept = _keep(rows, wants, emergency, rank)
-                by_table: dict[str, list[int]] = {}
-                for nums, _, _ in kept:
-                    by_table.setdefault(lanes[nums[0]][1], []).append(nums[2])
-                updates = [
-                    f"UPDATE `{table}` SET lease_until = {int(until)}, "
-                    f"lease_token = {int(token)}, deliveries = deliveries + 1 "
-                    f"WHERE id IN ({_id_list(ids)})"
-                    for table, ids in by_table.items()
-                ]
-                await cur.execute("; ".join([*updates, "COMMIT"]))
-                await _drain(cur)
+            if not select:
+                await tx.run(deletes)
+                return []
+            results = await tx.run([*deletes, (select, args)])
+            found = results[-1].rows
+            if not found:
+                return []
+            # (k, w, id, deliveries, created, ready), destination, message
+            rows = [([int(x) for x in nums.split()], dest, blob) for nums, dest, blob in found]
+            kept = _keep(rows, wants, emergency, rank)
+            by_table: dict[str, list[int]] = {}
+            for nums, _, _ in kept:
+                by_table.setdefault(lanes[nums[0]][1], []).append(nums[2])
+            await tx.run([
+                f"UPDATE `{table}` SET lease_until = {int(until)}, "
+                f"lease_token = {int(token)}, deliveries = deliveries + 1 "
+                f"WHERE id IN ({_id_list(ids)})"
+                for table, ids in by_table.items()
+            ])  # fmt: skip
             return [
                 Lease(lanes[nums[0]][0], lanes[nums[0]][1], nums[2], dest, bytes(blob),
                       nums[3] + 1, nums[5] / US if lanes[nums[0]][0] is Lane.TIMED else None,
@@ -324,23 +318,12 @@ class InnoDBQueue:
                 for nums, dest, blob in kept
             ]  # fmt: skip
 
-        return await self.db.run(work)
+        return await self.db.transact(work, deadline=deadline)
 
     # -- settling -------------------------------------------------------------
 
     async def ack(self, leases: Sequence[Lease]) -> None:
-        deletes = _deletes(leases)
-        if not deletes:
-            return
-        # One round trip and one commit, however many claims and tables are settled.
-        sql = deletes[0] if len(deletes) == 1 else "; ".join(["BEGIN", *deletes, "COMMIT"])
-
-        async def run(conn: Any) -> None:
-            async with conn.cursor() as cur:
-                await cur.execute(sql)
-                await _drain(cur)
-
-        await self.db.run(run)
+        await self._settle(_deletes(leases))
 
     async def release(self, lease: Lease, delay: float = 0.0) -> None:
         until = to_us(self.clock.now() + delay) if delay > 0 else 0
@@ -351,23 +334,19 @@ class InnoDBQueue:
         )
 
     async def give_back(self, leases: Sequence[Lease]) -> None:
-        statements = [
+        await self._settle([
             f"UPDATE `{t}` SET lease_until = 0, lease_token = 0, deliveries = "
             f"GREATEST(deliveries, 1) - 1 WHERE {_held(items)}"
             for t, items in _by_table(leases).items()
-        ]
-        if not statements:
-            return
-        sql = statements[0] if len(statements) == 1 else "; ".join(
-            ["BEGIN", *statements, "COMMIT"]
-        )  # fmt: skip
+        ])  # fmt: skip
 
-        async def run(conn: Any) -> None:
-            async with conn.cursor() as cur:
-                await cur.execute(sql)
-                await _drain(cur)
-
-        await self.db.run(run)
+    async def _settle(self, statements: list[str]) -> None:
+        """One table's: one autocommit statement, one round trip. Several tables': one
+        transaction (COMMIT alone), however many claims they settle."""
+        if len(statements) == 1:
+            await self.db.execute(statements[0])
+        elif statements:
+            await self.db.transaction([(sql, None) for sql in statements])
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups = _by_table(leases)

@@ -140,6 +140,7 @@ class MemoryQueue:
         *,
         emergency: int = 0,
         acks: Sequence[Lease] = (),
+        deadline: float | None = None,
     ) -> list[Lease]:
         await self.ack(acks)
         token = next(self._tokens)

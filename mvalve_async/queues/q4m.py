@@ -206,6 +206,7 @@ class Q4MQueue:
         *,
         emergency: int = 0,
         acks: Sequence[Lease] = (),
+        deadline: float | None = None,
     ) -> list[Lease]:
         """The acks first (each `queue_end()` on its owner), then one row per idle
         owner connection (see the module docstring): the emergency lane's, then per

@@ -274,6 +274,7 @@ class ShardedQueue:
         *,
         emergency: int = 0,
         acks: Sequence[Lease] = (),
+        deadline: float | None = None,
     ) -> list[Lease]:
         """Each want on its destination's shard, the emergency lane on every live
         shard, the acks with their shard's claim: concurrently. Emergency leases
@@ -302,7 +303,14 @@ class ShardedQueue:
             try:
                 leases = await self._set.bounded(
                     shard,
-                    lambda q: q.claim(mine, now, lease_seconds, emergency=emergency, acks=settle),
+                    lambda q: q.claim(
+                        mine,
+                        now,
+                        lease_seconds,
+                        emergency=emergency,
+                        acks=settle,
+                        deadline=deadline,
+                    ),
                 )
             except QueueUnavailable:
                 shard.pending_acks.extend(settle)  # sent by the probe when it is back

@@ -258,6 +258,7 @@ class SQLiteQueue:
         *,
         emergency: int = 0,
         acks: Sequence[Lease] = (),
+        deadline: float | None = None,
     ) -> list[Lease]:
         """One BEGIN IMMEDIATE transaction: the acks' DELETEs, one SELECT of every
         candidate row (each part ordered and limited on its own), one UPDATE per

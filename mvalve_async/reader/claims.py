@@ -153,7 +153,7 @@ class Claimer:
                 return 0
             leases = await self.acks.settle(
                 lambda acks: self.queue.claim(
-                    wants, now, self.lease, emergency=emergency, acks=acks
+                    wants, now, self.lease, emergency=emergency, acks=acks, deadline=deadline
                 )
             )
         except BaseException:

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # While busy, the reader's process scans the queue for new rows at most this often.
 SCAN_BUSY = 0.01
+# `next(timeout)` returns by its deadline plus this: the store and queue calls it
+# makes are bounded by it (a store or node that does not answer cannot hold it).
+GRACE = 0.3
 
 
 class Reader:
@@ -121,12 +124,15 @@ class Reader:
             self._settle_current()
             loop = asyncio.get_running_loop()
             deadline = None if timeout is None else loop.time() + timeout
+            # what a store or queue call may take at most: a call begun just before
+            # the deadline still gets its moment, and `next` returns by deadline + GRACE
+            bound = None if deadline is None else deadline + GRACE
             backoff = 0.05
             while True:
                 try:
-                    slot = await self._take(deadline)
-                    msg = None if slot is None else await self._process(slot, deadline)
-                    if slot is None and not await self._idle(deadline):
+                    slot = await self._take(bound)
+                    msg = None if slot is None else await self._process(slot, bound)
+                    if slot is None and not await self._idle(deadline, bound):
                         return None
                 except QueueUnavailable as exc:
                     # The server went away (restart, network): wait and reconnect.
@@ -271,7 +277,7 @@ class Reader:
         there is nothing to hand out now."""
         now = self.clock.now()
         if self._acks.due(now):
-            await self._acks.flush()
+            await self._flush(deadline)
         slot, _, stale = self._held.take(now, self.lease * 0.8)
         if stale:
             log.warning("giving back %d held leases near their expiry", len(stale))
@@ -280,16 +286,16 @@ class Reader:
             return slot
         if self._held.due(now + 1.0) >= self.batch:
             return None  # enough in hand: what is held comes due soon
-        await self._directory.refresh(now, SCAN_BUSY)
+        await self._refresh(now, SCAN_BUSY, deadline)
         await self._claimer.round(now, deadline)
         slot, _, _ = self._held.take(self.clock.now(), self.lease * 0.8)
         return slot
 
-    async def _idle(self, deadline: float | None) -> bool:
+    async def _idle(self, deadline: float | None, bound: float | None) -> bool:
         """Wait until something may be claimable or a held slot comes due. False when
         the deadline passed first."""
         loop = asyncio.get_running_loop()
-        await self._acks.flush()
+        await self._flush(bound)
         now = self.clock.now()
         wake = now + self.idle_interval
         held = self._held.next_at()
@@ -309,8 +315,24 @@ class Reader:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
-        await self._directory.refresh(self.clock.now(), self.idle_interval)
+        await self._refresh(self.clock.now(), self.idle_interval, bound)
         return True
+
+    async def _flush(self, bound: float | None) -> None:
+        """The pending acks, by `bound` (loop time): cut off, they are kept."""
+        try:
+            async with asyncio.timeout_at(bound):
+                await self._acks.flush()
+        except TimeoutError:
+            raise QueueUnavailable("the queue did not answer an ack in time") from None
+
+    async def _refresh(self, now: float, max_age: float, bound: float | None) -> None:
+        """The directory's scan, by `bound` (loop time)."""
+        try:
+            async with asyncio.timeout_at(bound):
+                await self._directory.refresh(now, max_age)
+        except TimeoutError:
+            raise QueueUnavailable("the queue did not answer a scan in time") from None
 
     async def _process(self, slot: Slot, deadline: float | None) -> Message | None:
         try:

@@ -5,14 +5,21 @@ connection that died or sat idle must not be used again, and the pool's size hol
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import aiomysql
+import aiomysql.connection
+import pymysql
 import pytest
 
+from mvalve_async.errors import QueueError, QueueUnavailable
 from mvalve_async.queues import _mysql
-from mvalve_async.queues._mysql import MySQLPool
+from mvalve_async.queues._mysql import MySQLPool, Result, Transaction
 from mvalve_async.urls import QueueSettings
 from tests.conftest import MYSQL_URL
 from tests.services import require_mysql
@@ -86,3 +93,278 @@ async def test_close_hands_idle_connections_back_so_the_pool_closes_at_once() ->
     inner: Any = pool._pool
     await asyncio.wait_for(pool.close(), 2)
     assert inner.closed and inner.size == 0
+
+
+# -- deadlines, retries and transactions --------------------------------------------
+
+
+def spy_packets(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every query packet sent from now on (until monkeypatch.undo())."""
+    sent: list[str] = []
+    original = aiomysql.connection.Connection._execute_command
+
+    async def spy(self: Any, command: int, sql: Any) -> Any:
+        sent.append(sql.decode() if isinstance(sql, bytes | bytearray) else str(sql))
+        return await original(self, command, sql)
+
+    monkeypatch.setattr(aiomysql.connection.Connection, "_execute_command", spy)
+    return sent
+
+
+async def test_a_statement_past_the_deadline_is_cut_off_and_its_connection_dropped() -> None:
+    pool = await open_pool(2)
+    try:
+        first = await connection_id(pool)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(QueueUnavailable, match="in time"):
+            await pool.fetch("SELECT SLEEP(5)", deadline=t0 + 0.3)
+        assert 0.3 <= loop.time() - t0 < 0.8
+        assert await connection_id(pool) != first  # the cut-off one is not reused
+        rows = await pool.fetch("SELECT 1", deadline=loop.time() + 5)  # the pool goes on
+        assert rows == [(1,)]
+    finally:
+        await pool.close()
+
+
+async def test_rolled_back_work_is_retried_until_the_deadline_not_n_times() -> None:
+    pool = await open_pool(2)  # the old cap was pool_size + 1 = 3 attempts
+    try:
+        calls = 0
+
+        async def deadlocks_seven_times(conn: Any) -> str:
+            nonlocal calls
+            calls += 1
+            if calls <= 7:
+                raise pymysql.err.OperationalError(1213, "Deadlock found (test)")
+            return "done"
+
+        loop = asyncio.get_running_loop()
+        assert await pool.run(deadlocks_seven_times, deadline=loop.time() + 5) == "done"
+        assert calls == 8
+
+        calls = 0
+
+        async def never_certifies(conn: Any) -> None:
+            nonlocal calls
+            calls += 1
+            raise pymysql.err.OperationalError(1047, "WSREP has not yet prepared node (test)")
+
+        t0 = loop.time()
+        with pytest.raises(QueueUnavailable, match="not ready"):
+            await pool.run(never_certifies, deadline=t0 + 0.4)
+        took = loop.time() - t0
+        assert 0.3 <= took < 0.9 and calls > 10
+    finally:
+        await pool.close()
+
+
+async def test_without_a_deadline_rolled_back_work_is_retried_for_the_retry_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = await open_pool(2)
+    monkeypatch.setattr(_mysql, "RETRY_WINDOW", 0.3)
+    try:
+        calls = 0
+
+        async def always_deadlocks(conn: Any) -> None:
+            nonlocal calls
+            calls += 1
+            raise pymysql.err.OperationalError(1213, "Deadlock found (test)")
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(QueueError, match="Deadlock"):
+            await pool.run(always_deadlocks)
+        assert 0.2 <= loop.time() - t0 < 0.8 and calls > 3
+    finally:
+        await pool.close()
+
+
+async def test_other_errors_are_not_retried() -> None:
+    pool = await open_pool(2)
+    try:
+        with pytest.raises(QueueError, match="syntax"):
+            await pool.execute("SELEC 1", deadline=asyncio.get_running_loop().time() + 5)
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_transact_commits_in_a_round_trip_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, split: bool
+) -> None:
+    require_mysql()
+    settings = replace(QueueSettings.from_url(MYSQL_URL), pool_size=2)
+    pool = MySQLPool(settings, multi_statements=True, split=split)
+    await pool.connect()
+    table = f"tx_{uuid.uuid4().hex[:8]}"
+    try:
+        await pool.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY, v INT)")
+        await pool.execute(f"INSERT INTO `{table}` VALUES (1, 10), (2, 20), (3, 30)")
+        sent = spy_packets(monkeypatch)
+
+        async def work(tx: Transaction) -> tuple[list[Result], list[Result]]:
+            first = await tx.run([
+                (f"DELETE FROM `{table}` WHERE id = %s", (1,)),
+                f"SELECT id, v FROM `{table}` WHERE v LIKE '%0' ORDER BY id FOR UPDATE",
+            ])  # fmt: skip
+            ids = ",".join(str(r[0]) for r in first[1].rows)
+            second = await tx.run([f"UPDATE `{table}` SET v = v + 1 WHERE id IN ({ids})"])
+            return first, second
+
+        first, second = await pool.transact(work)
+        monkeypatch.undo()
+        assert first[0].rowcount == 1 and first[0].rows == []
+        assert first[1].rows == [(2, 20), (3, 30)]  # a literal % needs no escaping
+        assert second[0].rowcount == 2
+        assert sent[-1] == "COMMIT"  # alone, after every statement
+        if split:  # each statement in its own round trip, START TRANSACTION with the first
+            assert len(sent) == 4 and sent[0].startswith("START TRANSACTION; DELETE")
+            assert sent[1].startswith("SELECT") and sent[2].startswith("UPDATE")
+        else:  # one round trip per run()
+            assert len(sent) == 3 and sent[0].count(";") == 2
+        assert await pool.fetch(f"SELECT id, v FROM `{table}` ORDER BY id") == [(2, 21), (3, 31)]
+        assert await pool.transaction([(f"DELETE FROM `{table}` WHERE id > %s", (2,))]) == [1]
+
+        async def nothing(tx: Transaction) -> int:
+            return 7
+
+        sent = spy_packets(monkeypatch)
+        assert await pool.transact(nothing) == 7
+        assert sent == []  # no empty transaction
+    finally:
+        monkeypatch.undo()
+        await pool.execute(f"DROP TABLE IF EXISTS `{table}`")
+        await pool.close()
+
+
+async def test_transact_on_a_pool_without_multi_statements_sends_each_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = await open_pool(2)  # multi_statements=False
+    table = f"tx_{uuid.uuid4().hex[:8]}"
+    try:
+        await pool.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+        sent = spy_packets(monkeypatch)
+
+        async def work(tx: Transaction) -> list[int]:
+            done = await tx.run(
+                [f"INSERT INTO `{table}` VALUES (1)", f"INSERT INTO `{table}` VALUES (2)"]
+            )
+            return [r.rowcount for r in done]
+
+        assert await pool.transact(work) == [1, 1]
+        monkeypatch.undo()
+        assert sent == [
+            "START TRANSACTION",
+            f"INSERT INTO `{table}` VALUES (1)",
+            f"INSERT INTO `{table}` VALUES (2)",
+            "COMMIT",
+        ]
+        assert await pool.fetch(f"SELECT COUNT(*) FROM `{table}`") == [(2,)]
+    finally:
+        monkeypatch.undo()
+        await pool.execute(f"DROP TABLE IF EXISTS `{table}`")
+        await pool.close()
+
+
+async def test_transact_runs_the_whole_function_again_after_a_rollback() -> None:
+    require_mysql()
+    settings = replace(QueueSettings.from_url(MYSQL_URL), pool_size=2)
+    pool = MySQLPool(settings, multi_statements=True)
+    table = f"tx_{uuid.uuid4().hex[:8]}"
+    try:
+        await pool.execute(f"CREATE TABLE `{table}` (id INT PRIMARY KEY)")
+        runs = 0
+
+        async def work(tx: Transaction) -> int:
+            nonlocal runs
+            runs += 1
+            await tx.run([f"INSERT INTO `{table}` VALUES ({runs})"])
+            if runs < 3:  # as if the server had aborted it after the INSERT
+                raise pymysql.err.OperationalError(1213, "Deadlock found (test)")
+            return runs
+
+        assert await pool.transact(work) == 3
+        # the aborted attempts' connections were closed: their INSERTs rolled back
+        assert await pool.fetch(f"SELECT id FROM `{table}`") == [(3,)]
+    finally:
+        await pool.execute(f"DROP TABLE IF EXISTS `{table}`")
+        await pool.close()
+
+
+async def test_a_cluster_url_skips_a_node_that_does_not_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    require_mysql()
+    base = QueueSettings.from_url(MYSQL_URL)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    settings = replace(base, pool_size=2, nodes=(("127.0.0.1", dead), (base.host, base.port)))
+    pool = MySQLPool(settings)
+    caplog.set_level("INFO", logger="mvalve_async.queues._mysql")
+    try:
+        assert await pool.fetch("SELECT 1", deadline=asyncio.get_running_loop().time() + 10) == [
+            (1,)
+        ]
+        assert pool.node == (base.host, base.port) and pool.moves == 1
+        moves = [r.getMessage() for r in caplog.records if "moving to" in r.getMessage()]
+        assert len(moves) == 1 and f"127.0.0.1:{dead} failed" in moves[0]
+    finally:
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A port that accepts connections and never says a word (a hung node)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_hung_node_holds_no_call_past_its_deadline() -> None:
+    async with silent_server() as port:
+        settings = replace(QueueSettings.from_url(MYSQL_URL), host="127.0.0.1", port=port)
+        pool = MySQLPool(settings)
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(2):  # the second waits behind nobody's connect
+                t0 = loop.time()
+                with pytest.raises(QueueUnavailable):
+                    await pool.fetch("SELECT 1", deadline=t0 + 0.4)
+                assert loop.time() - t0 < 0.4 + 0.3
+        finally:
+            await pool.close()
+
+
+async def test_a_cluster_url_moves_past_a_hung_node_after_the_connect_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    require_mysql()
+    base = QueueSettings.from_url(MYSQL_URL)
+    async with silent_server() as port:
+        settings = replace(
+            base, connect_timeout=0.3, nodes=(("127.0.0.1", port), (base.host, base.port))
+        )
+        pool = MySQLPool(settings)
+        loop = asyncio.get_running_loop()
+        try:
+            t0 = loop.time()
+            assert await pool.fetch("SELECT 1", deadline=t0 + 5) == [(1,)]
+            assert 0.3 <= loop.time() - t0 < 1.5
+            assert pool.node == (base.host, base.port)
+            assert any(f"127.0.0.1:{port} failed" in r.getMessage() for r in caplog.records)
+        finally:
+            await pool.close()
