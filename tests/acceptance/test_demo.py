@@ -1,9 +1,8 @@
 """`mvalve demo`: zero setup, as a subprocess in a fresh directory; and, slow, from a
-clean venv after `pip install <repo>`."""
+new venv after `pip install <repo>`."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -91,26 +90,14 @@ def test_the_plan_fits_the_time_and_the_window_count_is_half_open() -> None:
         plan(5, 12.0)
 
 
-def _can_build_without_isolation() -> bool:
-    if importlib.util.find_spec("setuptools") is None:
-        return False
-    if importlib.util.find_spec("wheel") is not None:
-        return True
-    import setuptools
-
-    major, minor = (int(x) for x in setuptools.__version__.split(".")[:2])
-    return (major, minor) >= (70, 1)  # bdist_wheel moved into setuptools
-
-
 @pytest.mark.slow
 def test_pip_install_then_mvalve_demo_in_a_clean_venv(tmp_path: Path) -> None:
-    """The README's first command, offline: the venv sees the system's packages
-    (no download); the repo is built without isolation from a copy (no build/ or
-    egg-info left in the checkout)."""
-    if not _can_build_without_isolation():
-        if os.environ.get("CI"):
-            pytest.fail("need setuptools and wheel to build offline (pip install -e '.[test]')")
-        pytest.skip("setuptools/wheel missing: cannot build without isolation")
+    """The README's first command as on a fresh machine: a new venv that sees nothing
+    of this one (no system site packages), `pip install <checkout>` as pip does it by
+    default (an isolated build that fetches the build requirements, the dependencies
+    from the index: what the README's own install needs too), then `mvalve demo` from
+    an unrelated directory. The checkout is copied first, so the build leaves no
+    build/ or egg-info in it."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -118,16 +105,12 @@ def test_pip_install_then_mvalve_demo_in_a_clean_venv(tmp_path: Path) -> None:
     shutil.copytree(REPO / "mvalve_async", src / "mvalve_async",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
     venv = tmp_path / "venv"
-    # --without-pip: a venv's own bundled setuptools would shadow the system's and may
-    # be too old to build a wheel; the system pip installs into it just as well.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                    str(venv)], check=True, timeout=120)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     clean = {k: v for k, v in env().items() if k != "PYTHONPATH"}
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-         "--no-index", "--quiet", str(src)],
-        env=clean, capture_output=True, text=True, timeout=300,
+        [str(python), "-m", "pip", "install", "--quiet", str(src)],
+        env=clean, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert install.returncode == 0, install.stdout + install.stderr
 
