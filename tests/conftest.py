@@ -9,6 +9,7 @@ import pytest
 
 from mvalve_async.interfaces import Queue
 from mvalve_async.urls import QueueSettings, Tables, make_queue
+from tests.ci_skips import pytest_runtest_makereport  # noqa: F401  (a hook: skips fail in CI)
 from tests.q4m_fixtures import q4m_server  # noqa: F401  (a fixture the q4m params use)
 from tests.services import MYSQL_URL, require_mysql
 
