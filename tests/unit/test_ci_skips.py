@@ -28,7 +28,7 @@ def test_passes():
 @pytest.fixture
 def suite(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
-    pytester.makeconftest("from tests.ci_skips import pytest_runtest_makereport  # noqa: F401")
+    pytester.makeconftest("from tests.ci_skips import *  # noqa: F403")
     pytester.makepyfile(test_suite=SUITE)
     return pytester
 
@@ -42,6 +42,24 @@ def test_in_ci_every_skip_fails_with_its_reason(
     result.assert_outcomes(passed=1, failed=1, errors=1, xfailed=1)
     result.stdout.fnmatch_lines(["*skipped in CI, where every test must run*no server here*"])
     assert result.ret != 0
+
+
+def test_in_ci_a_module_skipped_at_import_fails_the_run(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makeconftest("from tests.ci_skips import *  # noqa: F403")
+    pytester.makepyfile(
+        test_extra="import pytest\npytest.skip('needs an extra', allow_module_level=True)\n",
+        test_other="def test_passes():\n    pass\n",
+    )
+    monkeypatch.setenv("CI", "true")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*skipped in CI*", "*needs an extra*"])
+    monkeypatch.delenv("CI")
+    assert pytester.runpytest("-p", "no:cacheprovider").ret == pytest.ExitCode.OK
 
 
 def test_outside_ci_skips_stay_skips(
