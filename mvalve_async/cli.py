@@ -21,10 +21,11 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -221,7 +222,7 @@ async def _send(args: argparse.Namespace, ctx: Context) -> int:
 def _stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (with --watch: one per line)")
     p.add_argument("--watch", nargs="?", type=_seconds, const=2.0, metavar="SECONDS",
-                   help="refresh every SECONDS (default 2) until Ctrl-C")  # fmt: skip
+                   help="refresh every SECONDS (default 2) until Ctrl-C or SIGTERM")  # fmt: skip
     p.add_argument("--limit", type=_positive, default=50, metavar="N",
                    help="destinations shown, the deepest first (default 50)")  # fmt: skip
 
@@ -230,20 +231,48 @@ async def _stats(args: argparse.Namespace, ctx: Context) -> int:
     async with ctx.pipe() as pipe:
         url = ctx.settings.safe_url()
         snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
-        while args.watch is None or args.json:  # one screen, or JSON lines
+        if args.watch is None:
             if args.json:
-                ctx.print_json(snap, compact=args.watch is not None)
+                ctx.print_json(snap)
             else:
                 ctx.console.print(views.stats_view(snap))
-            if args.watch is None:
+            return 0
+        stop = asyncio.Event()
+        with _stop_on_sigterm(stop):
+            if args.json:  # JSON lines
+                ctx.print_json(snap, compact=True)
+                while not await _stopped(stop, args.watch):
+                    snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
+                    ctx.print_json(snap, compact=True)
                 return 0
-            await asyncio.sleep(args.watch)
-            snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
-        with Live(views.stats_view(snap), console=ctx.console, auto_refresh=False) as live:
-            while True:
-                await asyncio.sleep(args.watch)
-                snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
-                live.update(views.stats_view(snap), refresh=True)
+            with Live(views.stats_view(snap), console=ctx.console, auto_refresh=False) as live:
+                while not await _stopped(stop, args.watch):
+                    snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
+                    live.update(views.stats_view(snap), refresh=True)
+        return 0
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM sets `stop` (a `--watch` ends cleanly, as on Ctrl-C)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    except (NotImplementedError, RuntimeError):  # no signal handlers on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds`; True as soon as `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    return stop.is_set()
 
 
 # -- peek / purge ---------------------------------------------------------------

@@ -379,11 +379,22 @@ def test_subprocess_send_stats_and_errors(tmp_path: Path) -> None:
     assert "s3cretpw" not in bad.stderr
 
 
-def test_subprocess_url_from_the_environment_and_watch_until_ctrl_c(tmp_path: Path) -> None:
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT as by default. A suite started with SIGINT
+    ignored (a shell's background job) would pass SIG_IGN on, and Python then
+    installs no KeyboardInterrupt handler: Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_subprocess_url_from_the_environment_and_watch_until_ctrl_c(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MVALVE_URL": f"sqlite:///{tmp_path}/w.db"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mvalve_async.cli", "stats", "--watch", "0.2", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -391,12 +402,12 @@ def test_subprocess_url_from_the_environment_and_watch_until_ctrl_c(tmp_path: Pa
         second = json.loads(proc.stdout.readline())  # ... and the next
         assert first["url"] == second["url"] == f"sqlite:///{tmp_path}/w.db"
         assert second["time"] > first["time"]
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:  # pragma: no cover - only when the test failed
             proc.kill()
-    assert proc.returncode == 0 and "Traceback" not in err
+    assert proc.returncode == 0 and "Traceback" not in err, err
 
 
 # -- plugins ----------------------------------------------------------------------
