@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -78,11 +78,24 @@ class Context:
             self._settings = QueueSettings.from_url(self.url)
         return self._settings
 
+    def existing(self) -> QueueSettings:
+        """The settings for a command that looks at or changes a queue that must exist:
+        a missing SQLite file is an error, not created (nor its directory)."""
+        return replace(self.settings, create_file=False)
+
     @contextlib.asynccontextmanager
-    async def pipe(self, *, create: bool | None = None) -> AsyncIterator[Pipe]:
-        """A connected pipe (tables created for the embedded dialects, as `open` does)."""
+    async def pipe(
+        self, *, create: bool | None = None, existing: bool = False
+    ) -> AsyncIterator[Pipe]:
+        """A connected pipe (tables created for the embedded dialects, as `open` does).
+        `existing`: on a queue that must be there already (`existing()`), no DDL run
+        on SQLite either."""
+        settings = self.settings
+        if existing:
+            settings = self.existing()
+            create = False if settings.dialect == "sqlite" else create
         store = make_store(StoreSettings.from_url(self.store_url))
-        async with Pipe(make_queue(self.settings), store, create=create) as pipe:
+        async with Pipe(make_queue(settings), store, create=create) as pipe:
             yield pipe
 
     def confirm(self, action: str, yes: bool) -> None:
@@ -164,7 +177,7 @@ async def _create(args: argparse.Namespace, ctx: Context) -> int:
 async def _drop(args: argparse.Namespace, ctx: Context) -> int:
     where = f"{_table_names(ctx.settings)} on {ctx.settings.safe_url()}"
     ctx.confirm(f"drop {where}, with every message in them", args.yes)
-    async with ctx.pipe(create=False) as pipe:
+    async with ctx.pipe(create=False, existing=True) as pipe:
         await pipe.queue.drop_schema()
     ctx.say(f"dropped {escape(where)}")
     return 0
@@ -228,7 +241,7 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _stats(args: argparse.Namespace, ctx: Context) -> int:
-    async with ctx.pipe() as pipe:
+    async with ctx.pipe(existing=True) as pipe:
         url = ctx.settings.safe_url()
         snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
         if args.watch is None:
@@ -285,7 +298,7 @@ def _peek_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _peek(args: argparse.Namespace, ctx: Context) -> int:
-    async with ctx.pipe() as pipe:
+    async with ctx.pipe(existing=True) as pipe:
         peek = getattr(pipe.queue, "peek", None)
         if peek is None:
             raise QueueError(f"the {pipe.queue.name} dialect cannot peek yet")
@@ -312,7 +325,7 @@ async def _purge(args: argparse.Namespace, ctx: Context) -> int:
     if args.lane:
         what += f" in the {args.lane} lane"
     ctx.confirm(f"delete {what} on {ctx.settings.safe_url()}", args.yes)
-    async with ctx.pipe() as pipe:
+    async with ctx.pipe(existing=True) as pipe:
         n = await pipe.queue.purge(Lane(args.lane) if args.lane else None, args.destination)
     ctx.say(f"purged {n} message{'s' * (n != 1)}")
     return 0
@@ -337,7 +350,7 @@ async def _dead(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("dead requeue needs dead letter IDs or --all, not both")
     if args.action == "purge":
         ctx.confirm(f"delete every dead letter on {ctx.settings.safe_url()}", args.yes)
-    async with ctx.pipe() as pipe:
+    async with ctx.pipe(existing=True) as pipe:
         if args.action == "list":
             rows = await pipe.queue.dead_letters(args.limit)
             items = [views.row_view(row, time.time()) for row in rows]

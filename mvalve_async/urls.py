@@ -106,6 +106,9 @@ class QueueSettings:
     max_destination: int = 40
     connect_timeout: float = 5.0
     shards: tuple[tuple[str, int], ...] = ()  # 2+ (host, port): a sharded queue
+    # sqlite: make the file (and its directory) when it is missing. False: open an
+    # existing file only, and say that the queue does not exist (`mvalve stats`...).
+    create_file: bool = True
 
     @classmethod
     def from_url(cls, url: str) -> QueueSettings:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -303,6 +304,43 @@ def test_dead_letters_list_requeue_purge(capsys: pytest.CaptureFixture[str], url
     assert run_json(capsys, "--url", url, "stats")["queued"]["normal"] == 0
 
 
+# -- a queue that is not there ----------------------------------------------------
+
+
+READ_ONLY = [["stats"], ["stats", "--json"], ["peek"], ["dead", "list"], ["statslog"],
+             ["statslog", "prune"], ["purge", "-y"], ["dead", "requeue", "--all"],
+             ["dead", "purge", "-y"], ["drop", "-y"]]  # fmt: skip
+
+
+def test_commands_on_a_missing_sqlite_file_create_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "not" / "here" / "q.db"
+    url = f"sqlite:///{path}"
+    for argv in READ_ONLY:
+        code, out, err = run(capsys, "--url", url, *argv)
+        assert (code, out) == (1, ""), (argv, out, err)
+        line = _one_error_line(err)
+        assert f"{url}: the queue does not exist (no file {path};" in line, argv
+        assert not (tmp_path / "not").exists(), argv
+    # the commands that write make it, its directories too
+    assert run(capsys, "--url", url, "send", "d", "x")[0] == 0
+    assert path.is_file()
+    assert run_json(capsys, "--url", url, "stats")["queued"]["normal"] == 1
+
+
+def test_an_existing_file_without_the_tables_is_not_given_them(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "other.db"
+    sqlite3.connect(path).close()  # an empty database: a file, but no queue in it
+    code, out, err = run(capsys, "--url", f"sqlite:///{path}", "stats")
+    assert (code, out) == (1, "")
+    assert "the queue tables are missing" in _one_error_line(err)
+    tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == []
+
+
 # -- errors -----------------------------------------------------------------------
 
 
@@ -391,6 +429,7 @@ def test_subprocess_url_from_the_environment_and_watch_until_ctrl_c(
     tmp_path: Path, stop: signal.Signals
 ) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MVALVE_URL": f"sqlite:///{tmp_path}/w.db"}
+    assert main(["--url", env["MVALVE_URL"], "create"]) == 0  # stats shows a queue that exists
     proc = subprocess.Popen(
         [sys.executable, "-m", "mvalve_async.cli", "stats", "--watch", "0.2", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
