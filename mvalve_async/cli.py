@@ -8,7 +8,8 @@ exists; such a module defines
     def configure(parser: argparse.ArgumentParser) -> None: ...
     def run(args: argparse.Namespace, ctx: Context) -> int  # or async def ... -> int
 
-Exit status: 0 ok, 1 an error (one line on stderr, never a password), 2 bad usage.
+Exit status: 0 ok, 1 an error (one line on stderr, never a password), 2 bad usage,
+3 `stats` could not reach the state store (what the queue told is printed).
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ from .message import Message
 from .pipe import Pipe
 from .urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings, make_queue, make_store
 
-__all__ = ["COMMANDS", "PLUGINS", "Command", "Context", "UsageError", "build_parser", "main"]
+__all__ = [
+    "COMMANDS", "PLUGINS", "STORE_UNREACHABLE", "Command", "Context", "UsageError",
+    "build_parser", "main",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
+
+STORE_UNREACHABLE = 3  # exit status of `stats` when the state store did not answer
 
 
 class UsageError(Exception):
@@ -249,7 +255,7 @@ async def _stats(args: argparse.Namespace, ctx: Context) -> int:
                 ctx.print_json(snap)
             else:
                 ctx.console.print(views.stats_view(snap))
-            return 0
+            return STORE_UNREACHABLE if snap["store_error"] else 0
         stop = asyncio.Event()
         with _stop_on_sigterm(stop):
             if args.json:  # JSON lines

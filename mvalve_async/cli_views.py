@@ -21,6 +21,7 @@ __all__ = [
     "dead_table", "fmt_time", "peek_table", "row_view", "snapshot", "stats_view"]  # fmt: skip
 
 PREVIEW = 60
+STORE_PROBE = "mvalve-stats-probe"  # a key read to tell whether the store answers
 
 
 def fmt_time(t: float | None, now: float | None = None) -> str:
@@ -132,6 +133,11 @@ async def snapshot(queue: Queue, store: Store, limit: int, url: str) -> dict[str
         d["paused_until"] = rec.paused if rec.paused > now else None
         d["emergency_until"] = rec.emergency if rec.emergency > now else None
         d["last_sent"] = rec.sent[-1] if rec.sent else None
+    if not destinations:  # nothing asked of the store yet: is it there at all?
+        try:
+            await store.get(STORE_PROBE)
+        except StoreError as exc:
+            store_error = str(exc)
     return {
         "url": url,
         "time": now, "queued": {str(k): v for k, v in st.queued.items()},

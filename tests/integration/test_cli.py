@@ -227,6 +227,23 @@ def test_stats_shows_pause_and_emergency_from_the_store(
     assert code == 0 and "paused" in out and "emergency" in out
 
 
+def test_stats_with_the_store_down_prints_the_queue_and_exits_3(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    url, down = f"sqlite:///{tmp_path}/q.db", "memcached://127.0.0.1:1"  # nothing listens
+    assert run(capsys, "--url", url, "create")[0] == 0
+    # no destination to look up: the store is asked anyway
+    code, out, err = run(capsys, "--url", url, "--store", down, "stats")
+    assert (code, err) == (cli.STORE_UNREACHABLE, "") and cli.STORE_UNREACHABLE == 3
+    assert "normal" in out and "state store: memcached 127.0.0.1:1" in " ".join(out.split())
+    assert run(capsys, "--url", url, "send", "d", "x")[0] == 0
+    code, out, _ = run(capsys, "--url", url, "--store", down, "stats", "--json")
+    snap = json.loads(out)
+    assert code == 3 and snap["queued"]["normal"] == 1 and "127.0.0.1:1" in snap["store_error"]
+    assert snap["destinations"]["d"]["state_error"] == snap["store_error"]
+    assert run(capsys, "--url", url, "stats")[0] == 0  # memory:// answers
+
+
 # -- purge / dead letters ---------------------------------------------------------
 
 
