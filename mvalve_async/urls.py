@@ -210,14 +210,18 @@ def _scheme(url: str) -> str:
     return url.split("://", 1)[0].lower()
 
 
+# Queue URL scheme -> dialect. The unknown-scheme error lists every key, in this order.
+_QUEUE_SCHEMES = {"mysql+innodb": "innodb", "mysql": "innodb", "mariadb": "innodb",
+                 "mysql+q4m": "q4m", "sqlite": "sqlite", "memory": "memory"}  # fmt: skip
+
+
 def parse_queue_url(url: str) -> QueueSettings:
     scheme = _scheme(url)
-    dialect = {"mysql": "innodb", "mysql+innodb": "innodb", "mariadb": "innodb",
-               "mysql+q4m": "q4m", "sqlite": "sqlite", "memory": "memory"}.get(scheme)  # fmt: skip
+    dialect = _QUEUE_SCHEMES.get(scheme)
     if dialect is None:
+        known = [f"{k}:///" if k == "sqlite" else f"{k}://" for k in _QUEUE_SCHEMES]
         raise ConfigError(
-            f"unknown queue URL scheme {scheme!r}: use mysql+innodb://, mysql+q4m://, "
-            "sqlite:/// or memory://"
+            f"unknown queue URL scheme {scheme!r}: use {', '.join(known[:-1])} or {known[-1]}"
         )
     try:
         parts = urlsplit(url)
