@@ -64,6 +64,9 @@ def translate(exc: BaseException, where: str) -> QueueError:
         return QueueUnavailable(f"access denied by {where} (check the user and password)")
     if code in _NO_TABLE:
         return SchemaError(f"{where}: {exc.args[1]} (run `mvalve create` first)")
+    if code == 2003 and isinstance(exc.__cause__, ConnectionRefusedError):  # aiomysql's 2003
+        hostport = where.partition("://")[2].partition("/")[0].rpartition("@")[2]
+        return QueueUnavailable(f"cannot reach {where}: nothing listens on {hostport}")
     if code in _CONNECTION_LOST or isinstance(exc, OSError | asyncio.TimeoutError):
         return QueueUnavailable(f"cannot reach {where}: {type(exc).__name__} {code or ''}".strip())
     detail = exc.args[1] if len(getattr(exc, "args", ())) > 1 else exc
