@@ -346,7 +346,8 @@ def _dead_args(p: argparse.ArgumentParser) -> None:
     ls.add_argument("--limit", type=_positive, default=20, metavar="N", help="default 20")
     ls.add_argument("--json", action="store_true")
     rq = sub.add_parser("requeue", help="move dead letters back to their lane")
-    rq.add_argument("ids", nargs="*", type=_positive, metavar="ID")
+    rq.add_argument("ids", nargs="*", type=_positive, metavar="ID",
+                    help="the id column of `dead list` (the row, not the message id)")  # fmt: skip
     rq.add_argument("--all", action="store_true", help="every dead letter")
     _yes_option(sub.add_parser("purge", help="delete every dead letter"))
 

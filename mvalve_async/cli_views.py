@@ -93,16 +93,20 @@ def peek_table(views: Sequence[Mapping[str, Any]], now: float, title: str) -> Ta
 
 
 def dead_table(views: Sequence[Mapping[str, Any]], title: str) -> Table:
+    """`id`: the dead letter's row (what `dead requeue` takes); `message id`: the
+    message's own id (`msg.id`, the one the readers' log lines give)."""
     table = Table(title=title, title_justify="left")
-    for name in ("id", "lane", "destination", "reason", "tries", "died", "content"):
-        table.add_column(name, no_wrap=name == "id")
+    for name in ("id", "message id", "lane", "destination", "reason", "tries", "died", "content"):
+        table.add_column(name, no_wrap=name in ("id", "message id"))
     for v in views:
         table.add_row(
-            str(v["id"]), v["lane"], Text(v["destination"]), Text(v["reason"]),
-            str(v["deliveries"]), fmt_time(v["died_at"]), _preview(v),
+            str(v["id"]), v.get("message_id", "-"), v["lane"], Text(v["destination"]),
+            Text(v["reason"]), str(v["deliveries"]), fmt_time(v["died_at"]), _preview(v),
         )  # fmt: skip
     if not views:
         table.caption = "no dead letters"
+    else:
+        table.caption = "dead requeue takes the id column"
     return table
 
 

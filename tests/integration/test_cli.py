@@ -293,17 +293,22 @@ def test_purge_on_a_terminal_asks_first(
 
 
 def test_dead_letters_list_requeue_purge(capsys: pytest.CaptureFixture[str], url: str) -> None:
-    assert run(capsys, "--url", url, "send", "carrier-x", '{"sms": "hi"}', "--json")[0] == 0
+    code, out, _ = run(capsys, "--url", url, "send", "carrier-x", '{"sms": "hi"}', "--json")
+    assert code == 0
+    message_id = out.split()[1]  # "sent <message id> to carrier-x (normal lane)"
     assert with_queue(url, _kill_first) == 1
 
     dead = run_json(capsys, "--url", url, "dead", "list")
     assert len(dead) == 1
     assert dead[0]["destination"] == "carrier-x" and dead[0]["reason"] == "carrier said no"
     assert dead[0]["lane"] == "normal" and dead[0]["content"] == {"sms": "hi"}
+    assert dead[0]["message_id"] == message_id != str(dead[0]["id"])
     stats = run_json(capsys, "--url", url, "stats")
     assert stats["dead"] == 1 and stats["destinations"]["carrier-x"]["dead"] == 1
     code, out, _ = run(capsys, "--url", url, "dead", "list")
     assert code == 0 and "carrier said no" in out
+    row = next(line for line in out.splitlines() if message_id in line)  # the one id
+    assert row.split("│")[1].strip() == str(dead[0]["id"])  # beside the row id
 
     code, out, err = run(capsys, "--url", url, "dead", "requeue", str(dead[0]["id"]))
     assert (code, out.strip()) == (0, "requeued 1 of 1 dead letter"), err
