@@ -7,6 +7,7 @@ exists; such a module defines
     HELP: str
     def configure(parser: argparse.ArgumentParser) -> None: ...
     def run(args: argparse.Namespace, ctx: Context) -> int  # or async def ... -> int
+    URL_HELP, STORE_HELP: str  # optional: its own help for --url / --store
 
 Exit status: 0 ok, 1 an error (one line on stderr, never a password), 2 bad usage,
 3 `stats` could not reach the state store (what the queue told is printed).
@@ -68,6 +69,8 @@ class Command:
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, Context], int | Coroutine[Any, Any, int]]
+    url_help: str | None = None  # None: the usual defaults ($MVALVE_URL, ...)
+    store_help: str | None = None
 
 
 class Context:
@@ -401,13 +404,21 @@ def _plugins() -> dict[str, Command]:
         except ImportError as exc:  # not written yet, or an optional dependency missing
             log.debug("no `mvalve %s`: %s", name, exc)
             continue
-        found[name] = Command(module.HELP, module.configure, module.run)
+        found[name] = Command(
+            module.HELP, module.configure, module.run,
+            getattr(module, "URL_HELP", None), getattr(module, "STORE_HELP", None),
+        )  # fmt: skip
     return found
 
 
-def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+def _global_options(
+    parser: argparse.ArgumentParser, default: Any, command: Command | None = None
+) -> None:
     url_help = f"queue URL (default: $MVALVE_URL, else sqlite:///{DEFAULT_SQLITE_PATH})"
     store_help = "state store URL (default: $MVALVE_STORE_URL, else memory://)"
+    if command is not None:
+        url_help = command.url_help or url_help
+        store_help = command.store_help or store_help
     parser.add_argument("--url", default=default, metavar="URL", help=url_help)
     parser.add_argument("--store", default=default, metavar="URL", help=store_help)
     parser.add_argument("-v", "--verbose", action="count", default=default or 0,
@@ -418,10 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mvalve", description="Feed and inspect mvalve queues.")
     _global_options(parser, None)
     parser.add_argument("--version", action="version", version=f"mvalve {__version__}")
-    common = argparse.ArgumentParser(add_help=False)  # the same options after the command
-    _global_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in {**COMMANDS, **_plugins()}.items():
+        common = argparse.ArgumentParser(add_help=False)  # the same options after the command
+        _global_options(common, argparse.SUPPRESS, cmd)
         p = sub.add_parser(name, help=cmd.help, description=cmd.help, parents=[common])
         cmd.configure(p)
         p.set_defaults(run=cmd.run)

@@ -3,18 +3,20 @@ new venv after `pip install <repo>`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 import mvalve_async
-from mvalve_async.demo import max_in_window, plan
+from mvalve_async.demo import demo_file, max_in_window, plan
 from tests.services import MEMCACHED_URL, MYSQL_URL, require_memcached, require_mysql
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,10 +52,92 @@ def test_demo_with_no_setup(tmp_path: Path) -> None:
     result = mvalve("demo", "--messages", "60", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_summary(result.stdout, 60)
-    # stdout is not a terminal: plain progress lines, no live view
-    assert re.search(r"^\s*\d+\.\ds\s+demo-sms \d+/\d+", result.stdout, re.M)
+    # stdout is not a terminal: plain progress lines, labelled, no live view
+    line = r"^\s*\d+\.\ds  done/written: demo-sms \d+/\d+, .*; dead letters: \d+$"
+    assert re.search(line, result.stdout, re.M), result.stdout
     assert "\x1b[" not in result.stdout
     assert (tmp_path / "mvalve-demo.sqlite3").stat().st_size > 100
+
+    # the closing lines give the commands that show this queue, and they work
+    out = " ".join(result.stdout.split())
+    assert "The queue stays in mvalve-demo.sqlite3, in this directory." in out
+    lines = result.stdout.splitlines()
+    assert "  mvalve --url sqlite:///mvalve-demo.sqlite3 stats" in lines
+    dead = int(re.search(r"(\d+) dead letters, of", out).group(1))  # type: ignore[union-attr]
+    stats = mvalve("--url", "sqlite:///mvalve-demo.sqlite3", "stats", "--json", cwd=tmp_path)
+    assert stats.returncode == 0, stats.stderr
+    snap = json.loads(stats.stdout)
+    assert snap["dead"] == dead and set(snap["destinations"]) <= {"demo-email"}
+    if dead:
+        listed = [ln for ln in lines if ln.startswith("  mvalve --url sqlite:///")]
+        assert listed[1].startswith("  mvalve --url sqlite:///mvalve-demo.sqlite3 dead list")
+
+
+def test_demo_in_a_directory_it_cannot_write_to_uses_a_temporary_one(tmp_path: Path) -> None:
+    """Root may write anywhere, so the unwritable directory is one that is gone: the
+    child's working directory is removed after its chdir, before exec."""
+    gone, temp = tmp_path / "gone", tmp_path / "temp"
+    gone.mkdir()
+    temp.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "mvalve_async.cli", "demo", "--messages", "20", "--seconds", "1"],
+        cwd=gone, env={**env(), "TMPDIR": str(temp)}, preexec_fn=lambda: os.rmdir(gone),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_summary(result.stdout, 20)
+    (made,) = temp.glob("mvalve-demo-*/mvalve-demo.sqlite3")
+    out = " ".join(result.stdout.split())
+    assert f"The queue stays in {made} (the current directory was not writable)." in out
+    assert f"  mvalve --url sqlite:///{made} stats" in result.stdout.splitlines()
+
+
+def test_demo_file_is_made_where_it_can_be(tmp_path: Path) -> None:
+    assert demo_file(str(tmp_path)) == str(tmp_path / "mvalve-demo.sqlite3")
+    assert (tmp_path / "mvalve-demo.sqlite3").exists()
+    not_a_directory = tmp_path / "mvalve-demo.sqlite3"  # a file: nothing can be made "in" it
+    fallback = Path(demo_file(str(not_a_directory)))
+    try:
+        assert fallback.name == "mvalve-demo.sqlite3" and fallback.parent.is_dir()
+        assert fallback.parent.name.startswith("mvalve-demo-")
+        assert fallback.parent.parent == Path(tempfile.gettempdir())
+    finally:
+        shutil.rmtree(fallback.parent)
+
+
+def test_live_view_prints_log_records_above_itself(tmp_path: Path) -> None:
+    """A terminal (rich is told so): the dead letters' warnings go through the live
+    view's console, each on a line of its own above the view, not into it or onto
+    stderr."""
+    term = {**env(), "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "160"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mvalve_async.cli", "demo", "--messages", "40", "--seconds", "2"],
+        cwd=tmp_path, env=term, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", result.stdout)
+    assert "progress" in plain and "done/written" in plain  # the view's labels
+    dead = int(re.search(r"(\d+) dead letters, of", " ".join(plain.split())).group(1))  # type: ignore[union-attr]
+    assert dead > 0  # the emergency window drops some: there is something to log
+    logged = [ln for ln in re.split(r"\r\n|\r|\n", plain) if "dead letter:" in ln]
+    assert len(logged) == dead, plain
+    for line in logged:
+        assert re.match(r"^(\[[^\]]+\])?\s+WARNING\s+dead letter: \w+ for demo-email", line), line
+    assert "dead letter" not in result.stderr
+
+
+def test_demo_help_gives_its_own_defaults() -> None:
+    result = mvalve("demo", "--help", cwd=REPO)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert (
+        "--url URL queue URL (default: a fresh mvalve-demo.sqlite3; $MVALVE_URL is not read)"
+        in text
+    )
+    assert "--store URL state store URL (default: memory://; $MVALVE_STORE_URL is not read)" in text
+    assert "else sqlite:///mvalve.sqlite3" not in text
+    other = " ".join(mvalve("stats", "--help", cwd=REPO).stdout.split())
+    assert "(default: $MVALVE_URL, else sqlite:///mvalve.sqlite3)" in other  # others unchanged
 
 
 def test_demo_on_mariadb_and_memcached_refuses_a_busy_queue(tmp_path: Path) -> None:
