@@ -35,6 +35,8 @@ from rich.table import Table
 from mvalve_async.schema import sections
 from mvalve_async.urls import QueueSettings, Tables
 
+from .plot import Timeline
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MYSQL_URL = (
     os.environ.get("MVALVE_BENCH_MYSQL_URL")
@@ -136,6 +138,8 @@ class Result:
     facts: dict[str, Any] = field(default_factory=dict)  # parameters and counts
     error: str | None = None
     seconds: float = 0.0
+    # Deliveries to draw with --plot (bench/plot.py), one panel each; not in the JSON.
+    timelines: list[Timeline] = field(default_factory=list)
 
     def case(self, name: str, unit: str, baseline_name: str = "bare aiomysql") -> Case:
         for c in self.cases:

@@ -45,6 +45,7 @@ from mvalve_async.urls import make_queue
 
 from . import throttle
 from .harness import US, Bench, Result, max_in_window, read_json_line, spawn, windows_over
+from .plot import Timeline
 
 REDIS_URL = os.environ.get("MVALVE_BENCH_REDIS_URL") or "redis://127.0.0.1:6379/0"
 DESTINATIONS, N, PER = throttle.DESTINATIONS, throttle.N, 1  # the limiter's window: whole s
@@ -76,12 +77,16 @@ async def run(b: Bench) -> Result:
         res.facts["redis"] = (await r.info("server"))["redis_version"]
         for rep in range(b.repeat):
             got: dict[str, dict[str, float]] = {}
+            drawn: dict[str, Timeline] = {}
             for side in b.order(rep):
                 if side == "ours":
-                    got[side] = await _ours(b, pipe, rep, total, procs, ideal * 4 + 60)
+                    got[side], drawn[side] = await _ours(b, pipe, rep, total, procs,
+                                                         ideal * 4 + 60)  # fmt: skip
                 else:
-                    got[side] = await _peer(b, r, rep, total, procs, ideal * 4 + 60)
+                    got[side], drawn[side] = await _peer(b, r, rep, total, procs,
+                                                         ideal * 4 + 60)  # fmt: skip
             _account(res, got["ours"], got["baseline"], ideal)
+            res.timelines = [drawn["ours"], drawn["baseline"]]  # the last repeat's, for --plot
             b.say(f"peer: repeat {rep + 1}/{b.repeat} done")
     finally:
         await pipe.close()
@@ -115,7 +120,7 @@ def _figures(rows: list[tuple[str, int, float]], t_go: float, total: int) -> dic
 
 
 async def _ours(b: Bench, pipe: Pipe, rep: int, total: int, procs: int,
-                timeout: float) -> dict[str, float]:  # fmt: skip
+                timeout: float) -> tuple[dict[str, float], Timeline]:  # fmt: skip
     """`bench.throttle`'s drain, on this scenario's own tables and memcached namespace."""
     tables = b.tables("p")
     lanes = [tables.emergency[0], tables.timed[0], tables.normal[0]]
@@ -137,11 +142,16 @@ async def _ours(b: Bench, pipe: Pipe, rep: int, total: int, procs: int,
     ops, statements = sum(o["ops"] for o in outs), sum(o["statements"] for o in outs)
     f.update(trips=(ops + statements) / total, memcached=ops / total, sql=statements / total,
              cpu=sum(o["cpu"] for o in outs) * US / total)  # fmt: skip
-    return f
+    drawn = throttle.timeline(
+        f"peer, ours: {total} messages, {DESTINATIONS} destinations, {procs} processes, "
+        f"memcached (run {rep + 1} of {b.repeat}; when next() returned)",
+        [(r[0], r[3]) for r in rows], t_go,
+    )  # fmt: skip
+    return f, drawn
 
 
 async def _peer(b: Bench, r: Any, rep: int, total: int, procs: int,
-                timeout: float) -> dict[str, float]:  # fmt: skip
+                timeout: float) -> tuple[dict[str, float], Timeline]:  # fmt: skip
     """Enqueue `total` messages, start `procs` Dramatiq workers, wait until no message
     is left in the queue or its delay queue, stop them and collect their records."""
     cfg = {"redis": REDIS_URL, "namespace": f"mvb_{b.run_id}_r{rep}",
@@ -169,7 +179,12 @@ async def _peer(b: Bench, r: Any, rep: int, total: int, procs: int,
              max_retries=max((x[3] for o in outs for x in o["rows"]), default=0),
              trips=sum(o["trips"] for o in outs) / total,
              cpu=sum(o["cpu"] for o in outs) * US / total)  # fmt: skip
-    return f
+    drawn = throttle.timeline(
+        f"peer, Dramatiq: the same drain, WindowRateLimiter({N}, {PER}) on Redis, {procs} "
+        f"processes x {THREADS} threads (run {rep + 1} of {b.repeat}; past the limiter)",
+        [(d, at) for d, _, at in rows], t_go,
+    )  # fmt: skip
+    return f, drawn
 
 
 async def _drain(r: Any, cfg: dict[str, Any], workers: list[Any],

@@ -1,9 +1,13 @@
 """The bench's command line: `python -m bench.run [--scenarios a,b] [--repeat 3]
-[--json out.json] [--quick]`, also `mvalve bench ...` when run from a checkout.
+[--json out.json] [--plot out.png] [--quick]`, also `mvalve bench ...` when run from
+a checkout.
 
 Runs the scenarios in order, prints one rich table (stdout; progress on stderr),
-optionally writes JSON, and drops every table it created (all named
-`mvb_<run id>_...`). Exit status: 0 when every scenario ran, 1 otherwise.
+optionally writes JSON, optionally draws the throttled scenarios' deliveries per
+destination against their limit (`--plot`, bench/plot.py: a scenario draws whatever
+`Timeline`s it puts in `Result.timelines`; list it in `PLOTTED`), and drops every
+table it created (all named `mvb_<run id>_...`). Exit status: 0 when every scenario
+ran (and the plot was drawn), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
+from . import plot
 from .harness import (
     DEFAULT_MEMCACHED_URL,
     DEFAULT_MYSQL_URL,
@@ -38,6 +43,8 @@ SCENARIOS = {
     "sqlite": "bench.sqlite",  # the embedded default end to end vs a bare sqlite3 loop
     "peer": "bench.peer",  # the throttle drain, ours beside Dramatiq's rate limiter (.[bench])
 }
+# Scenarios that fill Result.timelines, so --plot has something to draw.
+PLOTTED = {"throttle", "peer"}
 HELP = "benchmark against raw baselines in the same run (needs the repository's bench/)"
 
 
@@ -70,6 +77,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=_repeat, default=None,
                    help="runs per figure, median reported (default 3; --quick: 1)")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw deliveries per second per destination against the limit, "
+                   f"for the throttled scenarios ({', '.join(sorted(PLOTTED))}); needs "
+                   "matplotlib: pip install -e '.[plot]'")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="small counts: a smoke test")
     p.add_argument("--mysql-url", default=DEFAULT_MYSQL_URL, metavar="URL",
                    help="mysql+innodb:// server (tables are created and dropped)")  # fmt: skip
@@ -128,13 +139,38 @@ async def bench(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     if args.json:
         write_json(args.json, data)
         progress.log(f"wrote {args.json}")
+    if getattr(args, "plot", None):
+        timelines = [t for res in results for t in res.timelines]
+        if timelines:
+            plot.render(timelines, args.plot)
+            progress.log(f"wrote {args.plot}")
+        else:
+            progress.print(f"[red]nothing to plot[/]: no throttled scenario finished; {args.plot} "
+                           "not written")  # fmt: skip
+            status = 1
     return status, data
+
+
+def check_plot(args: argparse.Namespace) -> None:
+    """Before a long run: --plot needs matplotlib and a scenario that draws."""
+    if not getattr(args, "plot", None):
+        return
+    try:
+        plot.require()
+    except plot.PlotUnavailable as exc:
+        raise SystemExit(f"mvalve bench: --plot: {exc}") from None
+    if not PLOTTED & set(args.scenarios):
+        raise SystemExit(
+            f"mvalve bench: --plot draws the {' and '.join(sorted(PLOTTED))} scenarios; "
+            f"add one to --scenarios"
+        )
 
 
 def main(argv: list[str] | None = None, *, args: argparse.Namespace | None = None) -> int:
     """Entry point of `python -m bench.run`; `args` when `mvalve bench` parsed them."""
     if args is None:
         args = build_parser().parse_args(argv)
+    check_plot(args)
     status, _ = asyncio.run(bench(args))
     return status
 

@@ -43,6 +43,7 @@ from .harness import (
     spawn,
     windows_over,
 )
+from .plot import Timeline
 
 DESTINATIONS, N, PER = 10, 20, 1.0
 BATCH: int | None = None  # the readers' claim batch (None: the library's default)
@@ -72,6 +73,11 @@ async def run(b: Bench) -> Result:
             outs, t_go = await _drain(b, cfg, procs, lanes, ideal * 4 + 60)
             dead = await b.count_rows([tables.dead])
             _account(res.case("drain time", "s", "ideal"), outs, t_go, total, ideal, dead)
+            res.timelines = [timeline(  # the last repeat's, for --plot
+                f"throttle: {total} messages to {DESTINATIONS} destinations, {procs} reader "
+                f"processes (run {rep + 1} of {b.repeat}; msg.delivered_at)",
+                [(r[0], r[2]) for o in outs for r in o["rows"]], t_go,
+            )]  # fmt: skip
             b.say(f"throttle: repeat {rep + 1}/{b.repeat} done")
     finally:
         await pipe.close()
@@ -110,6 +116,14 @@ async def _drain(
                 with contextlib.suppress(ProcessLookupError):
                     w.kill()
                 await w.wait()
+
+
+def timeline(title: str, rows: list[tuple[str, float]], t_go: float) -> Timeline:
+    """Deliveries (destination, time) of a drain at `N` per `PER` s, for --plot."""
+    limits: dict[str, tuple[int, float] | None] = {
+        f"dest-{i}": (N, PER) for i in range(DESTINATIONS)
+    }
+    return Timeline(title, rows, limits, start=t_go)
 
 
 def _account(case: Any, outs: list[dict[str, Any]], t_go: float, total: int, ideal: float,

@@ -104,7 +104,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    web.run_app(make_app(), host=args.host, port=args.port, print=None)
+
+    def listening(_: str) -> None:  # called once the socket is bound
+        print(f"listening on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+
+    web.run_app(make_app(), host=args.host, port=args.port, print=listening)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ exists; such a module defines
     HELP: str
     def configure(parser: argparse.ArgumentParser) -> None: ...
     def run(args: argparse.Namespace, ctx: Context) -> int  # or async def ... -> int
+    URL_HELP, STORE_HELP: str  # optional: its own help for --url / --store
 
-Exit status: 0 ok, 1 an error (one line on stderr, never a password), 2 bad usage.
+Exit status: 0 ok, 1 an error (one line on stderr, never a password), 2 bad usage,
+3 `stats` could not reach the state store (what the queue told is printed).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -43,9 +46,14 @@ from .message import Message
 from .pipe import Pipe
 from .urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings, make_queue, make_store
 
-__all__ = ["COMMANDS", "PLUGINS", "Command", "Context", "UsageError", "build_parser", "main"]
+__all__ = [
+    "COMMANDS", "PLUGINS", "STORE_UNREACHABLE", "Command", "Context", "UsageError",
+    "build_parser", "main",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
+
+STORE_UNREACHABLE = 3  # exit status of `stats` when the state store did not answer
 
 
 class UsageError(Exception):
@@ -61,6 +69,8 @@ class Command:
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, Context], int | Coroutine[Any, Any, int]]
+    url_help: str | None = None  # None: the usual defaults ($MVALVE_URL, ...)
+    store_help: str | None = None
 
 
 class Context:
@@ -77,11 +87,24 @@ class Context:
             self._settings = QueueSettings.from_url(self.url)
         return self._settings
 
+    def existing(self) -> QueueSettings:
+        """The settings for a command that looks at or changes a queue that must exist:
+        a missing SQLite file is an error, not created (nor its directory)."""
+        return replace(self.settings, create_file=False)
+
     @contextlib.asynccontextmanager
-    async def pipe(self, *, create: bool | None = None) -> AsyncIterator[Pipe]:
-        """A connected pipe (tables created for the embedded dialects, as `open` does)."""
+    async def pipe(
+        self, *, create: bool | None = None, existing: bool = False
+    ) -> AsyncIterator[Pipe]:
+        """A connected pipe (tables created for the embedded dialects, as `open` does).
+        `existing`: on a queue that must be there already (`existing()`), no DDL run
+        on SQLite either."""
+        settings = self.settings
+        if existing:
+            settings = self.existing()
+            create = False if settings.dialect == "sqlite" else create
         store = make_store(StoreSettings.from_url(self.store_url))
-        async with Pipe(make_queue(self.settings), store, create=create) as pipe:
+        async with Pipe(make_queue(settings), store, create=create) as pipe:
             yield pipe
 
     def confirm(self, action: str, yes: bool) -> None:
@@ -163,7 +186,7 @@ async def _create(args: argparse.Namespace, ctx: Context) -> int:
 async def _drop(args: argparse.Namespace, ctx: Context) -> int:
     where = f"{_table_names(ctx.settings)} on {ctx.settings.safe_url()}"
     ctx.confirm(f"drop {where}, with every message in them", args.yes)
-    async with ctx.pipe(create=False) as pipe:
+    async with ctx.pipe(create=False, existing=True) as pipe:
         await pipe.queue.drop_schema()
     ctx.say(f"dropped {escape(where)}")
     return 0
@@ -221,29 +244,57 @@ async def _send(args: argparse.Namespace, ctx: Context) -> int:
 def _stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (with --watch: one per line)")
     p.add_argument("--watch", nargs="?", type=_seconds, const=2.0, metavar="SECONDS",
-                   help="refresh every SECONDS (default 2) until Ctrl-C")  # fmt: skip
+                   help="refresh every SECONDS (default 2) until Ctrl-C or SIGTERM")  # fmt: skip
     p.add_argument("--limit", type=_positive, default=50, metavar="N",
                    help="destinations shown, the deepest first (default 50)")  # fmt: skip
 
 
 async def _stats(args: argparse.Namespace, ctx: Context) -> int:
-    async with ctx.pipe() as pipe:
+    async with ctx.pipe(existing=True) as pipe:
         url = ctx.settings.safe_url()
         snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
-        while args.watch is None or args.json:  # one screen, or JSON lines
+        if args.watch is None:
             if args.json:
-                ctx.print_json(snap, compact=args.watch is not None)
+                ctx.print_json(snap)
             else:
                 ctx.console.print(views.stats_view(snap))
-            if args.watch is None:
+            return STORE_UNREACHABLE if snap["store_error"] else 0
+        stop = asyncio.Event()
+        with _stop_on_sigterm(stop):
+            if args.json:  # JSON lines
+                ctx.print_json(snap, compact=True)
+                while not await _stopped(stop, args.watch):
+                    snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
+                    ctx.print_json(snap, compact=True)
                 return 0
-            await asyncio.sleep(args.watch)
-            snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
-        with Live(views.stats_view(snap), console=ctx.console, auto_refresh=False) as live:
-            while True:
-                await asyncio.sleep(args.watch)
-                snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
-                live.update(views.stats_view(snap), refresh=True)
+            with Live(views.stats_view(snap), console=ctx.console, auto_refresh=False) as live:
+                while not await _stopped(stop, args.watch):
+                    snap = await views.snapshot(pipe.queue, pipe.store, args.limit, url)
+                    live.update(views.stats_view(snap), refresh=True)
+        return 0
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM sets `stop` (a `--watch` ends cleanly, as on Ctrl-C)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    except (NotImplementedError, RuntimeError):  # no signal handlers on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds`; True as soon as `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    return stop.is_set()
 
 
 # -- peek / purge ---------------------------------------------------------------
@@ -256,7 +307,7 @@ def _peek_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _peek(args: argparse.Namespace, ctx: Context) -> int:
-    async with ctx.pipe() as pipe:
+    async with ctx.pipe(existing=True) as pipe:
         peek = getattr(pipe.queue, "peek", None)
         if peek is None:
             raise QueueError(f"the {pipe.queue.name} dialect cannot peek yet")
@@ -283,7 +334,7 @@ async def _purge(args: argparse.Namespace, ctx: Context) -> int:
     if args.lane:
         what += f" in the {args.lane} lane"
     ctx.confirm(f"delete {what} on {ctx.settings.safe_url()}", args.yes)
-    async with ctx.pipe() as pipe:
+    async with ctx.pipe(existing=True) as pipe:
         n = await pipe.queue.purge(Lane(args.lane) if args.lane else None, args.destination)
     ctx.say(f"purged {n} message{'s' * (n != 1)}")
     return 0
@@ -298,7 +349,8 @@ def _dead_args(p: argparse.ArgumentParser) -> None:
     ls.add_argument("--limit", type=_positive, default=20, metavar="N", help="default 20")
     ls.add_argument("--json", action="store_true")
     rq = sub.add_parser("requeue", help="move dead letters back to their lane")
-    rq.add_argument("ids", nargs="*", type=_positive, metavar="ID")
+    rq.add_argument("ids", nargs="*", type=_positive, metavar="ID",
+                    help="the id column of `dead list` (the row, not the message id)")  # fmt: skip
     rq.add_argument("--all", action="store_true", help="every dead letter")
     _yes_option(sub.add_parser("purge", help="delete every dead letter"))
 
@@ -308,7 +360,7 @@ async def _dead(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("dead requeue needs dead letter IDs or --all, not both")
     if args.action == "purge":
         ctx.confirm(f"delete every dead letter on {ctx.settings.safe_url()}", args.yes)
-    async with ctx.pipe() as pipe:
+    async with ctx.pipe(existing=True) as pipe:
         if args.action == "list":
             rows = await pipe.queue.dead_letters(args.limit)
             items = [views.row_view(row, time.time()) for row in rows]
@@ -352,13 +404,21 @@ def _plugins() -> dict[str, Command]:
         except ImportError as exc:  # not written yet, or an optional dependency missing
             log.debug("no `mvalve %s`: %s", name, exc)
             continue
-        found[name] = Command(module.HELP, module.configure, module.run)
+        found[name] = Command(
+            module.HELP, module.configure, module.run,
+            getattr(module, "URL_HELP", None), getattr(module, "STORE_HELP", None),
+        )  # fmt: skip
     return found
 
 
-def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+def _global_options(
+    parser: argparse.ArgumentParser, default: Any, command: Command | None = None
+) -> None:
     url_help = f"queue URL (default: $MVALVE_URL, else sqlite:///{DEFAULT_SQLITE_PATH})"
     store_help = "state store URL (default: $MVALVE_STORE_URL, else memory://)"
+    if command is not None:
+        url_help = command.url_help or url_help
+        store_help = command.store_help or store_help
     parser.add_argument("--url", default=default, metavar="URL", help=url_help)
     parser.add_argument("--store", default=default, metavar="URL", help=store_help)
     parser.add_argument("-v", "--verbose", action="count", default=default or 0,
@@ -369,10 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mvalve", description="Feed and inspect mvalve queues.")
     _global_options(parser, None)
     parser.add_argument("--version", action="version", version=f"mvalve {__version__}")
-    common = argparse.ArgumentParser(add_help=False)  # the same options after the command
-    _global_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in {**COMMANDS, **_plugins()}.items():
+        common = argparse.ArgumentParser(add_help=False)  # the same options after the command
+        _global_options(common, argparse.SUPPRESS, cmd)
         p = sub.add_parser(name, help=cmd.help, description=cmd.help, parents=[common])
         cmd.configure(p)
         p.set_defaults(run=cmd.run)

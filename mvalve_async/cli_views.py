@@ -21,6 +21,7 @@ __all__ = [
     "dead_table", "fmt_time", "peek_table", "row_view", "snapshot", "stats_view"]  # fmt: skip
 
 PREVIEW = 60
+STORE_PROBE = "mvalve-stats-probe"  # a key read to tell whether the store answers
 
 
 def fmt_time(t: float | None, now: float | None = None) -> str:
@@ -92,16 +93,20 @@ def peek_table(views: Sequence[Mapping[str, Any]], now: float, title: str) -> Ta
 
 
 def dead_table(views: Sequence[Mapping[str, Any]], title: str) -> Table:
+    """`id`: the dead letter's row (what `dead requeue` takes); `message id`: the
+    message's own id (`msg.id`, the one the readers' log lines give)."""
     table = Table(title=title, title_justify="left")
-    for name in ("id", "lane", "destination", "reason", "tries", "died", "content"):
-        table.add_column(name, no_wrap=name == "id")
+    for name in ("id", "message id", "lane", "destination", "reason", "tries", "died", "content"):
+        table.add_column(name, no_wrap=name in ("id", "message id"))
     for v in views:
         table.add_row(
-            str(v["id"]), v["lane"], Text(v["destination"]), Text(v["reason"]),
-            str(v["deliveries"]), fmt_time(v["died_at"]), _preview(v),
+            str(v["id"]), v.get("message_id", "-"), v["lane"], Text(v["destination"]),
+            Text(v["reason"]), str(v["deliveries"]), fmt_time(v["died_at"]), _preview(v),
         )  # fmt: skip
     if not views:
         table.caption = "no dead letters"
+    else:
+        table.caption = "dead requeue takes the id column"
     return table
 
 
@@ -132,6 +137,11 @@ async def snapshot(queue: Queue, store: Store, limit: int, url: str) -> dict[str
         d["paused_until"] = rec.paused if rec.paused > now else None
         d["emergency_until"] = rec.emergency if rec.emergency > now else None
         d["last_sent"] = rec.sent[-1] if rec.sent else None
+    if not destinations:  # nothing asked of the store yet: is it there at all?
+        try:
+            await store.get(STORE_PROBE)
+        except StoreError as exc:
+            store_error = str(exc)
     return {
         "url": url,
         "time": now, "queued": {str(k): v for k, v in st.queued.items()},

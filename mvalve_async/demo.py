@@ -6,14 +6,17 @@ emergency; reads them with a few concurrent readers, shows per-destination
 progress live, and ends with a summary that checks the rate promise on the
 valve's hand-out timestamps (`msg.delivered_at`).
 
-With no `--url` it uses a fresh SQLite file in the current directory
-(`mvalve-demo.sqlite3`, cleared first) and an in-memory store. It ignores
-`MVALVE_URL` / `MVALVE_STORE_URL`: pass `--url` / `--store` to run it on a
-server; the queue there must be empty (the demo reads and acknowledges
-everything it finds).
+With no `--url` it uses a fresh SQLite file, `mvalve-demo.sqlite3` (cleared
+first), in the current directory, or in a new directory under the system's
+temporary one when the current directory cannot take it (read-only, another
+user's), and an in-memory store. It ignores `MVALVE_URL` / `MVALVE_STORE_URL`:
+pass `--url` / `--store` to run it on a server; the queue there must be empty
+(the demo reads and acknowledges everything it finds). Its closing lines say
+where the queue is and the `mvalve` commands that look at it.
 
 This module is the CLI: it writes to the terminal through the command's rich
-Console. It is loaded by `mvalve_async.cli` through `PLUGINS`.
+Console (log records too, while the live view is up: above it). It is loaded by
+`mvalve_async.cli` through `PLUGINS`.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ import contextlib
 import logging
 import math
 import os
+import shlex
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rich import box
-from rich.console import Group, JustifyMethod, RenderableType
+from rich.console import Console, Group, JustifyMethod, RenderableType
 from rich.live import Live
+from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -43,15 +49,20 @@ from .interfaces import Lane
 from .message import Message
 from .pipe import Pipe
 from .throttle import Rate
-from .urls import QueueSettings, StoreSettings, make_queue, make_store
+from .urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings, make_queue, make_store
 
 if TYPE_CHECKING:
     from .cli import Context
 
-__all__ = ["DEMO_PATH", "HELP", "Plan", "configure", "max_in_window", "plan", "run"]
+__all__ = [
+    "DEMO_PATH", "HELP", "STORE_HELP", "URL_HELP", "Plan", "configure", "demo_file",
+    "max_in_window", "plan", "run",
+]  # fmt: skip
 
 HELP = "write a few hundred messages and watch the valve deliver them (no setup needed)"
 DEMO_PATH = "mvalve-demo.sqlite3"
+URL_HELP = f"queue URL (default: a fresh {DEMO_PATH}; $MVALVE_URL is not read)"
+STORE_HELP = "state store URL (default: memory://; $MVALVE_STORE_URL is not read)"
 READERS = 3
 TICK = 0.2  # seconds between screen updates and completion checks
 EPS = 1e-6  # hand-out times are rounded to the microsecond
@@ -159,29 +170,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="about how long the run lasts: the rates are chosen to fit "
                         "(default 12)")  # fmt: skip
     parser.epilog = (
-        f"Without --url the demo uses a fresh {DEMO_PATH} in the current directory and an "
-        "in-memory store (it ignores MVALVE_URL and MVALVE_STORE_URL). On another URL the "
-        "queue must be empty: the demo reads and acknowledges everything it finds."
+        f"Without --url the demo uses a fresh {DEMO_PATH} in the current directory (in a "
+        "new directory under the system's temporary one when the current directory is not "
+        "writable) and an in-memory store; it does not read MVALVE_URL or MVALVE_STORE_URL. "
+        "On another URL the queue must be empty: the demo reads and acknowledges everything "
+        "it finds."
     )
 
 
-def _remove_demo_file(path: str) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + suffix)
+def demo_file(directory: str = ".") -> str:
+    """Where the demo's fresh SQLite file goes: `DEMO_PATH` in `directory` (relative to
+    it when `directory` is "."), an old one removed first; when no file can be made
+    there (read-only, another user's file, a directory gone), in a new directory under
+    the system's temporary one."""
+    path = DEMO_PATH if directory == "." else os.path.join(directory, DEMO_PATH)
+    try:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + suffix)
+        with open(path, "xb"):  # SQLite takes an empty file as a new database
+            pass
+    except OSError:
+        return os.path.join(tempfile.mkdtemp(prefix="mvalve-demo-"), DEMO_PATH)
+    return path
 
 
 @contextlib.contextmanager
-def _quiet_dead_letters(verbose: int) -> Iterator[None]:
-    """The reader logs each dead letter as a warning; the summary counts them."""
-    reader_log = logging.getLogger("mvalve_async.reader")
-    level = reader_log.level
-    if not verbose:
-        reader_log.setLevel(logging.ERROR)
+def _logs_above(console: Console) -> Iterator[None]:
+    """While the live view is up, the package's log records (a dead letter is a
+    warning) go through its console, which prints them above the view instead of
+    through it; the command's own handlers come back after."""
+    package = logging.getLogger("mvalve_async")
+    saved = package.handlers[:]
+    package.handlers = [RichHandler(console=console, show_path=False)]
     try:
         yield
     finally:
-        reader_log.setLevel(level)
+        package.handlers = saved
 
 
 class Demo:
@@ -233,8 +258,9 @@ class Demo:
     def live_view(self) -> RenderableType:
         table = Table(box=None, pad_edge=False, show_edge=False, collapse_padding=True)
         columns: list[tuple[str, JustifyMethod]] = [
-            ("destination", "left"), ("limit", "left"), ("", "left"), ("done", "right"),
-            ("deferred", "right"), ("dead", "right"), ("achieved", "right"),
+            ("destination", "left"), ("limit", "left"), ("progress", "left"),
+            ("done/written", "right"), ("deferred", "right"), ("dead", "right"),
+            ("achieved", "right"),
         ]  # fmt: skip
         for name, justify in columns:
             table.add_column(name, justify=justify, no_wrap=True)
@@ -247,14 +273,18 @@ class Demo:
             )  # fmt: skip
         lanes = "  ".join(f"{lane}: {self.queued.get(lane, 0)}" for lane in Lane)
         head = Text.assemble(
-            (f"{self.elapsed():5.1f}s", "bold"), f"  {self.done}/{self.total} done", "   queued ",
-            lanes,
+            (f"{self.elapsed():5.1f}s", "bold"), f"  done {self.done}/{self.total}",
+            "   queued ", lanes,
         )  # fmt: skip
         return Group(head, table)
 
     def plain_line(self) -> str:
+        """One progress line when the output is not a terminal."""
         parts = [f"{d.name} {d.done}/{d.written}" for d in self.plan.destinations]
-        return f"{self.elapsed():5.1f}s  " + "  ".join(parts) + f"  dead {self.dead}"
+        return (
+            f"{self.elapsed():5.1f}s  done/written: " + ", ".join(parts)
+            + f"; dead letters: {self.dead}"
+        )  # fmt: skip
 
     def summary(self) -> Table:
         table = Table(title="summary", title_justify="left", box=box.SIMPLE_HEAD,
@@ -305,13 +335,12 @@ async def _writer(pipe: Pipe, the_plan: Plan) -> None:
 async def run(args: argparse.Namespace, ctx: Context) -> int:
     console = ctx.console
     the_plan = plan(args.messages, args.seconds)
+    path: str | None = None  # the demo's own SQLite file
     if args.url:
         settings = QueueSettings.from_url(args.url)
-        fresh = False
     else:
-        _remove_demo_file(DEMO_PATH)
-        settings = QueueSettings.from_url(f"sqlite:///{DEMO_PATH}")
-        fresh = True
+        path = demo_file()
+        settings = QueueSettings("sqlite", path=path)
     store_settings = StoreSettings.from_url(args.store or "memory://")
     demo = Demo(the_plan, args.seconds)
     async with Pipe(make_queue(settings), make_store(store_settings), create=True) as pipe:
@@ -326,15 +355,17 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
         for d in the_plan.destinations:
             d.dead_before = stats.by_destination.get(d.name, {}).get("dead", 0)
         rates = {d.name: d.rate for d in the_plan.destinations}
+        fresh = "" if path is None else " (fresh file)" if path == DEMO_PATH else (
+            " (fresh file: the current directory is not writable)"
+        )  # fmt: skip
         console.print(
-            f"queue [bold]{escape(settings.safe_url())}[/]{' (fresh file)' if fresh else ''}, "
+            f"queue [bold]{escape(settings.safe_url())}[/]{fresh}, "
             f"store [bold]{escape(store_settings.kind)}[/]; {demo.total} messages, "
             f"{READERS} readers; an emergency for {the_plan.emergency.destination} "
             f"at +{the_plan.emergency_at:g}s",
             highlight=False,
         )
-        with _quiet_dead_letters(args.verbose):
-            finished = await _run(pipe, demo, rates, console.is_terminal, ctx)
+        finished = await _run(pipe, demo, rates, console.is_terminal, ctx)
     console.print(demo.summary())
     for note in demo.notes():
         console.print(note, highlight=False, style="dim")
@@ -346,16 +377,36 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
         + ("kept." if kept else "[bold red]BROKEN[/]."),
         highlight=False,
     )
-    if demo.dead:
-        where = "--url URL (the same)" if args.url else f"--url sqlite:///{DEMO_PATH}"
-        console.print(
-            "The dead letters were dropped by the emergency window (policy drop, the "
-            f"default); see them with: mvalve {where} dead list",
-            highlight=False,
-        )
+    for line in closing(path, demo.dead):  # not folded: paths and commands copy whole
+        console.print(escape(line), highlight=False, soft_wrap=True)
     if not finished:
         console.print(f"[bold red]incomplete:[/] {demo.total - demo.done} message(s) left")
     return 0 if finished and kept else 1
+
+
+def closing(path: str | None, dead: int) -> list[str]:
+    """Where the demo's queue stays and the commands that look at it. `path`: the
+    demo's own SQLite file, None on a URL given with --url."""
+    if path is None:
+        where = "The queue stays on the --url you gave"
+        url = "URL"
+    else:
+        url = shlex.quote(f"sqlite:///{path}")
+        if path == DEMO_PATH:
+            where = f"The queue stays in {DEMO_PATH}, in this directory"
+        else:
+            where = f"The queue stays in {path} (the current directory was not writable)"
+    lines = [
+        f"{where}. Plain `mvalve stats` shows the default queue ({DEFAULT_SQLITE_PATH}, "
+        "or $MVALVE_URL); to look at this one:",
+        f"  mvalve --url {url} stats",
+    ]
+    if dead:
+        lines.append(
+            f"  mvalve --url {url} dead list    # the {dead} dead letter{'s' * (dead != 1)}, "
+            "dropped by the emergency window"
+        )
+    return lines
 
 
 async def _run(
@@ -372,7 +423,10 @@ async def _run(
         )
         try:
             if live:
-                with Live(demo.live_view(), console=ctx.console, auto_refresh=False) as screen:
+                with (
+                    Live(demo.live_view(), console=ctx.console, auto_refresh=False) as screen,
+                    _logs_above(ctx.console),
+                ):
                     while await _tick(pipe, demo, deadline):
                         screen.update(demo.live_view(), refresh=True)
                     screen.update(demo.live_view(), refresh=True)

@@ -203,6 +203,40 @@ def _finite(value: Any) -> bool:
     return True
 
 
+def _unencodable(value: Any, path: str, depth: int = 0) -> str | None:
+    """Where in `value` the first thing JSON cannot carry sits, and why:
+    `content["tags"][2]: Type is not JSON serializable: set`. None if nothing in it
+    fails on its own (e.g. only the nesting is too deep: orjson stops at 254)."""
+    if depth > 256:
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path}: the key {key!r} is a {type(key).__name__}, not a string"
+            found = _unencodable(item, f"{path}[{_json_key(key)}]", depth + 1)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _unencodable(item, f"{path}[{i}]", depth + 1)
+            if found is not None:
+                return found
+        return None
+    try:
+        orjson.dumps(value)
+    except TypeError as exc:
+        return f"{path}: {exc}"
+    return None
+
+
+def _json_key(key: str) -> str:
+    try:
+        return orjson.dumps(key).decode()
+    except TypeError:  # a lone surrogate
+        return repr(key)
+
+
 def encode(message: Message, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
     """Encode to the versioned envelope; `InvalidMessage` if unencodable or too big."""
     header: dict[str, Any] = {"i": message.id, "d": message.destination, "t": message.created}
@@ -219,7 +253,8 @@ def encode(message: Message, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
         try:
             body = orjson.dumps(content)
         except TypeError as exc:
-            raise InvalidMessage(f"content cannot be encoded as JSON: {exc}") from None
+            where = _unencodable(content, "content") or f"content: {exc}"
+            raise InvalidMessage(f"content cannot be encoded as JSON: {where}") from None
         if b"null" in body and not _finite(content):  # orjson writes NaN/inf as null
             raise InvalidMessage("content holds NaN or infinity, which JSON cannot carry")
         flags = 0

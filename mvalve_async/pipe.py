@@ -41,6 +41,7 @@ class Pipe:
         self._create = create if create is not None else queue.traits.one_host
         self._readers: list[Reader] = []
         self._connected = False
+        self._store_note: str | None = None  # logged when the first reader is made
 
     async def connect(self) -> Pipe:
         if not self._connected:
@@ -72,6 +73,9 @@ class Pipe:
         emergency_policy: EmergencyPolicy | str = EmergencyPolicy.DROP,
         **options: Any,
     ) -> Reader:
+        if self._store_note is not None:  # writers need no store: say it to readers only
+            log.info(self._store_note)
+            self._store_note = None
         reader = Reader(
             self.queue, self.store, rate=rate, rates=rates,
             emergency_policy=emergency_policy, **self._defaults(options),
@@ -147,6 +151,9 @@ def open(
 
     if url is None and not os.environ.get("MVALVE_URL"):
         log.info("no queue URL given: using the embedded SQLite default (mvalve.sqlite3)")
+    pipe = Pipe(make_queue(url), make_store(store), create=create, observers=observers)
     if store is None and not os.environ.get("MVALVE_STORE_URL"):
-        log.info("no store URL given: throttle state is kept in memory, for this process only")
-    return Pipe(make_queue(url), make_store(store), create=create, observers=observers)
+        pipe._store_note = (
+            "no store URL given: throttle state is kept in memory, for this process only"
+        )
+    return pipe

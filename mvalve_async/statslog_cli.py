@@ -98,7 +98,9 @@ def view(snap: Mapping[str, Any]) -> RenderableType:
 
 
 async def run(args: argparse.Namespace, ctx: Context) -> int:
-    stats = StatsLog(ctx.settings, table=args.table)
+    # only `create` may make the SQLite file; show, prune and drop need it there
+    settings = ctx.settings if args.command == "create" else ctx.existing()
+    stats = StatsLog(settings, table=args.table)
     if args.command == "create" and args.print_only:
         ctx.console.out(stats.schema_sql(), highlight=False, end="")
         return 0

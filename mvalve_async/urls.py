@@ -114,6 +114,9 @@ class QueueSettings:
     # The nodes of one cluster (?cluster=failover), in the URL's order: the pool uses
     # one and moves to the next when it fails. host/port are the first.
     nodes: tuple[tuple[str, int], ...] = ()
+    # sqlite: make the file (and its directory) when it is missing. False: open an
+    # existing file only, and say that the queue does not exist (`mvalve stats`...).
+    create_file: bool = True
 
     @classmethod
     def from_url(cls, url: str) -> QueueSettings:
@@ -218,14 +221,18 @@ def _scheme(url: str) -> str:
     return url.split("://", 1)[0].lower()
 
 
+# Queue URL scheme -> dialect. The unknown-scheme error lists every key, in this order.
+_QUEUE_SCHEMES = {"mysql+innodb": "innodb", "mysql": "innodb", "mariadb": "innodb",
+                 "mysql+q4m": "q4m", "sqlite": "sqlite", "memory": "memory"}  # fmt: skip
+
+
 def parse_queue_url(url: str) -> QueueSettings:
     scheme = _scheme(url)
-    dialect = {"mysql": "innodb", "mysql+innodb": "innodb", "mariadb": "innodb",
-               "mysql+q4m": "q4m", "sqlite": "sqlite", "memory": "memory"}.get(scheme)  # fmt: skip
+    dialect = _QUEUE_SCHEMES.get(scheme)
     if dialect is None:
+        known = [f"{k}:///" if k == "sqlite" else f"{k}://" for k in _QUEUE_SCHEMES]
         raise ConfigError(
-            f"unknown queue URL scheme {scheme!r}: use mysql+innodb://, mysql+q4m://, "
-            "sqlite:/// or memory://"
+            f"unknown queue URL scheme {scheme!r}: use {', '.join(known[:-1])} or {known[-1]}"
         )
     try:
         parts = urlsplit(url)

@@ -9,6 +9,11 @@ import pytest
 
 from mvalve_async.interfaces import Queue
 from mvalve_async.urls import QueueSettings, Tables, make_queue
+from tests import ci_skips
+from tests.ci_skips import (  # noqa: F401  (hooks: in CI a skip fails)
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
+)
 from tests.q4m_fixtures import q4m_server  # noqa: F401  (a fixture the q4m params use)
 from tests.services import MYSQL_URL, require_mysql
 
@@ -124,11 +129,13 @@ async def pipe(
         await q.close()
 
 
-def pytest_terminal_summary(terminalreporter: object) -> None:
-    """The fault suite's ledger lines (lost/unexpected/duplicated/exceedances)."""
+def pytest_terminal_summary(terminalreporter: object, config: pytest.Config) -> None:
+    """The fault suite's ledger lines (lost/unexpected/duplicated/exceedances), and
+    in CI the tests that skipped."""
     from tests.ledger import LINES
 
     if LINES:
         terminalreporter.section("ledger checker")  # type: ignore[attr-defined]
         for line in LINES:
             terminalreporter.write_line(line)  # type: ignore[attr-defined]
+    ci_skips.pytest_terminal_summary(terminalreporter, config)

@@ -89,6 +89,9 @@ def translate(exc: BaseException, where: str) -> QueueError:
         return SchemaError(f"{where}: {exc.args[1]} (run `mvalve create` first)")
     if isinstance(exc, TimeoutError):
         return QueueUnavailable(f"{where} did not answer in time")
+    if code == 2003 and isinstance(exc.__cause__, ConnectionRefusedError):  # aiomysql's 2003
+        hostport = where.partition("://")[2].partition("/")[0].rpartition("@")[2]
+        return QueueUnavailable(f"cannot reach {where}: nothing listens on {hostport}")
     if code in _CONNECTION_LOST or isinstance(exc, OSError):
         return QueueUnavailable(f"cannot reach {where}: {type(exc).__name__} {code or ''}".strip())
     if code in _NOT_READY:

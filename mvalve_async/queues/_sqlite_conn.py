@@ -20,6 +20,7 @@ import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -40,13 +41,29 @@ def _make_parent(path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
+def _existing(settings: QueueSettings) -> str:
+    """A URI that opens the settings' file read-write and never creates it."""
+    path = os.path.abspath(settings.path)
+    if not os.path.isfile(path):
+        raise SchemaError(
+            f"{settings.safe_url()}: the queue does not exist (no file {path}; "
+            "`mvalve create` makes it)"
+        )
+    return f"file:{urllib.parse.quote(path)}?mode=rw"
+
+
 async def open_sqlite(settings: QueueSettings, busy_timeout: float) -> aiosqlite.Connection:
     """An aiosqlite connection to the settings' file (its directory made if missing),
-    in autocommit mode; no PRAGMA run yet. Failing to open is QueueUnavailable."""
+    in autocommit mode; no PRAGMA run yet. Failing to open is QueueUnavailable.
+    With `settings.create_file` false an existing file only (opened read-write, never
+    created): a missing one is SchemaError."""
     path = settings.path
+    uri = not settings.create_file and path != ":memory:"
+    target = _existing(settings) if uri else path
     try:
-        _make_parent(path)
-        pending = aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
+        if not uri:
+            _make_parent(path)
+        pending = aiosqlite.connect(target, isolation_level=None, timeout=busy_timeout, uri=uri)
         # aiosqlite's worker thread is not a daemon: a process that never closes the
         # connection (an unhandled error) would hang at exit. Dying is safe: as kill -9.
         thread = getattr(pending, "_thread", None)

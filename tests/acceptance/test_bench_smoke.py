@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import MYSQL_URL, require_mysql
+from tests.services import MEMCACHED_URL, MYSQL_URL, require_memcached, require_mysql
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,3 +43,26 @@ def test_quick_bench_reports_ratios_for_writer_and_reader(tmp_path: Path) -> Non
         machine = data["machine"][when]
         assert machine["nproc"] >= 1 and len(machine["load_average"]) == 3
     assert data["cleanup"]["dropped"] and data["cleanup"]["left"] == []
+
+
+@pytest.mark.mysql
+@pytest.mark.memcached
+@pytest.mark.slow
+def test_quick_throttle_bench_draws_its_deliveries(tmp_path: Path) -> None:
+    """`--plot` on a real (quick) throttle run writes a PNG; what it draws is checked
+    by tests/unit/test_bench_plot.py, on known input."""
+    require_mysql()
+    require_memcached()
+    out, png = tmp_path / "bench.json", tmp_path / "throttle.png"
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--scenarios", "throttle",
+         "--json", str(out), "--plot", str(png),
+         "--mysql-url", MYSQL_URL, "--memcached-url", MEMCACHED_URL],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": path},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    throttle = json.loads(out.read_text())["scenarios"]["throttle"]
+    assert throttle["error"] is None and "timelines" not in throttle  # not in the JSON

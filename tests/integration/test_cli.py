@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -238,6 +239,23 @@ def test_stats_shows_pause_and_emergency_from_the_store(
     assert code == 0 and "paused" in out and "emergency" in out
 
 
+def test_stats_with_the_store_down_prints_the_queue_and_exits_3(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    url, down = f"sqlite:///{tmp_path}/q.db", "memcached://127.0.0.1:1"  # nothing listens
+    assert run(capsys, "--url", url, "create")[0] == 0
+    # no destination to look up: the store is asked anyway
+    code, out, err = run(capsys, "--url", url, "--store", down, "stats")
+    assert (code, err) == (cli.STORE_UNREACHABLE, "") and cli.STORE_UNREACHABLE == 3
+    assert "normal" in out and "state store: memcached 127.0.0.1:1" in " ".join(out.split())
+    assert run(capsys, "--url", url, "send", "d", "x")[0] == 0
+    code, out, _ = run(capsys, "--url", url, "--store", down, "stats", "--json")
+    snap = json.loads(out)
+    assert code == 3 and snap["queued"]["normal"] == 1 and "127.0.0.1:1" in snap["store_error"]
+    assert snap["destinations"]["d"]["state_error"] == snap["store_error"]
+    assert run(capsys, "--url", url, "stats")[0] == 0  # memory:// answers
+
+
 # -- purge / dead letters ---------------------------------------------------------
 
 
@@ -287,17 +305,22 @@ def test_purge_on_a_terminal_asks_first(
 
 
 def test_dead_letters_list_requeue_purge(capsys: pytest.CaptureFixture[str], url: str) -> None:
-    assert run(capsys, "--url", url, "send", "carrier-x", '{"sms": "hi"}', "--json")[0] == 0
+    code, out, _ = run(capsys, "--url", url, "send", "carrier-x", '{"sms": "hi"}', "--json")
+    assert code == 0
+    message_id = out.split()[1]  # "sent <message id> to carrier-x (normal lane)"
     assert with_queue(url, _kill_first) == 1
 
     dead = run_json(capsys, "--url", url, "dead", "list")
     assert len(dead) == 1
     assert dead[0]["destination"] == "carrier-x" and dead[0]["reason"] == "carrier said no"
     assert dead[0]["lane"] == "normal" and dead[0]["content"] == {"sms": "hi"}
+    assert dead[0]["message_id"] == message_id != str(dead[0]["id"])
     stats = run_json(capsys, "--url", url, "stats")
     assert stats["dead"] == 1 and stats["destinations"]["carrier-x"]["dead"] == 1
     code, out, _ = run(capsys, "--url", url, "dead", "list")
     assert code == 0 and "carrier said no" in out
+    row = next(line for line in out.splitlines() if message_id in line)  # the one id
+    assert row.split("│")[1].strip() == str(dead[0]["id"])  # beside the row id
 
     code, out, err = run(capsys, "--url", url, "dead", "requeue", str(dead[0]["id"]))
     assert (code, out.strip()) == (0, "requeued 1 of 1 dead letter"), err
@@ -313,6 +336,43 @@ def test_dead_letters_list_requeue_purge(capsys: pytest.CaptureFixture[str], url
     assert (code, out.strip()) == (0, "purged 1 dead letter")
     assert run_json(capsys, "--url", url, "dead", "list") == []
     assert run_json(capsys, "--url", url, "stats")["queued"]["normal"] == 0
+
+
+# -- a queue that is not there ----------------------------------------------------
+
+
+READ_ONLY = [["stats"], ["stats", "--json"], ["peek"], ["dead", "list"], ["statslog"],
+             ["statslog", "prune"], ["purge", "-y"], ["dead", "requeue", "--all"],
+             ["dead", "purge", "-y"], ["drop", "-y"]]  # fmt: skip
+
+
+def test_commands_on_a_missing_sqlite_file_create_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "not" / "here" / "q.db"
+    url = f"sqlite:///{path}"
+    for argv in READ_ONLY:
+        code, out, err = run(capsys, "--url", url, *argv)
+        assert (code, out) == (1, ""), (argv, out, err)
+        line = _one_error_line(err)
+        assert f"{url}: the queue does not exist (no file {path};" in line, argv
+        assert not (tmp_path / "not").exists(), argv
+    # the commands that write make it, its directories too
+    assert run(capsys, "--url", url, "send", "d", "x")[0] == 0
+    assert path.is_file()
+    assert run_json(capsys, "--url", url, "stats")["queued"]["normal"] == 1
+
+
+def test_an_existing_file_without_the_tables_is_not_given_them(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "other.db"
+    sqlite3.connect(path).close()  # an empty database: a file, but no queue in it
+    code, out, err = run(capsys, "--url", f"sqlite:///{path}", "stats")
+    assert (code, out) == (1, "")
+    assert "the queue tables are missing" in _one_error_line(err)
+    tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == []
 
 
 # -- errors -----------------------------------------------------------------------
@@ -347,7 +407,11 @@ def test_wrong_password_is_reported_without_the_password(
 
 def test_unreachable_server_error_masks_the_password(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "--url", "mysql+innodb://root:s3cretpw@127.0.0.1:1/test", "peek")
-    assert code == 1 and "cannot reach" in _one_error_line(err) and "s3cretpw" not in err
+    assert code == 1 and "s3cretpw" not in err
+    assert _one_error_line(err) == (
+        "mvalve: error: cannot reach mysql+innodb://root:***@127.0.0.1:1/test: "
+        "nothing listens on 127.0.0.1:1"
+    )
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -391,11 +455,23 @@ def test_subprocess_send_stats_and_errors(tmp_path: Path) -> None:
     assert "s3cretpw" not in bad.stderr
 
 
-def test_subprocess_url_from_the_environment_and_watch_until_ctrl_c(tmp_path: Path) -> None:
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT as by default. A suite started with SIGINT
+    ignored (a shell's background job) would pass SIG_IGN on, and Python then
+    installs no KeyboardInterrupt handler: Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_subprocess_url_from_the_environment_and_watch_until_ctrl_c(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MVALVE_URL": f"sqlite:///{tmp_path}/w.db"}
+    assert main(["--url", env["MVALVE_URL"], "create"]) == 0  # stats shows a queue that exists
     proc = subprocess.Popen(
         [sys.executable, "-m", "mvalve_async.cli", "stats", "--watch", "0.2", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -403,12 +479,12 @@ def test_subprocess_url_from_the_environment_and_watch_until_ctrl_c(tmp_path: Pa
         second = json.loads(proc.stdout.readline())  # ... and the next
         assert first["url"] == second["url"] == f"sqlite:///{tmp_path}/w.db"
         assert second["time"] > first["time"]
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:  # pragma: no cover - only when the test failed
             proc.kill()
-    assert proc.returncode == 0 and "Traceback" not in err
+    assert proc.returncode == 0 and "Traceback" not in err, err
 
 
 # -- plugins ----------------------------------------------------------------------

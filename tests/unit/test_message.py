@@ -234,6 +234,33 @@ def test_unencodable_content_raises_invalid_message(content: Any) -> None:
         encode(Message("d", content))
 
 
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        (
+            {"to": "+331234", "tags": {"a", "b"}},
+            'content["tags"]: Type is not JSON serializable: set',
+        ),
+        ([1, {"x": [2, object()]}], 'content[1]["x"][1]: Type is not JSON serializable: object'),
+        ({"a": {(1, 2): 3}}, 'content["a"]: the key (1, 2) is a tuple, not a string'),
+        ({"n": 2**64}, 'content["n"]: Integer exceeds 64-bit range'),
+        (1j, "content: Type is not JSON serializable: complex"),
+    ],
+)
+def test_unencodable_content_error_says_where_the_value_sits(content: Any, where: str) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        encode(Message("d", content))
+    assert str(caught.value) == f"content cannot be encoded as JSON: {where}"
+
+
+def test_content_nested_too_deep_is_refused_without_a_path() -> None:
+    content: Any = []
+    for _ in range(5000):
+        content = [content]
+    with pytest.raises(InvalidMessage, match="cannot be encoded as JSON: content: Recursion"):
+        encode(Message("d", content))
+
+
 @pytest.mark.parametrize("content", [math.nan, [math.inf], {"x": -math.inf}])
 def test_non_finite_floats_are_refused(content: Any) -> None:
     with pytest.raises(InvalidMessage):

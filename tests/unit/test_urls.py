@@ -88,6 +88,16 @@ def test_unknown_queue_scheme_is_named(scheme: str) -> None:
         parse_queue_url(f"{scheme}://u:{PASSWORD}@h/db")
 
 
+def test_the_unknown_scheme_error_lists_every_accepted_scheme() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_queue_url("postgres://h/db")
+    assert str(caught.value).endswith(
+        ": use mysql+innodb://, mysql://, mariadb://, mysql+q4m://, sqlite:/// or memory://"
+    )
+    for scheme in ("mysql+innodb", "mysql", "mariadb", "mysql+q4m", "sqlite", "memory"):
+        parse_queue_url(f"{scheme}:///x")  # each one listed parses
+
+
 @pytest.mark.parametrize("scheme", ["redis", "memcache", "mysql"])
 def test_unknown_store_scheme_is_named(scheme: str) -> None:
     with pytest.raises(ConfigError, match=f"unknown store URL scheme '{scheme}'"):
