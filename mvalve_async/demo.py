@@ -74,7 +74,6 @@ class Destination:
     rate: Rate | None
     written: int = 0
     delivered: int = 0
-    deferred: int = 0  # delivered from the timed lane: the valve moved it there
     emergencies: int = 0
     dead_before: int = 0
     dead: int = 0
@@ -241,8 +240,6 @@ class Demo:
             d.emergencies += 1
         else:
             d.times.append(msg.delivered_at if msg.delivered_at is not None else time.time())
-            if msg.lane == Lane.TIMED:
-                d.deferred += 1
 
     async def refresh(self, pipe: Pipe) -> None:
         stats = await pipe.queue.stats(pipe.queue.clock.now())
@@ -259,7 +256,7 @@ class Demo:
         table = Table(box=None, pad_edge=False, show_edge=False, collapse_padding=True)
         columns: list[tuple[str, JustifyMethod]] = [
             ("destination", "left"), ("limit", "left"), ("progress", "left"),
-            ("done/written", "right"), ("deferred", "right"), ("dead", "right"),
+            ("done/written", "right"), ("dead", "right"),
             ("achieved", "right"),
         ]  # fmt: skip
         for name, justify in columns:
@@ -268,7 +265,7 @@ class Demo:
             rate = d.achieved()
             table.add_row(
                 d.name, d.limit(), ProgressBar(total=d.written, completed=d.done, width=24),
-                f"{d.done}/{d.written}", str(d.deferred), str(d.dead) if d.dead else "",
+                f"{d.done}/{d.written}", str(d.dead) if d.dead else "",
                 f"{rate:.1f}/s" if rate is not None else "",
             )  # fmt: skip
         lanes = "  ".join(f"{lane}: {self.queued.get(lane, 0)}" for lane in Lane)
@@ -289,8 +286,8 @@ class Demo:
     def summary(self) -> Table:
         table = Table(title="summary", title_justify="left", box=box.SIMPLE_HEAD,
                       show_edge=False, pad_edge=False, collapse_padding=True)  # fmt: skip
-        for name in ("destination", "limit", "written", "delivered", "deferred", "dead",
-                     "achieved", "peak"):  # fmt: skip
+        for name in ("destination", "limit", "written", "delivered", "dead", "achieved",
+                     "peak"):  # fmt: skip
             table.add_column(name, justify="left" if name in ("destination", "limit") else "right")
         for d in self.plan.destinations:
             rate, most = d.achieved(), d.window_max()
@@ -301,15 +298,15 @@ class Demo:
             else:
                 window = Text(f"{most} > {d.rate.n}", style="bold red")
             table.add_row(
-                d.name, d.limit(), str(d.written), str(d.delivered), str(d.deferred),
-                str(d.dead), f"{rate:.1f}/s" if rate is not None else "-", window,
+                d.name, d.limit(), str(d.written), str(d.delivered), str(d.dead),
+                f"{rate:.1f}/s" if rate is not None else "-", window,
             )  # fmt: skip
         return table
 
     def notes(self) -> list[str]:
         out = [
-            "deferred: delivered from the timed lane, where the valve moved them to wait "
-            "for a slot; achieved: deliveries per second while it had messages; peak: the "
+            "achieved: deliveries per second while it had messages (the others wait "
+            "where they were written, in order, until the valve gives a slot); peak: the "
             "most hand-outs (msg.delivered_at) in any window of the rate's period, "
             "emergencies excepted (unlimited: in any second)"
         ]

@@ -2,7 +2,9 @@
 
 An observer's `event` is called synchronously on the hot path: it must only count
 (aggregate in memory) and flush on its own schedule. Actions: enqueue, dequeue,
-defer, drop (dead because of an emergency), dead, ack, abort.
+defer (a reader found a destination with messages held back by its rate, a pause,
+a duration or an emergency window: once per claim that found it so; its rows stay
+where they are), drop (dead because of an emergency), dead, ack, abort (retried).
 """
 
 from __future__ import annotations

@@ -28,8 +28,10 @@ import logging
 import secrets
 from collections.abc import Callable, Coroutine, Sequence
 
+from ..errors import CodecError
 from ..events import Emitter
 from ..interfaces import Lane, Lease, Queue, Want
+from ..message import decode
 from ..throttle import Grant, Valve
 from .acks import Acks
 from .directory import Directory
@@ -47,6 +49,18 @@ GROUP_SPAN = 0.05
 # A reader holding a destination's rows keeps the hold this long after its leases
 # end, so that a dead holder's rows have come back (and go first) when it ends.
 HOLD_AFTER_LEASE = 1.0
+
+
+def _log_dead(lease: Lease, reason: str) -> None:
+    """One line per dead letter, naming the message by the id its sender knows."""
+    try:
+        name = decode(lease.blob).id
+    except CodecError:
+        name = f"row {lease.id}"
+    log.warning(
+        "dead letter: %s for %s (%s)", name, lease.destination, reason,
+        extra={"destination": lease.destination, "message_id": name},
+    )  # fmt: skip
 
 
 class Claimer:
@@ -135,6 +149,8 @@ class Claimer:
                     wants.append(Want(d, len(g.slots)))
                 else:
                     self.next_try[d] = g.next_try
+                    if not g.held:  # its rate, a pause or a window holds it back
+                        self._emit("defer", d)
             for d, n in plain:
                 if states is None:
                     self.next_try[d] = now + 0.05
@@ -208,10 +224,8 @@ class Claimer:
                 for x, at, entry in zip(got, grant.slots, grant.entries, strict=False)
             ]
         if dead:
-            log.warning(
-                "dead letters: %d messages of %s during an emergency window",
-                len(dead), ", ".join(sorted({x.destination for x in dead})),
-            )  # fmt: skip
+            for lease in dead:
+                _log_dead(lease, "emergency")
             await self.queue.dead(dead, "emergency")
             for lease in dead:
                 self._emit("drop", lease.destination)
@@ -261,6 +275,8 @@ class Claimer:
         for slot in slots:
             if slot.group is not None and slot.group.token:
                 slot.group.unused.append(slot.entry)
+            if action == "drop":
+                _log_dead(slot.lease, reason)
         try:
             await self.queue.dead([s.lease for s in slots], reason)
         finally:

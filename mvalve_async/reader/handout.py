@@ -120,10 +120,6 @@ class Handout:
         if not rest:
             return
         if self.valve.policy is EmergencyPolicy.DROP:
-            log.warning(
-                "dead letters: %d held messages of %s during an emergency window",
-                len(rest), destination, extra={"destination": destination},
-            )  # fmt: skip
             await self.claimer.dead(rest, "emergency", "drop")
         else:
             await self.claimer.give_back(rest)

@@ -143,12 +143,14 @@ class Grant:
     """What a checkout gave: `slots` (hand-out times, non-decreasing; empty: none)
     and their log `entries` (for `checkin`); with no slots, `next_try` says when to
     ask again. `drop`: an emergency window with policy DROP is open: the
-    destination's messages claimed now go to the dead letters."""
+    destination's messages claimed now go to the dead letters. `held`: another
+    reader holds the destination (its rate, a pause or a window may not)."""
 
     slots: tuple[float, ...] = ()
     entries: tuple[float, ...] = ()
     next_try: float = 0.0
     drop: bool = False
+    held: bool = False
 
 
 def _floor(log: Sequence[float], rate: Rate | None, error: float) -> float:
@@ -178,7 +180,7 @@ def grant(
     """Check the destination out for `token` (see the module docstring); updates
     `rec` in place when anything is granted. `until`: the hold's end at the latest."""
     if rec.hold and rec.hold != token and rec.hold_until > now:
-        return Grant(next_try=min(rec.hold_until, now + HELD_RETRY))
+        return Grant(next_try=min(rec.hold_until, now + HELD_RETRY), held=True)
     if policy is EmergencyPolicy.DROP and now < rec.emergency:
         return Grant(next_try=now, drop=True)
     window = max(rec.paused, rec.emergency if policy is EmergencyPolicy.HOLD else 0.0)

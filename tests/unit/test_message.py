@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mvalve_async.clock import LocalClock
 from mvalve_async.errors import CodecError, InvalidMessage
 from mvalve_async.interfaces import Lane
 from mvalve_async.message import (
@@ -297,6 +298,7 @@ class RecordingQueue:
 
     def __init__(self) -> None:
         self.inserted: list[tuple[Lane, list[Any]]] = []
+        self.clock = LocalClock()
 
     async def insert(self, lane: Lane, rows: list[Any]) -> None:
         self.inserted.append((lane, rows))
