@@ -40,11 +40,13 @@ SCENARIOS = {
     "reader": "bench.reader",  # claim + deliver + ack, 1/4/8 consumers vs a bare loop
     "latency": "bench.latency",  # idle pick-up latency and idle query rate
     "throttle": "bench.throttle",  # Rate(20/s) x 10 destinations, 4 processes, memcached
+    "fairness": "bench.fairness",  # a hot destination's backlog against a trickle (+Dramatiq)
+    "scale": "bench.scale",  # 1,000 destinations with a backlog each, throttled vs not
     "sqlite": "bench.sqlite",  # the embedded default end to end vs a bare sqlite3 loop
     "peer": "bench.peer",  # the throttle drain, ours beside Dramatiq's rate limiter (.[bench])
 }
 # Scenarios that fill Result.timelines, so --plot has something to draw.
-PLOTTED = {"throttle", "peer"}
+PLOTTED = {"throttle", "peer", "fairness", "scale"}
 HELP = "benchmark against raw baselines in the same run (needs the repository's bench/)"
 
 

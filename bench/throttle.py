@@ -136,7 +136,7 @@ def _account(case: Any, outs: list[dict[str, Any]], t_go: float, total: int, ide
             f"expected {total}; {dead} dead letters"
         )
     by_dest: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
-    for dest, seq, at, got in rows:
+    for dest, seq, at, got, *_ in rows:
         by_dest[dest].append((at, got, seq))
     over = over_recv = worst = worst_recv = inversions = 0
     tight = tight_recv = float("inf")
@@ -182,7 +182,9 @@ async def _worker(cfg: dict[str, Any]) -> None:
 
     async with mvalve_async.open(cfg["url"], cfg["store"]) as pipe:
         options = {"batch": cfg["batch"]} if cfg.get("batch") else {}
-        reader = pipe.reader(rate=Rate(cfg["n"], per=cfg["per"]), **options)
+        rate = Rate(cfg["n"], per=cfg["per"]) if cfg.get("n") else None
+        rates = {d: Rate(n, per=per) for d, (n, per) in cfg.get("rates", {}).items()}
+        reader = pipe.reader(rate=rate, rates=rates, **options)
         await pipe.store.get("bench:warm-up")  # open a memcached connection
         await pipe.queue.scan(pipe.queue.clock.now())  # and a MySQL one
         threading.Thread(target=listen, daemon=True).start()
@@ -194,7 +196,10 @@ async def _worker(cfg: dict[str, Any]) -> None:
         while not stop.is_set():
             msg = await reader.next(timeout=0.2)
             if msg is not None:
-                rows.append([msg.destination, msg.content["seq"], msg.delivered_at, time.time()])
+                # [destination, seq, delivered_at, returned (wall), returned (monotonic),
+                # sent (monotonic, when the writer stamped it)]
+                rows.append([msg.destination, msg.content["seq"], msg.delivered_at, time.time(),
+                             time.monotonic(), msg.content.get("sent")])  # fmt: skip
         await reader.close()
         _say({
             "rows": rows, "cpu": time.process_time() - cpu0, "ops": pipe.store.ops - ops0,

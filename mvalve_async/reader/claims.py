@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import secrets
 from collections.abc import Callable, Coroutine, Sequence
 
@@ -87,6 +88,7 @@ class Claimer:
         self.batch = batch
         self.lease = lease
         self.pace = 0.0  # the consumer's seconds per message (the reader measures it)
+        self.short = False  # a destination of the last round came back short
         self.next_try: dict[str, float] = {}
         self._groups: dict[str, Group] = {}  # destination -> this reader's open group
         self._name = secrets.token_hex(6)
@@ -106,6 +108,14 @@ class Claimer:
 
         return skip
 
+    def not_before(self, destination: str) -> float:
+        """When this reader may pick `destination` again: not while it holds a group
+        of it (that group's end comes with a hand-out, which wakes it anyway)."""
+        if destination in self._groups:
+            return math.inf
+        block = self.directory.blocked(destination, 0.0)
+        return max(self.next_try.get(destination, 0.0), block[0] if block else 0.0)
+
     def _picks(self, now: float) -> list[tuple[str, int]]:
         """(destination, rows wanted) in turn, until the batch is spoken for."""
         left, picks = self.batch, []
@@ -124,6 +134,7 @@ class Claimer:
         """One claim round (see the module docstring); returns how many slots it added
         to `held`. Raises what the queue raises (acks kept, holds given back)."""
         picks = self._picks(now)
+        self.short = False
         governed = [(d, n) for d, n in picks if self.valve.governed(d)]
         plain = [(d, n) for d, n in picks if not self.valve.governed(d)]
         until = now + self.lease + HOLD_AFTER_LEASE
@@ -205,6 +216,7 @@ class Claimer:
             d = want.destination
             got = by_dest.get(d, [])
             self.directory.served(d, len(got), want.n)
+            self.short = self.short or len(got) < want.n
             if d in drops:
                 dead += got
                 continue

@@ -149,7 +149,7 @@ class Directory:
     def next_time(self, now: float, not_before: Callable[[str], float]) -> float | None:
         """The earliest time a destination becomes claimable (None: none known)."""
         times = [max(e.ready, not_before(d)) for d, e in self.entries.items()]
-        if self.next_due is not None:
+        if self.next_due is not None and self.next_due > now:  # else: found by a scan
             times.append(self.next_due)
         return min(times, default=None)
 

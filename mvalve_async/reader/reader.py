@@ -42,6 +42,9 @@ SCAN_BUSY = 0.01
 # `next(timeout)` returns by its deadline plus this: the store and queue calls it
 # makes are bounded by it (a store or node that does not answer cannot hold it).
 GRACE = 0.3
+# Claim rounds one `next` tries while the destinations it picks come back empty
+# (their rows were taken by other readers meanwhile) before it waits.
+ROUNDS = 8
 
 
 class Reader:
@@ -105,6 +108,7 @@ class Reader:
         )  # fmt: skip
         self._current: tuple[Lease, Message] | None = None
         self._returned = 0.0  # monotonic time next() last returned a message
+        self._busy_claims = False  # the last claim round found rows
         self._busy = False
         self._closed = False
         self._background: set[asyncio.Task[None]] = set()
@@ -284,12 +288,19 @@ class Reader:
             await self._claimer.give_back(stale)
         if slot is not None:
             return slot
-        if self._held.due(now + 1.0) >= self.batch:
-            return None  # enough in hand: what is held comes due soon
-        await self._refresh(now, SCAN_BUSY, deadline)
-        await self._claimer.round(now, deadline)
-        slot, _, _ = self._held.take(self.clock.now(), self.lease * 0.8)
-        return slot
+        if self._held.due(now + self.valve.lead) >= self.batch:
+            return None  # enough in hand: what is held comes due in a moment
+        # busy (the last claim found rows): look for new rows often; else as when idle
+        await self._refresh(now, SCAN_BUSY if self._busy_claims else self.idle_interval, deadline)
+        for _ in range(ROUNDS):
+            # a destination that came back short leaves the line: try the next ones
+            added = await self._claimer.round(now, deadline)
+            self._busy_claims = added > 0
+            slot, _, _ = self._held.take(self.clock.now(), self.lease * 0.8)
+            if slot is not None or not self._claimer.short:
+                return slot
+            now = self.clock.now()
+        return None
 
     async def _idle(self, deadline: float | None, bound: float | None) -> bool:
         """Wait until something may be claimable or a held slot comes due. False when
@@ -301,7 +312,7 @@ class Reader:
         held = self._held.next_at()
         if held is not None:
             wake = min(wake, held)
-        nxt = self._directory.next_time(now, lambda d: self._claimer.next_try.get(d, 0.0))
+        nxt = self._directory.next_time(now, self._claimer.not_before)
         if nxt is not None:
             wake = min(wake, max(nxt, now))
         wait = max(0.0, wake - now)

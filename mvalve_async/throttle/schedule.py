@@ -16,6 +16,7 @@ small record, updated atomically (`Store.update`):
     emergency   end of the emergency window opened by an emergency message
     hold        the reader that may lease the destination's rows now ("": none)
     hold_until  ... until then at the latest (its leases are given up by then)
+    hold_last   its last slot: other readers need not ask before then
 
 `grant` checks a destination out for one reader: up to `want` slot times, the first
 ones now and the rest at most `lead` ahead, recorded in the log, and the hold. The
@@ -94,11 +95,12 @@ class Record:
     emergency: float = 0.0
     hold: str = ""
     hold_until: float = 0.0
+    hold_last: float = 0.0
 
     def dumps(self) -> bytes:
         return orjson.dumps(
             [VERSION, self.sent, self.busy, self.paused, self.emergency, self.hold,
-             self.hold_until]
+             self.hold_until, self.hold_last]
         )  # fmt: skip
 
     @classmethod
@@ -113,11 +115,11 @@ class Record:
             if not isinstance(data, list) or not data or type(data[0]) is not int:
                 raise ValueError("not a versioned list")
             if data[0] == VERSION:
-                _, sent, busy, paused, emergency, hold, until = data
+                _, sent, busy, paused, emergency, hold, until, last = data
                 if not isinstance(hold, str):
                     raise ValueError(f"hold {hold!r} is not a string")
                 return cls(_log(sent), _num(busy), _num(paused), _num(emergency), hold,
-                           _num(until))  # fmt: skip
+                           _num(until), _num(last))  # fmt: skip
             if data[0] in (1, 2, 3) and len(data) == data[0] + 7:
                 _, _slots, sent, busy, _horizon, paused, emergency, *_ = data
                 return cls(_log(sent), _num(busy), _num(paused), _num(emergency))
@@ -180,7 +182,9 @@ def grant(
     """Check the destination out for `token` (see the module docstring); updates
     `rec` in place when anything is granted. `until`: the hold's end at the latest."""
     if rec.hold and rec.hold != token and rec.hold_until > now:
-        return Grant(next_try=min(rec.hold_until, now + HELD_RETRY), held=True)
+        # the holder hands its slots out and checks in: not before its last slot
+        wait = min(rec.hold_until, max(now + HELD_RETRY, rec.hold_last))
+        return Grant(next_try=wait, held=True)
     if policy is EmergencyPolicy.DROP and now < rec.emergency:
         return Grant(next_try=now, drop=True)
     window = max(rec.paused, rec.emergency if policy is EmergencyPolicy.HOLD else 0.0)
@@ -203,7 +207,7 @@ def grant(
     if not slots:
         return Grant(next_try=max(now, t - lead))
     rec.sent = log
-    rec.hold, rec.hold_until = token, _r(until)
+    rec.hold, rec.hold_until, rec.hold_last = token, _r(until), slots[-1]
     return Grant(tuple(slots), tuple(entries), now)
 
 
@@ -227,7 +231,7 @@ def checkin(
     the upper bound of the true time); `busy`: the end of a duration begun."""
     mine = rec.hold == token
     if mine:
-        rec.hold, rec.hold_until = "", 0.0
+        rec.hold, rec.hold_until, rec.hold_last = "", 0.0, 0.0
     log = list(rec.sent)
     for entry in unused:
         _remove(log, entry)

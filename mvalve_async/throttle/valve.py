@@ -37,8 +37,13 @@ R = TypeVar("R")
 
 EPOCH_KEY = "epoch"
 _EPOCHS: weakref.WeakKeyDictionary[Store, dict[str, float]] = weakref.WeakKeyDictionary()
-# How far ahead of now a slot is granted (the holder keeps the row aside until then).
-LEAD = 1.0
+# How far ahead of now a slot is granted (the holder keeps the row aside until then):
+# a moment, so that a row is at hand when its slot comes, not so long that rows
+# and holds sit idle (a burst's next window is a whole period away). A paced rate
+# gets up to PACED_SLOTS of its slots at once (at most MAX_LEAD ahead).
+LEAD = 0.05
+PACED_SLOTS = 4
+MAX_LEAD = 1.0
 # One store call (with its optimistic retries) may take this long at most.
 CALL_TIMEOUT = 2.0
 
@@ -96,6 +101,12 @@ class Valve:
             return 0.0
         return self.margin if self.margin is not None else min(0.01, rate.per * 0.01)
 
+    def lead_for(self, rate: Rate | None) -> float:
+        """How far ahead slots are granted for `rate` (see LEAD)."""
+        if rate is None or not rate.paced:
+            return self.lead
+        return max(self.lead, min(MAX_LEAD, PACED_SLOTS * rate.spacing))
+
     def max_per(self) -> float:
         pers = [r.per for r in [self.rate, *self.rates.values()] if r is not None]
         return max(pers, default=1.0)
@@ -110,7 +121,7 @@ class Valve:
         (loop time)."""
         rate = self.rate_for(destination)
         margin = self.margin_for(rate)
-        policy, lead, clock = self.policy, self.lead, self.clock
+        policy, lead, clock = self.policy, self.lead_for(rate), self.clock
 
         def step(rec: Record, now: float) -> Grant:
             error = clock.error
