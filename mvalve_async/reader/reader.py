@@ -27,6 +27,7 @@ from ..events import Emitter, Observer
 from ..interfaces import Lease, Queue, Store
 from ..message import DEFAULT_MAX_DESTINATION, Message, validate_destination
 from ..throttle import EmergencyPolicy, Rate, Valve
+from ..throttle.schedule import RECORD_MARGIN
 from .acks import Acks
 from .claims import Claimer
 from .directory import directory_for
@@ -58,7 +59,9 @@ class Reader:
     the times the consumer receives messages, not only on `delivered_at`. While
     the store is unreachable the reader waits and retries; with
     `fallback_store=MemoryStore()` it throttles locally instead (opt-in: the rate
-    then holds per process only, until the store is back).
+    then holds per process only, until the store is back). `record_margin` is how
+    long a destination's record in the store outlives what it remembers (60 s).
+    Raises ConfigError when a rate's window is longer than the store keeps records.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Reader:
         observers: Sequence[Observer] = (),
         margin: float | None = None,
         fallback_store: Store | None = None,
+        record_margin: float = RECORD_MARGIN,
     ) -> None:
         if lease <= 0 or batch < 1 or max_deliveries < 1:
             raise ValueError("lease, batch and max_deliveries must be positive")
@@ -85,7 +89,7 @@ class Reader:
         self.clock = queue.clock
         self.valve = Valve(
             store, self.clock, rate=rate, rates=rates, policy=emergency_policy, margin=margin,
-            fallback=fallback_store,
+            fallback=fallback_store, record_margin=record_margin,
         )  # fmt: skip
         self.lease = lease
         self.batch = batch

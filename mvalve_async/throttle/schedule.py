@@ -288,10 +288,11 @@ def resume(rec: Record) -> None:
     rec.paused = 0.0
 
 
-def lifetime(rec: Record, now: float, rate: Rate | None) -> float:
+def lifetime(rec: Record, now: float, rate: Rate | None, *, margin: float = RECORD_MARGIN) -> float:
     """Seconds the record must live: until its last hand-out has left every window,
-    and past every duration, pause, emergency window and hold it holds."""
+    and past every duration, pause, emergency window and hold it holds; plus
+    `margin`."""
     ends = [rec.busy, rec.paused, rec.emergency, rec.hold_until]
     if rec.sent and rate is not None:
         ends.append(rec.sent[-1] + rate.per)
-    return max(0.0, max(ends) - now) + RECORD_MARGIN
+    return max(0.0, max(ends) - now) + margin
