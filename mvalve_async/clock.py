@@ -80,7 +80,9 @@ class ServerClock:
         self.calibrations = 0  # successful ones (each `samples` queries)
         self._offset: float | None = None
         self._half_rtt = 0.0
-        self._at = 0.0  # monotonic time of the kept sample
+        self._at = 0.0  # monotonic time of the kept sample (its drift runs from then)
+        self._tried = 0.0  # monotonic time of the last calibration (the next one's base)
+        self._stale = False  # the server may have changed: the next sample is taken
         self._last = 0.0  # the last value now() returned: it never goes back
         self._task: asyncio.Task[None] | None = None
         self._warned = False
@@ -91,7 +93,12 @@ class ServerClock:
 
     @property
     def error(self) -> float:
-        return self._half_rtt + self.drift * max(0.0, time.monotonic() - self._at)
+        """Half the kept sample's round trip, its drift since, and how far `now()` is
+        held ahead of the estimate (it never goes back when a calibration lowers the
+        offset)."""
+        mono = time.monotonic()
+        held = self._last - (mono + self._offset) if self._offset is not None else 0.0
+        return self._half_rtt + self.drift * max(0.0, mono - self._at) + max(0.0, held)
 
     @property
     def offset(self) -> float:
@@ -112,8 +119,10 @@ class ServerClock:
                 best = (half, server - (t0 + t1) / 2, (t0 + t1) / 2)
         assert best is not None
         half, offset, at = best
-        if self._offset is None or half <= self.error:
+        self._tried = time.monotonic()
+        if self._offset is None or self._stale or half <= self.error:
             self._half_rtt, self._offset, self._at = half, offset, at
+            self._stale = False
         self.calibrations += 1
         skew = time.time() - (time.monotonic() + self._offset)
         if abs(skew) > self.warn_skew and not self._warned:
@@ -124,14 +133,16 @@ class ServerClock:
             )  # fmt: skip
 
     def invalidate(self) -> None:
-        """The connection changed (a reconnect, a failover): calibrate again soon."""
-        self._at = 0.0
+        """The server may have changed (a failover): the next `now()` calibrates again,
+        and its sample replaces the kept one whatever its round trip."""
+        self._stale = True
+        self._tried = 0.0
 
     def now(self) -> float:
         if self._offset is None:
             raise RuntimeError(f"the clock of {self.where} is not calibrated: connect first")
         mono = time.monotonic()
-        if mono - self._at > self.refresh and (self._task is None or self._task.done()):
+        if mono - self._tried > self.refresh and (self._task is None or self._task.done()):
             try:
                 self._task = asyncio.get_running_loop().create_task(self._recalibrate())
             except RuntimeError:  # no running loop: the next call will

@@ -218,6 +218,7 @@ class MySQLPool:
         self._node = 0
         self._retired: list[Any] = []
         self.moves = 0
+        self.on_move: Callable[[], None] | None = None  # called after a failover
 
     @property
     def node(self) -> tuple[str, int]:
@@ -319,6 +320,8 @@ class MySQLPool:
         )  # fmt: skip
         self._node = nxt
         self.moves += 1
+        if self.on_move is not None:  # e.g. the queue's clock: another server's
+            self.on_move()
         old, self._pool = self._pool, None
         if old is not None:
             for conn in self._idle:

@@ -73,6 +73,7 @@ class Shard:
     label: str  # for logs and errors (host:port, never a password)
     queue: Queue
     down_since: float | None = None  # monotonic; None: up
+    outages: int = 0  # times marked down: a scan mark from before an outage is stale
     reason: str = ""
     probe: asyncio.Task[None] | None = None
     pending_acks: list[Lease] = field(default_factory=list)
@@ -129,6 +130,7 @@ class ShardSet:
 
     def mark_down(self, shard: Shard, exc: BaseException) -> None:
         if shard.up:
+            shard.outages += 1
             shard.down_since = time.monotonic()
             shard.reason = str(exc) or type(exc).__name__
             log.warning(

@@ -113,6 +113,7 @@ class InnoDBQueue:
         self.tables = settings.tables
         self.db = MySQLPool(settings, multi_statements=True)
         self.clock = ServerClock(self._server_time, where=settings.safe_url())
+        self.db.on_move = self.clock.invalidate  # a failover: another server's clock
         self._lane_of = {table: lane for lane, table in self.tables.all()}
         self._lanes = self.tables.all()
         self._rank = [list(Lane).index(lane) for lane, _ in self._lanes]  # per table

@@ -111,6 +111,7 @@ class Q4MQueue:
         self._seen: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._legacy = False  # rows without a destination key were seen by a scan
         self.clock = ServerClock(self._server_time, where=settings.safe_url())
+        self.db.on_move = self.clock.invalidate  # a failover: another server's clock
 
     async def _server_time(self) -> float:
         ((now,),) = await self.db.fetch("SELECT UNIX_TIMESTAMP(NOW(6))")
@@ -223,46 +224,56 @@ class Q4MQueue:
             plans.append((self._sql.head_targets(want.destination, now_us), want.destination,
                           want.n))  # fmt: skip
         leases: list[Lease] = []
-        retries = self.max_owners + 1  # idle owners may all be dead (server restart)
         try:
-            for targets, destination, n in plans:
-                sql, args = self._sql.wait_call(targets)
-                got = 0
-                while got < n:
-                    owner = await self._owners.take(wait=not leases)
-                    if owner is None:
-                        return self._sorted(leases)
-                    try:
-                        lease = await self._claim_one(owner, sql, args, targets, now,
-                                                      lease_seconds)  # fmt: skip
-                    except DRIVER_ERRORS as exc:
-                        self._owners.discard(owner)
-                        if _lost(exc) and not leases and retries > 0:
-                            retries -= 1
-                            continue
-                        if _lost(exc) and leases:
-                            log.info("lost an owner connection to %s mid-claim", self.db.where)
-                            return self._sorted(leases)
-                        raise translate(exc, self.db.where) from None
-                    except BaseException:
-                        self._owners.discard(owner)
-                        raise
-                    if lease is None:
-                        self._owners.free(owner)
-                        break
-                    if destination is not None and lease.destination != destination:
-                        # another destination with the same key (1 in 2^62): not ours
-                        await self.give_back([lease])
-                        break
-                    leases.append(lease)
-                    got += 1
-            if self._legacy:
-                await self._rekey()
+            await self._claim_plans(plans, leases, now, lease_seconds)
         except BaseException:
             for lease in leases:  # never handed out: close their owners, the rows go back
                 self._owners.discard(lease.handle)
             raise
+        if self._legacy:  # on its own connection: owners being all busy does not stop it
+            await self._rekey()
         return self._sorted(leases)
+
+    async def _claim_plans(
+        self,
+        plans: list[tuple[list[tuple[Lane, str, str]], str | None, int]],
+        leases: list[Lease],
+        now: float,
+        lease_seconds: float,
+    ) -> None:
+        """Claim each plan's rows into `leases`, one per idle owner connection; stops
+        when the owners run out."""
+        retries = self.max_owners + 1  # idle owners may all be dead (server restart)
+        for targets, destination, n in plans:
+            sql, args = self._sql.wait_call(targets)
+            got = 0
+            while got < n:
+                owner = await self._owners.take(wait=not leases)
+                if owner is None:
+                    return
+                try:
+                    lease = await self._claim_one(owner, sql, args, targets, now, lease_seconds)
+                except DRIVER_ERRORS as exc:
+                    self._owners.discard(owner)
+                    if _lost(exc) and not leases and retries > 0:
+                        retries -= 1
+                        continue
+                    if _lost(exc) and leases:
+                        log.info("lost an owner connection to %s mid-claim", self.db.where)
+                        return
+                    raise translate(exc, self.db.where) from None
+                except BaseException:
+                    self._owners.discard(owner)
+                    raise
+                if lease is None:
+                    self._owners.free(owner)
+                    break
+                if destination is not None and lease.destination != destination:
+                    # another destination with the same key (1 in 2^62): not ours
+                    await self.give_back([lease])
+                    break
+                leases.append(lease)
+                got += 1
 
     @staticmethod
     def _sorted(leases: list[Lease]) -> list[Lease]:

@@ -232,28 +232,31 @@ class ShardedQueue:
     # -- claiming -------------------------------------------------------------
 
     async def scan(self, now: float, mark: Any = None) -> Scan:
-        """Every live shard's scan (each with its own mark; a shard that was down, or
-        is new to this mark, is scanned in full), merged. Full only when every
-        shard's was. A shard that does not answer is marked down and left out."""
-        marks: dict[int, Any] = dict(mark or {})
+        """Every live shard's scan (each with its own mark; a shard that was down since
+        its mark was taken, or is new to this mark, is scanned in full), merged. Full
+        only when every shard's was. A shard that does not answer is marked down and
+        left out."""
+        marks: dict[int, tuple[int, Any]] = dict(mark or {})
         live = self._set.live()
         if not live:
             raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
 
         async def one(shard: Shard) -> tuple[Shard, Scan] | None:
+            seen = marks.get(shard.index)
+            # a mark from before an outage is stale: rows may have come back meanwhile
+            prev = seen[1] if seen is not None and seen[0] == shard.outages else None
             try:
-                prev = marks.get(shard.index) if shard.up else None
                 return shard, await self._set.bounded(shard, lambda q: q.scan(now, prev))
             except QueueUnavailable:
-                marks.pop(shard.index, None)  # scanned in full when it is back
                 return None
 
         results = [r for r in await asyncio.gather(*(one(s) for s in live)) if r is not None]
         if not results:
             raise QueueUnavailable("every queue shard is down: " + self._set.down_list())
+        marks = {}  # a shard left out is scanned in full next time
         found: dict[str, Found] = {}
         for shard, part in results:
-            marks[shard.index] = part.mark
+            marks[shard.index] = (shard.outages, part.mark)
             for dest, f in part.found.items():
                 old = found.get(dest)
                 if old is None:

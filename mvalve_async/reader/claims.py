@@ -132,7 +132,21 @@ class Claimer:
 
     async def round(self, now: float, deadline: float | None) -> int:
         """One claim round (see the module docstring); returns how many slots it added
-        to `held`. Raises what the queue raises (acks kept, holds given back)."""
+        to `held`. Raises what the queue raises (acks kept, holds given back). While
+        the emergency lane may hold rows, a round claims them alone: emergencies go
+        first, whatever the batch."""
+        if self.directory.emergency:
+            urgent = await self.acks.settle(
+                lambda acks: self.queue.claim(
+                    [], now, self.lease, emergency=self.batch, acks=acks, deadline=deadline
+                )
+            )
+            self.short = False
+            if len(urgent) < self.batch:
+                self.directory.emergency = False
+            if urgent:
+                self.held.add([Slot(x, now, None) for x in urgent])
+                return len(urgent)
         picks = self._picks(now)
         self.short = False
         governed = [(d, n) for d, n in picks if self.valve.governed(d)]
@@ -175,8 +189,8 @@ class Claimer:
                     self.directory.block(d, until_d)
                 else:
                     wants.append(Want(d, n))
-            emergency = self.batch if self.directory.emergency or wants else 0
-            if not wants and not emergency and not len(self.acks):
+            emergency = self.batch if wants else 0
+            if not wants and not len(self.acks):
                 return 0
             leases = await self.acks.settle(
                 lambda acks: self.queue.claim(
@@ -206,6 +220,8 @@ class Claimer:
         drops: set[str],
     ) -> int:
         emergency = [x for x in leases if x.lane is Lane.EMERGENCY]
+        if len(emergency) >= self.batch:  # there may be more: the next round takes them
+            self.directory.emergency = True
         by_dest: dict[str, list[Lease]] = {}
         for lease in leases:
             if lease.lane is not Lane.EMERGENCY:

@@ -207,12 +207,6 @@ async def test_priority_through_a_reader_with_rows_in_all_lanes(
         await reader.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (the reader, any dialect): a claim round leases `batch` emergency rows "
-    "and each want's rows together (reader/claims.py, Claimer.round), so with more "
-    "emergency rows than `batch` other lanes are handed out between them",
-)
 async def test_priority_through_a_reader_of_batch_one(
     q4m_server: Q4MServer,  # noqa: F811
     tables: Tables,
@@ -329,11 +323,6 @@ async def test_rows_written_before_the_key_get_theirs_once_a_scan_finds_them(
     await queue.ack(rest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Q4MQueue.claim returns before _rekey when it runs out of owner "
-    "connections (q4m.py, claim: `if owner is None: return ...`)",
-)
 async def test_rows_without_a_key_get_theirs_while_the_owners_are_all_busy(
     q4m_server: Q4MServer,  # noqa: F811
     tables: Tables,

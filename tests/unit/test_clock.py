@@ -188,11 +188,6 @@ async def test_a_failed_refresh_keeps_the_estimate_and_its_error_grows(
     await c.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a refresh that keeps the old sample does not move `_at`, so every "
-    "now() after it starts another calibration at once (clock.py, now()/calibrate())",
-)
 async def test_a_refresh_that_keeps_the_old_sample_waits_refresh_seconds(ft: FakeTime) -> None:
     """The kept sample was taken on a quiet link; later samples are slower (a loaded
     server). Refreshes should still come every `refresh` seconds, not back to back."""
@@ -235,11 +230,6 @@ def test_now_never_goes_back_when_a_calibration_lowers_the_offset(ft: FakeTime) 
     assert len(set(seen)) < len(seen)  # it did hold still for a while
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: after a calibration lowers the offset, now() is held at the old "
-    "estimate but `error` reports only the new sample's bound (clock.py, error)",
-)
 async def test_now_stays_within_its_error_bound_while_held(ft: FakeTime) -> None:
     s = Sampler(ft, [(0.004, 0.0)])  # 2 ms half round trip, 2 ms ahead: within bound
     c = ServerClock(s, samples=1, refresh=1e9)
@@ -305,11 +295,6 @@ async def test_invalidate_recalibrates_on_the_next_now(ft: FakeTime) -> None:
     await c.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: invalidate() sets `_at` to 0, so `error` becomes drift x the host's "
-    "monotonic time (its uptime: 50 s after 11.6 days) until a calibration lands",
-)
 async def test_invalidate_does_not_make_the_error_depend_on_uptime(ft: FakeTime) -> None:
     s = Sampler(ft, [(0.0001, 0.0001)])
     c = ServerClock(s, samples=1, refresh=60.0)

@@ -280,11 +280,6 @@ async def test_a_shard_down_during_a_scan_is_left_out_then_scanned_in_full() -> 
     assert b in again.found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ShardedQueue.scan keeps the mark of a shard it skipped as down "
-    "(sharded.py, scan: marks of shards not in `live` are never dropped)",
-)
 async def test_a_shard_marked_down_by_another_call_is_rescanned_in_full() -> None:
     """A shard can be found down by a claim (or an insert, an ack) rather than by a
     scan; the scans that skip it meanwhile must not keep its old mark either."""
@@ -302,11 +297,6 @@ async def test_a_shard_marked_down_by_another_call_is_rescanned_in_full() -> Non
     assert children[1].marks[-1] is None  # scanned in full after its outage
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ShardedQueue.scan cannot tell that a shard was down since the mark "
-    "was taken (sharded.py, scan: a mark carries no outage count)",
-)
 async def test_a_shard_down_and_back_between_two_scans_is_rescanned_in_full() -> None:
     """No scan ran during the outage: the next one must still scan that shard in
     full (a server back from an outage may have lost or renumbered rows)."""
