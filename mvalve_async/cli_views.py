@@ -122,6 +122,7 @@ async def snapshot(queue: Queue, store: Store, limit: int, url: str) -> dict[str
             "queued": {str(lane): counts.get(str(lane), 0) for lane in Lane},
             "leased": counts.get("leased", 0), "dead": counts.get("dead", 0),
             "paused_until": None, "emergency_until": None, "last_sent": None,
+            "in_flight": None, "in_flight_limit": None,
         }  # fmt: skip
         destinations[dest] = d
         if store_error is not None:
@@ -137,6 +138,8 @@ async def snapshot(queue: Queue, store: Store, limit: int, url: str) -> dict[str
         d["paused_until"] = rec.paused if rec.paused > now else None
         d["emergency_until"] = rec.emergency if rec.emergency > now else None
         d["last_sent"] = rec.sent[-1] if rec.sent else None
+        if rec.limit:  # a concurrency limit: in flight now, against it
+            d["in_flight"], d["in_flight_limit"] = rec.live(now), rec.limit
     if not destinations:  # nothing asked of the store yet: is it there at all?
         try:
             await store.get(STORE_PROBE)
@@ -159,6 +162,10 @@ def _state(d: Mapping[str, Any], now: float) -> Text:
         parts.append(Text(f"emergency {d['emergency_until'] - now:.0f}s", style="bold red"))
     if d.get("paused_until"):
         parts.append(Text(f"paused {d['paused_until'] - now:.0f}s", style="yellow"))
+    if d.get("in_flight_limit"):
+        full = d["in_flight"] >= d["in_flight_limit"]
+        parts.append(Text(f"in flight {d['in_flight']}/{d['in_flight_limit']}",
+                          style="yellow" if full else ""))  # fmt: skip
     return Text(", ").join(parts) if parts else Text("open", style="green")
 
 

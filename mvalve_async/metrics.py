@@ -26,7 +26,9 @@ import time
 from types import TracebackType
 from typing import Any
 
-from .interfaces import Lane, Queue, QueueStats
+from .errors import CodecError
+from .interfaces import Lane, Queue, QueueStats, Store
+from .throttle import Record, key_for
 
 __all__ = ["OTHER", "LaneDepthCollector", "PrometheusObserver", "start_http_server"]
 
@@ -107,6 +109,10 @@ class LaneDepthCollector:
     leased), `<prefix>_queue_leased{lane}`, `<prefix>_dead_letters`, and
     `<prefix>_queue_stats_timestamp_seconds` (when they were last read: a
     failing update leaves the gauges as they were, and this shows how old they are).
+    With the pipe's `store`: `<prefix>_in_flight{destination}` and
+    `<prefix>_in_flight_limit{destination}` too, for destinations with a concurrency
+    limit (read from their records, over every reader of every process; at most
+    `max_destinations` of them, one store round trip per server).
 
     `await update()` reads them once; `start()` / `close()` (or `async with`) run
     `update()` every `interval` seconds in a background task, logging failures.
@@ -119,12 +125,28 @@ class LaneDepthCollector:
         registry: Any = None,
         prefix: str = "mvalve",
         interval: float = 15.0,
+        store: Store | None = None,
+        max_destinations: int = 1000,
     ) -> None:
         if not interval > 0:
             raise ValueError("interval must be a positive number of seconds")
         client = _prometheus()
         reg = _registry(client, registry)
         self.queue = queue
+        self.store = store
+        self.max_destinations = max_destinations
+        self.in_flight: Any = client.Gauge(
+            f"{prefix}_in_flight",
+            "Messages handed out and not settled, per destination with a concurrency limit",
+            ["destination"],
+            registry=reg,
+        )
+        self.in_flight_limit: Any = client.Gauge(
+            f"{prefix}_in_flight_limit",
+            "The concurrency limit per destination (its readers' setting)",
+            ["destination"],
+            registry=reg,
+        )
         self.interval = float(interval)
         self.depth: Any = client.Gauge(
             f"{prefix}_queue_depth", "Queued rows per lane, not leased", ["lane"], registry=reg
@@ -155,6 +177,18 @@ class LaneDepthCollector:
             self.depth.labels(lane=str(lane)).set(stats.queued.get(lane, 0))
             self.leased.labels(lane=str(lane)).set(stats.leased.get(lane, 0))
         self.dead.set(stats.dead)
+        if self.store is not None:
+            dests = sorted(stats.by_destination)[: self.max_destinations]
+            found = await self.store.get_many([key_for(d) for d in dests])
+            for dest in dests:
+                raw = found.get(key_for(dest))
+                try:
+                    rec = Record.loads(raw)
+                except CodecError:
+                    continue
+                if rec.limit:
+                    self.in_flight.labels(destination=dest).set(rec.live(now))
+                    self.in_flight_limit.labels(destination=dest).set(rec.limit)
         self.updated.set(now)
         return stats
 

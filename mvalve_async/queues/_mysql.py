@@ -149,14 +149,20 @@ class Transaction:
         self._packed = packed
         self.started = False
 
-    async def run(self, statements: Sequence[Statement]) -> list[Result]:
+    async def run(self, statements: Sequence[Statement], *, last: bool = False) -> list[Result]:
         """Run `statements` in the transaction (START TRANSACTION goes with the
         first); one `Result` per statement, in order. A driver error propagates:
-        the transaction is lost, `transact` closes the connection and retries."""
+        the transaction is lost, `transact` closes the connection and retries.
+        `last`: nothing follows: on one server (not `split`) the COMMIT rides in
+        the same packet (InnoDB reports a failed COMMIT there; a Galera node may not,
+        so there it still goes alone)."""
         if not statements:
             return []
         async with self._conn.cursor() as cur:
             sqls = [s if isinstance(s, str) else cur.mogrify(s[0], s[1]) for s in statements]
+            commit = last and not self._split and self.started
+            if commit:
+                sqls.append("COMMIT")
             out: list[Result] = []
             groups = [[sql] for sql in sqls] if self._split else [sqls]
             if not self.started and not self._packed:
@@ -172,6 +178,9 @@ class Transaction:
                 while await cur.nextset():
                     results.append(await _result(cur))
                 out += results[1:] if head else results
+            if commit:
+                self.started = False  # committed: `commit()` has nothing left to send
+                out.pop()
             return out
 
     async def commit(self) -> None:

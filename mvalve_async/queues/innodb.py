@@ -279,10 +279,11 @@ class InnoDBQueue:
     ) -> list[Lease]:
         """The acks and the claim in one transaction (`MySQLPool.transact`): START
         TRANSACTION + the acks' DELETEs + the SELECT ... SKIP LOCKED, then the lease
-        UPDATEs, then COMMIT alone (a COMMIT riding with other statements can report
-        OK for a transaction a Galera node rolled back). Acked rows are gone before
-        the SELECT (leased rows left at the head of a destination are rows its next
-        claim must step over)."""
+        UPDATEs and COMMIT: two round trips on one server; on Galera every statement
+        alone, COMMIT too (a COMMIT riding with other statements can report OK for a
+        transaction a node rolled back). Acked rows are gone before the SELECT
+        (leased rows left at the head of a destination are rows its next claim must
+        step over)."""
         deletes = _deletes(acks)
         select = self._claim_sql(wants, emergency)
         args: dict[str, Any] = {"now": to_us(now), "e": int(emergency)}
@@ -306,12 +307,15 @@ class InnoDBQueue:
             by_table: dict[str, list[int]] = {}
             for nums, _, _ in kept:
                 by_table.setdefault(lanes[nums[0]][1], []).append(nums[2])
-            await tx.run([
-                f"UPDATE `{table}` SET lease_until = {int(until)}, "
-                f"lease_token = {int(token)}, deliveries = deliveries + 1 "
-                f"WHERE id IN ({_id_list(ids)})"
-                for table, ids in by_table.items()
-            ])  # fmt: skip
+            await tx.run(
+                [
+                    f"UPDATE `{table}` SET lease_until = {int(until)}, "
+                    f"lease_token = {int(token)}, deliveries = deliveries + 1 "
+                    f"WHERE id IN ({_id_list(ids)})"
+                    for table, ids in by_table.items()
+                ],
+                last=True,
+            )
             return [
                 Lease(lanes[nums[0]][0], lanes[nums[0]][1], nums[2], dest, bytes(blob),
                       nums[3] + 1, nums[5] / US if lanes[nums[0]][0] is Lane.TIMED else None,

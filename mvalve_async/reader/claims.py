@@ -52,6 +52,14 @@ GROUP_SPAN = 0.05
 HOLD_AFTER_LEASE = 1.0
 
 
+def _unused(slot: Slot) -> None:
+    """`slot` will not be handed out: its slot and its place in flight go back."""
+    if slot.group is not None and slot.group.token:
+        slot.group.unused.append(slot.entry)
+        if slot.inflight:
+            slot.group.freed.append(slot.inflight)
+
+
 def _log_dead(lease: Lease, reason: str) -> None:
     """One line per dead letter, naming the message by the id its sender knows."""
     try:
@@ -100,11 +108,11 @@ class Claimer:
         next_try, groups, blocked = self.next_try, self._groups, self.directory.blocked
 
         def skip(destination: str) -> bool:
-            return (
-                destination in groups
-                or next_try.get(destination, 0.0) > now
-                or blocked(destination, now) is not None
-            )
+            if destination in groups or next_try.get(destination, 0.0) > now:
+                return True
+            block = blocked(destination, now)
+            # a DROP window: its messages are claimed, to go to the dead letters
+            return block is not None and not block[1]
 
         return skip
 
@@ -120,9 +128,17 @@ class Claimer:
         """(destination, rows wanted) in turn, until the batch is spoken for."""
         left, picks = self.batch, []
         cap = self.batch if self.pace <= 0 else max(1, int(GROUP_SPAN / self.pace))
+        # a place in flight taken for a message this reader's consumer is not free
+        # for is a place wasted: one at a time until the consumer's pace is known
+        places = 1 if self.pace <= 0 else cap  # in all, over the destinations picked
         for destination, entry in self.directory.pick(now, self._blocked(now)):
             want = left if entry.rows <= 0 else min(left, entry.rows)
-            if self.valve.governed(destination):
+            if self.valve.limit_for(destination) is not None:
+                if places <= 0:
+                    continue
+                want = min(want, places)
+                places -= want
+            elif self.valve.governed(destination):
                 want = min(want, cap)
             picks.append((destination, want))
             left -= want
@@ -242,14 +258,18 @@ class Claimer:
                     group = self._groups[d] = Group(d, pending=len(got))
                     slots += [Slot(x, now, group) for x in got]
                 continue
-            group = Group(d, tokens[d], pending=len(got), unused=list(grant.entries[len(got) :]))
+            group = Group(d, tokens[d], pending=len(got), unused=list(grant.entries[len(got) :]),
+                          freed=list(grant.inflight[len(got) :]))  # fmt: skip
             if not got:
-                self._spawn(self.valve.checkin(d, group.token, unused=group.unused))
+                self._spawn(
+                    self.valve.checkin(d, group.token, unused=group.unused, freed=group.freed)
+                )
                 continue
             self._groups[d] = group
+            ids = grant.inflight or ("",) * len(got)
             slots += [
-                Slot(x, now, group, at, entry)
-                for x, at, entry in zip(got, grant.slots, grant.entries, strict=False)
+                Slot(x, now, group, at, entry, place)
+                for x, at, entry, place in zip(got, grant.slots, grant.entries, ids, strict=False)
             ]
         if dead:
             for lease in dead:
@@ -278,7 +298,7 @@ class Claimer:
             self._spawn(
                 self.valve.checkin(
                     group.destination, group.token, unused=group.unused, late=group.late,
-                    busy=group.busy,
+                    busy=group.busy, freed=group.freed,
                 )
             )  # fmt: skip
 
@@ -288,8 +308,7 @@ class Claimer:
         if not slots:
             return
         for slot in slots:
-            if slot.group is not None and slot.group.token:
-                slot.group.unused.append(slot.entry)
+            _unused(slot)
         try:
             await self.queue.give_back([s.lease for s in slots])
         finally:
@@ -301,8 +320,7 @@ class Claimer:
         if not slots:
             return
         for slot in slots:
-            if slot.group is not None and slot.group.token:
-                slot.group.unused.append(slot.entry)
+            _unused(slot)
             if action == "drop":
                 _log_dead(slot.lease, reason)
         try:

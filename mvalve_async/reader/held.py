@@ -22,7 +22,8 @@ class Group:
     """One destination's leases from one claim. `token` is the valve's hold (a
     destination with a rate), "" for a destination without one. The lists gather
     what its checkin reports: entries of `unused` slots, `late` hand-outs
-    (entry, actual), and the end of a duration begun (`busy`)."""
+    (entry, actual), the end of a duration begun (`busy`), and the places in flight
+    of messages never handed out (`freed`)."""
 
     destination: str
     token: str = ""
@@ -30,6 +31,7 @@ class Group:
     unused: list[float] = field(default_factory=list)
     late: list[tuple[float, float]] = field(default_factory=list)
     busy: float = 0.0
+    freed: list[str] = field(default_factory=list)  # in-flight ids of slots not used
 
 
 @dataclass(eq=False, slots=True)
@@ -39,6 +41,7 @@ class Slot:
     group: Group | None  # None: an emergency lease
     at: float = 0.0  # its slot (a destination with a rate): never handed out before
     entry: float = 0.0  # its slot's entry in the destination's log
+    inflight: str = ""  # its place in flight (a concurrency limit): freed when settled
 
 
 class Held:

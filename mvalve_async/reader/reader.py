@@ -62,6 +62,13 @@ class Reader:
     then holds per process only, until the store is back). `record_margin` is how
     long a destination's record in the store outlives what it remembers (60 s).
     Raises ConfigError when a rate's window is longer than the store keeps records.
+
+    `concurrency_limit` (default per destination; `concurrency_limits` overrides it
+    per destination, None: none) limits the messages of a destination handed out and
+    not settled yet (acked, retried, rejected, or their lease ended), over every
+    reader of every process: a limit of k is k places in flight, kept in the
+    destination's record; a reader that dies holding one frees it when its lease
+    ends. With a rate, both hold. Emergencies are outside it, as outside the rate.
     """
 
     def __init__(
@@ -81,6 +88,8 @@ class Reader:
         observers: Sequence[Observer] = (),
         margin: float | None = None,
         fallback_store: Store | None = None,
+        concurrency_limit: int | None = None,
+        concurrency_limits: Mapping[str, int | None] | None = None,
         record_margin: float = RECORD_MARGIN,
     ) -> None:
         if lease <= 0 or batch < 1 or max_deliveries < 1:
@@ -89,7 +98,9 @@ class Reader:
         self.clock = queue.clock
         self.valve = Valve(
             store, self.clock, rate=rate, rates=rates, policy=emergency_policy, margin=margin,
-            fallback=fallback_store, record_margin=record_margin,
+            fallback=fallback_store, concurrency=concurrency_limit,
+            concurrencies=concurrency_limits,
+            record_margin=record_margin,
         )  # fmt: skip
         self.lease = lease
         self.batch = batch
@@ -111,6 +122,8 @@ class Reader:
             max_deliveries=max_deliveries, max_destination=max_destination,
         )  # fmt: skip
         self._current: tuple[Lease, Message] | None = None
+        self._place: tuple[str, str] | None = None  # (destination, in-flight id) of it
+        self._freeing: list[tuple[str, str]] = []  # places of settled messages to free
         self._returned = 0.0  # monotonic time next() last returned a message
         self._busy_claims = False  # the last claim round found rows
         self._busy = False
@@ -130,6 +143,8 @@ class Reader:
         try:
             self._measure_pace()
             self._settle_current()
+            if self._freeing:
+                await self._release()
             loop = asyncio.get_running_loop()
             deadline = None if timeout is None else loop.time() + timeout
             # what a store or queue call may take at most: a call begun just before
@@ -154,6 +169,7 @@ class Reader:
                 backoff = 0.05
                 if msg is not None and slot is not None:
                     self._current = (slot.lease, msg)
+                    self._place = (msg.destination, slot.inflight) if slot.inflight else None
                     self._returned = time.monotonic()
                     return msg
                 if deadline is not None and loop.time() >= deadline:
@@ -195,6 +211,7 @@ class Reader:
         if lease is not None:
             await self.queue.ack([lease])
             self._emit("ack", lease.destination)
+            await self._release()
 
     async def retry(self, msg: Message | None = None, delay: float = 0.0) -> None:
         """Return the handed-out message to its queue, visible again after `delay`."""
@@ -203,6 +220,7 @@ class Reader:
             await self.queue.release(lease, delay)
             self._directory.put(lease.destination, self.clock.now() + delay)
             self._emit("abort", lease.destination)
+            await self._release()
 
     async def reject(self, msg: Message | None = None, reason: str = "rejected") -> None:
         """Move the handed-out message to the dead letters with `reason`."""
@@ -210,6 +228,7 @@ class Reader:
         if lease is not None:
             await self.queue.dead([lease], reason)
             self._emit("dead", lease.destination)
+            await self._release()
 
     async def pause(self, destination: str, seconds: float) -> None:
         """Deliver nothing to `destination` for `seconds` (e.g. a 429 Retry-After);
@@ -231,6 +250,8 @@ class Reader:
             return
         self._closed = True
         self._settle_current()
+        with contextlib.suppress(Exception):
+            await self._release()
         with contextlib.suppress(Exception):
             await _shielded(self._acks.flush())
         with contextlib.suppress(Exception):
@@ -264,12 +285,37 @@ class Reader:
             raise ValueError("that message is not the one this reader handed out last")
         lease = self._current[0]
         self._current = None
+        self._free_place()
         return lease
 
     def _settle_current(self) -> None:
         if self._current is not None:
             self._acks.add(self._current[0], self.clock.now())
             self._current = None
+            self._free_place()
+
+    def _free_place(self) -> None:
+        """The handed-out message is settled: its place in flight (a concurrency
+        limit) is to be freed, for every reader (`_release`: one store update)."""
+        if self._place is not None:
+            self._freeing.append(self._place)
+            self._place = None
+
+    async def _release(self) -> None:
+        """Free the places of the messages settled (before claiming: so that this
+        reader, now free, can take the place itself)."""
+        freeing, self._freeing = self._freeing, []
+        for destination, place in freeing:
+            try:
+                await _shielded(self.valve.settle(destination, [place]))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the place lapses with its lease: slower, not over
+                log.warning("could not free a place in flight of %s: %s", destination, exc)
+                continue
+            # this reader, free now, may take the place itself at once; the others
+            # (here and elsewhere) try again at their own pace
+            self._claimer.next_try.pop(destination, None)
 
     def _measure_pace(self) -> None:
         """The consumer's time per message (between a return of next() and the next

@@ -17,6 +17,10 @@ small record, updated atomically (`Store.update`):
     hold        the reader that may lease the destination's rows now ("": none)
     hold_until  ... until then at the latest (its leases are given up by then)
     hold_last   its last slot: other readers need not ask before then
+    inflight    messages handed out and not settled yet, as [until, id] (a
+                concurrency limit: at most `limit` of them; each lapses at its
+                `until`, when its lease has ended)
+    limit       the concurrency limit the last grant applied (0: none), for stats
 
 `grant` checks a destination out for one reader: up to `want` slot times, the first
 ones now and the rest at most `lead` ahead, recorded in the log, and the hold. The
@@ -62,6 +66,7 @@ __all__ = [
     "lifetime",
     "pause",
     "resume",
+    "settle",
     "state",
 ]
 
@@ -71,6 +76,9 @@ VERSION = 4
 # Another reader holds the destination (it is leasing and handing out its messages):
 # ask again this much later. Holders check in as soon as their last one is out.
 HELD_RETRY = 0.02
+# Every place in flight is taken: ask again this much later (or when one lapses);
+# a reader of the same process that frees one tells the others at once.
+FULL_RETRY = 0.1
 # A record outlives what it remembers by this much (seconds).
 RECORD_MARGIN = 60.0
 
@@ -96,12 +104,18 @@ class Record:
     hold: str = ""
     hold_until: float = 0.0
     hold_last: float = 0.0
+    inflight: list[list[float | str]] = field(default_factory=list)
+    limit: int = 0
 
     def dumps(self) -> bytes:
         return orjson.dumps(
             [VERSION, self.sent, self.busy, self.paused, self.emergency, self.hold,
-             self.hold_until, self.hold_last]
+             self.hold_until, self.hold_last, self.inflight, self.limit]
         )  # fmt: skip
+
+    def live(self, now: float) -> int:
+        """Messages in flight now (their `until` not passed)."""
+        return sum(1 for until, _ in self.inflight if float(until) > now)
 
     @classmethod
     def loads(cls, raw: bytes | None) -> Record:
@@ -115,11 +129,13 @@ class Record:
             if not isinstance(data, list) or not data or type(data[0]) is not int:
                 raise ValueError("not a versioned list")
             if data[0] == VERSION:
-                _, sent, busy, paused, emergency, hold, until, last = data
+                _, sent, busy, paused, emergency, hold, until, last, inflight, limit = data
                 if not isinstance(hold, str):
                     raise ValueError(f"hold {hold!r} is not a string")
+                if type(limit) is not int or limit < 0:
+                    raise ValueError(f"limit {limit!r} is not a count")
                 return cls(_log(sent), _num(busy), _num(paused), _num(emergency), hold,
-                           _num(until), _num(last))  # fmt: skip
+                           _num(until), _num(last), _inflight(inflight), limit)  # fmt: skip
             if data[0] in (1, 2, 3) and len(data) == data[0] + 7:
                 _, _slots, sent, busy, _horizon, paused, emergency, *_ = data
                 return cls(_log(sent), _num(busy), _num(paused), _num(emergency))
@@ -132,6 +148,17 @@ def _num(x: object) -> float:
     if type(x) not in (int, float) or not math.isfinite(x):  # type: ignore[arg-type]
         raise ValueError(f"{x!r} is not a finite number")
     return float(x)  # type: ignore[arg-type]
+
+
+def _inflight(items: object) -> list[list[float | str]]:
+    if not isinstance(items, list):
+        raise ValueError(f"{items!r} is not a list")
+    out: list[list[float | str]] = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], str)):
+            raise ValueError(f"{item!r} is not [until, id]")
+        out.append([_num(item[0]), item[1]])
+    return out
 
 
 def _log(items: object) -> list[float]:
@@ -153,6 +180,7 @@ class Grant:
     next_try: float = 0.0
     drop: bool = False
     held: bool = False
+    inflight: tuple[str, ...] = ()  # the in-flight ids taken, one per slot (a limit)
 
 
 def _floor(log: Sequence[float], rate: Rate | None, error: float) -> float:
@@ -178,9 +206,13 @@ def grant(
     error: float = 0.0,
     lead: float = 1.0,
     policy: EmergencyPolicy = EmergencyPolicy.DROP,
+    limit: int | None = None,
 ) -> Grant:
     """Check the destination out for `token` (see the module docstring); updates
-    `rec` in place when anything is granted. `until`: the hold's end at the latest."""
+    `rec` in place when anything is granted. `until`: the hold's end at the latest.
+    `limit`: at most that many messages in flight (handed out, not settled): each
+    slot granted takes one, given back by `settle` (or `checkin` when unused), and
+    lapses at `until` (a dead reader's leases have ended by then)."""
     if rec.hold and rec.hold != token and rec.hold_until > now:
         # the holder hands its slots out and checks in: not before its last slot
         wait = min(rec.hold_until, max(now + HELD_RETRY, rec.hold_last))
@@ -190,6 +222,14 @@ def grant(
     window = max(rec.paused, rec.emergency if policy is EmergencyPolicy.HOLD else 0.0)
     if now < window:
         return Grant(next_try=window)
+    if limit is not None:
+        rec.inflight = [e for e in rec.inflight if float(e[0]) > now]
+        rec.limit = limit
+        free = limit - len(rec.inflight)
+        if free <= 0:  # until one is settled, or its lease ends
+            soonest = min(float(e[0]) for e in rec.inflight)
+            return Grant(next_try=min(soonest, now + FULL_RETRY), held=True)
+        want = min(want, free)
     log = list(rec.sent)
     if rate is not None:
         del log[: -rate.keep]
@@ -208,7 +248,11 @@ def grant(
         return Grant(next_try=max(now, t - lead))
     rec.sent = log
     rec.hold, rec.hold_until, rec.hold_last = token, _r(until), slots[-1]
-    return Grant(tuple(slots), tuple(entries), now)
+    ids: tuple[str, ...] = ()
+    if limit is not None:
+        ids = tuple(f"{token}:{i}" for i in range(len(slots)))
+        rec.inflight += [[_r(until), i] for i in ids]
+    return Grant(tuple(slots), tuple(entries), now, inflight=ids)
 
 
 def _remove(log: list[float], entry: float) -> None:
@@ -225,6 +269,7 @@ def checkin(
     unused: Sequence[float] = (),
     late: Sequence[tuple[float, float]] = (),
     busy: float = 0.0,
+    freed: Sequence[str] = (),
 ) -> None:
     """End `token`'s hold. `unused`: entries of slots whose messages were not handed
     out; `late`: (entry, actual) for hand-outs later than their margin (`actual` is
@@ -243,6 +288,15 @@ def checkin(
     rec.sent = log
     if busy:
         rec.busy = max(rec.busy, _r(busy))
+    if freed:
+        settle(rec, freed)
+
+
+def settle(rec: Record, ids: Sequence[str]) -> None:
+    """Messages (their in-flight ids) were settled, or never handed out: their places
+    in flight are free."""
+    gone = set(ids)
+    rec.inflight = [e for e in rec.inflight if e[1] not in gone]
 
 
 def emergency(
@@ -293,6 +347,7 @@ def lifetime(rec: Record, now: float, rate: Rate | None, *, margin: float = RECO
     and past every duration, pause, emergency window and hold it holds; plus
     `margin`."""
     ends = [rec.busy, rec.paused, rec.emergency, rec.hold_until]
+    ends += [float(e[0]) for e in rec.inflight]
     if rec.sent and rate is not None:
         ends.append(rec.sent[-1] + rate.per)
     return max(0.0, max(ends) - now) + margin

@@ -111,9 +111,17 @@ class Valve:
         retry_max: float = 2.0,
         fallback: Store | None = None,
         record_margin: float = schedule.RECORD_MARGIN,
+        concurrency: int | None = None,
+        concurrencies: Mapping[str, int | None] | None = None,
     ) -> None:
         if not (isinstance(record_margin, int | float) and 0 <= record_margin < math.inf):
             raise ConfigError(f"record_margin must be >= 0 seconds, got {record_margin!r}")
+        for who, limit in [("concurrency", concurrency), *(concurrencies or {}).items()]:
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                      or limit < 1):  # fmt: skip
+                raise ConfigError(f"a concurrency limit is a count >= 1, got {limit!r} ({who})")
+        self.concurrency = concurrency
+        self.concurrencies = dict(concurrencies or {})
         self.store = store
         self.clock = clock
         self.rate = rate
@@ -156,9 +164,13 @@ class Valve:
     def rate_for(self, destination: str) -> Rate | None:
         return self.rates.get(destination, self.rate)
 
+    def limit_for(self, destination: str) -> int | None:
+        """The destination's concurrency limit (None: none)."""
+        return self.concurrencies.get(destination, self.concurrency)
+
     def governed(self, destination: str) -> bool:
-        """Does this destination go through checkouts (it has a rate)?"""
-        return self.rates.get(destination, self.rate) is not None
+        """Does this destination go through checkouts (it has a rate or a limit)?"""
+        return self.rate_for(destination) is not None or self.limit_for(destination) is not None
 
     def margin_for(self, rate: Rate | None) -> float:
         """Default: 1 % of the period, at most 10 ms (scheduling lag of a busy reader)."""
@@ -187,23 +199,25 @@ class Valve:
         rate = self.rate_for(destination)
         margin = self.margin_for(rate)
         policy, lead, clock = self.policy, self.lead_for(rate), self.clock
-        tried: list[tuple[float, ...]] = []  # the entries of every grant computed
+        limit = self.limit_for(destination)
+        tried: list[Grant] = []  # every grant computed
 
         def step(rec: Record, now: float) -> Grant:
             error = clock.error
             grant = schedule.grant(
                 rec, now, rate, want=want, token=token, until=until, slack=margin + error,
-                error=error, lead=lead, policy=policy,
+                error=error, lead=lead, policy=policy, limit=limit,
             )  # fmt: skip
             if grant.slots:
-                tried.append(grant.entries)
+                tried.append(grant)
             return grant
 
         def undo(rec: Record) -> None:
             if rec.hold != token:
                 return  # never written, or released: nothing of it to undo
-            mine = next((e for e in reversed(tried) if all(x in rec.sent for x in e)), ())
-            schedule.checkin(rec, token, rate, unused=mine)
+            mine = next((g for g in reversed(tried) if all(x in rec.sent for x in g.entries)), None)
+            if mine is not None:
+                schedule.checkin(rec, token, rate, unused=mine.entries, freed=mine.inflight)
 
         grant: Grant | None = None
         try:
@@ -221,25 +235,26 @@ class Valve:
         unused: Sequence[float] = (),
         late: Sequence[tuple[float, float]] = (),
         busy: float = 0.0,
+        freed: Sequence[str] = (),
     ) -> None:
-        """End a hold (schedule.checkin). Tries for CALL_TIMEOUT; if the store stays
-        away the hold ends by itself at its `until` and unused slots stay counted
-        (slots wasted, never granted), and this valve's next call on the destination
-        applies it (`_owe`)."""
+        """End a hold (schedule.checkin); `freed`: the in-flight ids of slots not used.
+        Tries for CALL_TIMEOUT; if the store stays away the hold ends by itself at its
+        `until` and unused slots stay counted (slots wasted, never granted), and this
+        valve's next call on the destination applies it (`_owe`)."""
         rate = self.rate_for(destination)
 
         def step(rec: Record, now: float) -> bool:
-            schedule.checkin(rec, token, rate, unused=unused, late=late, busy=busy)
+            schedule.checkin(rec, token, rate, unused=unused, late=late, busy=busy, freed=freed)
             return True
 
         def redo(rec: Record) -> None:
             if rec.hold == token:  # it never landed: all of it
-                schedule.checkin(rec, token, rate, unused=unused, late=late, busy=busy)
+                schedule.checkin(rec, token, rate, unused=unused, late=late, busy=busy, freed=freed)
             else:
                 # It may have landed. Removing the unused entries again could remove
-                # hand-outs (a burst's slots share one time); moving entries later and
-                # the duration are safe to repeat (stricter at worst).
-                schedule.checkin(rec, token, rate, late=late, busy=busy)
+                # hand-outs (a burst's slots share one time); moving entries later, the
+                # duration and freeing ids are safe to repeat (stricter at worst).
+                schedule.checkin(rec, token, rate, late=late, busy=busy, freed=freed)
 
         loop = asyncio.get_running_loop()
         done: bool | None = None
@@ -249,6 +264,20 @@ class Valve:
             if not done:
                 keep = self.clock.now() + (rate.per if rate else 0.0) + self.record_margin
                 self._owe(destination, token, redo, keep)
+
+    async def settle(self, destination: str, ids: Sequence[str]) -> None:
+        """Messages of `destination` (their in-flight ids) were settled: their places
+        in flight are free. Tries for CALL_TIMEOUT; else they lapse at their `until`
+        (the lease's end): a place held too long, never one granted too many."""
+        if not ids:
+            return
+
+        def step(rec: Record, now: float) -> bool:
+            schedule.settle(rec, ids)
+            return True
+
+        loop = asyncio.get_running_loop()
+        await self._decide(destination, step, loop.time() + CALL_TIMEOUT)
 
     async def emergency(
         self, destination: str, duration: float | None, deadline: float | None

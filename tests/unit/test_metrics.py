@@ -101,6 +101,25 @@ async def test_gauges_from_queue_stats() -> None:
     assert value(registry, "mvalve_queue_stats_timestamp_seconds") == 1234.5
 
 
+async def test_in_flight_gauges_from_the_store() -> None:
+    registry = CollectorRegistry()
+    async with mvalve_async.open("memory://", "memory://") as pipe:
+        await pipe.writer().insert_many([Message("smtp", i) for i in range(3)])
+        await pipe.writer().insert(Message("free", "x"))
+        readers = [pipe.reader(concurrency_limits={"smtp": 2}, batch=1) for _ in range(3)]
+        got = [await r.next(timeout=1) for r in readers]
+        assert sorted(m.destination for m in got if m) == ["free", "smtp", "smtp"]
+        collector = LaneDepthCollector(pipe.queue, registry=registry, store=pipe.store)
+        await collector.update(now=pipe.queue.clock.now())
+        assert value(registry, "mvalve_in_flight", destination="smtp") == 2
+        assert value(registry, "mvalve_in_flight_limit", destination="smtp") == 2
+        assert value(registry, "mvalve_in_flight", destination="free") is None  # no limit
+        for r in readers:
+            await r.close()  # settles: the places are free
+        await collector.update(now=pipe.queue.clock.now())
+        assert value(registry, "mvalve_in_flight", destination="smtp") == 0
+
+
 class FlakyQueue:
     """Stats from a queue that fails every other time."""
 

@@ -402,3 +402,32 @@ def test_rate_parse(text: str, rate: Rate | None) -> None:
     else:
         with pytest.raises(ConfigError):
             Rate.parse(text)
+
+
+def test_a_concurrency_limit_counts_places_in_flight() -> None:
+    rec = Record()
+    g1 = sch.grant(rec, T0, None, want=5, token="a", until=T0 + 30, limit=2)
+    assert len(g1.slots) == 2 and len(g1.inflight) == 2 and rec.live(T0) == 2
+    sch.checkin(rec, "a", None, unused=g1.entries[1:], freed=g1.inflight[1:])  # one unused
+    assert rec.live(T0) == 1 and rec.limit == 2
+    g2 = sch.grant(rec, T0 + 0.1, None, want=5, token="b", until=T0 + 30, limit=2)
+    assert len(g2.slots) == 1  # one place left
+    sch.checkin(rec, "b", None)
+    full = sch.grant(rec, T0 + 0.2, None, want=1, token="c", until=T0 + 30, limit=2)
+    assert full.slots == () and full.held and full.next_try == pytest.approx(T0 + 0.22)
+    sch.settle(rec, [g1.inflight[0]])  # settled: its place is free
+    assert len(sch.grant(rec, T0 + 0.3, None, want=5, token="c", until=T0 + 30, limit=2).slots) == 1
+    sch.checkin(rec, "c", None)
+    # places of a dead reader lapse when its leases end
+    assert rec.live(T0 + 31) == 0
+    assert len(sch.grant(rec, T0 + 31, None, want=5, token="d", until=T0 + 60, limit=2).slots) == 2
+
+
+def test_a_rate_and_a_limit_both_hold() -> None:
+    rate, rec = Rate(10, 1.0), Record()
+    g = sch.grant(rec, T0, rate, want=16, token="a", until=T0 + 30, limit=3, lead=0.0)
+    assert len(g.slots) == 3
+    sch.checkin(rec, "a", rate)
+    sch.settle(rec, list(g.inflight))
+    g = sch.grant(rec, T0, rate, want=16, token="b", until=T0 + 30, limit=30, lead=0.0)
+    assert len(g.slots) == 7  # the rate's 10 per window, 3 used
