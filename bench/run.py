@@ -42,6 +42,7 @@ SCENARIOS = {
     "throttle": "bench.throttle",  # Rate(20/s) x 10 destinations, 4 processes, memcached
     "fairness": "bench.fairness",  # a hot destination's backlog against a trickle (+Dramatiq)
     "scale": "bench.scale",  # 1,000 destinations with a backlog each, throttled vs not
+    "stores": "bench.stores",  # no rate: memcached store against the memory store
     "sqlite": "bench.sqlite",  # the embedded default end to end vs a bare sqlite3 loop
     "peer": "bench.peer",  # the throttle drain, ours beside Dramatiq's rate limiter (.[bench])
 }
