@@ -382,6 +382,7 @@ async def spawn(module: str, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", module, *args, cwd=REPO, env={**os.environ, "PYTHONPATH": path},
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        limit=1 << 28,  # a worker reports every delivery on one line: 60,000 are ~6 MB
     )  # fmt: skip
 
 
