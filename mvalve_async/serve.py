@@ -1,4 +1,14 @@
-"""`Pipe.serve`: N workers, each a reader, for background services."""
+"""`Pipe.serve`: N workers, each a reader, for background services.
+
+A worker never ends on a transient queue error: a `QueueError` (a lost or failed-over
+node, a deadlock that outlived its retries, an ack or a retry that did not reach the
+server) raised by `reader.next()` or by the retry after a failed handler is logged,
+and the worker goes on after a back-off (BACKOFF, doubling up to BACKOFF_MAX, reset
+by the next call that succeeds). Nothing is lost by it: acks that failed are kept
+by the reader and sent again; a message whose retry failed stays leased and comes
+back when its lease ends. A `SchemaError` (the tables are missing) and any other
+exception (a bug) end `serve()`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from .errors import QueueError, SchemaError
 from .message import Message
 from .reader import Reader
 
@@ -21,6 +32,9 @@ __all__ = ["Handler", "serve"]
 Handler = Callable[[Message], Awaitable[object]] | Callable[[Message, Reader], Awaitable[object]]
 
 log = logging.getLogger(__name__)
+
+BACKOFF = 0.05  # seconds a worker waits after its first queue error in a row
+BACKOFF_MAX = 2.0
 
 
 async def serve(
@@ -39,11 +53,30 @@ async def serve(
     stop = stop or asyncio.Event()
     call = cast("Callable[..., Awaitable[object]]", handler)
 
+    async def pause(n: int, what: str, exc: QueueError, backoff: float) -> float:
+        """Log a transient queue error, wait `backoff` (or until stop); the next one."""
+        log.warning(
+            "worker %d: %s failed (%s: %s); going on in %.2fs",
+            n, what, type(exc).__name__, exc, backoff,
+        )  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(backoff):
+                await stop.wait()
+        return min(backoff * 2, BACKOFF_MAX)
+
     async def worker(n: int) -> None:
         reader = pipe.reader(**reader_options)
+        backoff = BACKOFF
         try:
             while not stop.is_set():
-                msg = await reader.next(timeout=poll)
+                try:
+                    msg = await reader.next(timeout=poll)
+                except SchemaError:
+                    raise
+                except QueueError as exc:
+                    backoff = await pause(n, "next()", exc, backoff)
+                    continue
+                backoff = BACKOFF
                 if msg is None:
                     continue
                 try:
@@ -55,7 +88,13 @@ async def serve(
                         "handler failed on %s; retrying in %.1fs", msg.id, retry_delay,
                         extra={"destination": msg.destination, "message_id": msg.id},
                     )  # fmt: skip
-                    await reader.retry(msg, retry_delay)
+                    try:
+                        await reader.retry(msg, retry_delay)
+                    except SchemaError:
+                        raise
+                    except QueueError as exc:
+                        # the message stays leased: it comes back when its lease ends
+                        backoff = await pause(n, f"retry of {msg.id}", exc, backoff)
         except asyncio.CancelledError:
             # The message being handled goes back to the queue.
             with contextlib.suppress(Exception):
