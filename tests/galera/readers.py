@@ -807,9 +807,9 @@ async def _main(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="mvalve-galera-"))
     logdir = Path(tempfile.mkdtemp(prefix="mvalve-galera-readers-"))
     cluster = GaleraCluster(workdir)
-    cluster.start()
-    print(f"cluster started in {cluster.start_seconds:.1f} s; reader logs in {logdir}", flush=True)
     try:
+        cluster.start()
+        print(f"cluster started in {cluster.start_seconds:.1f} s; logs in {logdir}", flush=True)
         for run in range(args.runs):
             for node in cluster.nodes:
                 if not node.alive:
