@@ -7,6 +7,8 @@ One claim round:
 2. a destination with a rate is *checked out* (schedule.grant: its slots, and the
    hold that keeps other readers off its rows); the state of destinations without
    a rate (a pause, a duration, an emergency window) is read in one round trip;
+   when the slots granted fall short of the batch, the next destinations in line
+   are asked too (at most `WAVES` times), so that one claim fills the batch;
 3. one `Queue.claim` leases the emergency lane's first rows and, per destination,
    at most as many of its oldest rows as it may send now (the pending acks ride
    along): rows of a destination without a free slot are never leased, never
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 
 # At most this many destinations per claim (their share of the batch each).
 MAX_DESTINATIONS = 16
+# A round asks the valve in at most this many waves before its claim: when the
+# destinations picked first may send fewer than the batch (their rate), the next
+# ones in line fill it (one store round trip per wave, one claim per round).
+WAVES = 3
 # A destination with a rate is held while its group is handed out: a reader takes
 # no more of its rows than its consumer gets through in about this long.
 GROUP_SPAN = 0.05
@@ -124,14 +130,17 @@ class Claimer:
         block = self.directory.blocked(destination, 0.0)
         return max(self.next_try.get(destination, 0.0), block[0] if block else 0.0)
 
-    def _picks(self, now: float) -> list[tuple[str, int]]:
-        """(destination, rows wanted) in turn, until the batch is spoken for."""
-        left, picks = self.batch, []
+    def _picks(self, now: float, left: int, tried: set[str]) -> list[tuple[str, int]]:
+        """(destination, rows wanted) in turn, until `left` rows are spoken for."""
+        picks: list[tuple[str, int]] = []
         cap = self.batch if self.pace <= 0 else max(1, int(GROUP_SPAN / self.pace))
         # a place in flight taken for a message this reader's consumer is not free
         # for is a place wasted: one at a time until the consumer's pace is known
         places = 1 if self.pace <= 0 else cap  # in all, over the destinations picked
-        for destination, entry in self.directory.pick(now, self._blocked(now)):
+        skip = self._blocked(now)
+        for destination, entry in self.directory.pick(now, skip):
+            if destination in tried:
+                continue
             want = left if entry.rows <= 0 else min(left, entry.rows)
             if self.valve.limit_for(destination) is not None:
                 if places <= 0:
@@ -142,7 +151,7 @@ class Claimer:
                 want = min(want, cap)
             picks.append((destination, want))
             left -= want
-            if left <= 0 or len(picks) >= MAX_DESTINATIONS:
+            if left <= 0 or len(tried) + len(picks) >= MAX_DESTINATIONS:
                 break
         return picks
 
@@ -163,48 +172,20 @@ class Claimer:
             if urgent:
                 self.held.add([Slot(x, now, None) for x in urgent])
                 return len(urgent)
-        picks = self._picks(now)
         self.short = False
-        governed = [(d, n) for d, n in picks if self.valve.governed(d)]
-        plain = [(d, n) for d, n in picks if not self.valve.governed(d)]
-        until = now + self.lease + HOLD_AFTER_LEASE
-        tokens = {d: f"{self._name}.{next(self._seq)}" for d, _ in governed}
         grants: dict[str, Grant] = {}
+        tokens: dict[str, str] = {}
         wants: list[Want] = []
         drops: set[str] = set()
         try:
-            checked, states = await asyncio.gather(
-                asyncio.gather(
-                    *(self.valve.checkout(d, n, tokens[d], until, deadline) for d, n in governed)
-                ),
-                self._states([d for d, _ in plain], deadline),
-            )
-            for (d, _), g in zip(governed, checked, strict=True):
-                if not isinstance(g, Grant):  # the store stayed away past the deadline
-                    self.next_try[d] = now + 0.05
-                elif g.drop:
-                    drops.add(d)
-                    wants.append(Want(d, self.batch))
-                elif g.slots:
-                    grants[d] = g
-                    wants.append(Want(d, len(g.slots)))
-                else:
-                    self.next_try[d] = g.next_try
-                    if not g.held:  # its rate, a pause or a window holds it back
-                        self._emit("defer", d)
-            for d, n in plain:
-                if states is None:
-                    self.next_try[d] = now + 0.05
-                    continue
-                until_d, drop = states.get(d, (0.0, False))
-                if drop:
-                    drops.add(d)
-                    wants.append(Want(d, self.batch))
-                elif until_d > now:
-                    self.next_try[d] = until_d
-                    self.directory.block(d, until_d)
-                else:
-                    wants.append(Want(d, n))
+            tried: set[str] = set()
+            for _ in range(WAVES):
+                left = self.batch - sum(w.n for w in wants)
+                picks = self._picks(now, left, tried) if left > 0 else []
+                if not picks:
+                    break
+                tried.update(d for d, _ in picks)
+                await self._wave(now, picks, deadline, grants, tokens, wants, drops)
             emergency = self.batch if wants else 0
             if not wants and not len(self.acks):
                 return 0
@@ -218,6 +199,56 @@ class Claimer:
                 self._spawn(self.valve.checkin(d, tokens[d], unused=g.entries))
             raise
         return await self._hold(now, leases, wants, grants, tokens, drops)
+
+    async def _wave(
+        self,
+        now: float,
+        picks: list[tuple[str, int]],
+        deadline: float | None,
+        grants: dict[str, Grant],
+        tokens: dict[str, str],
+        wants: list[Want],
+        drops: set[str],
+    ) -> None:
+        """Ask the valve about `picks` (their checkouts and states at once); what may
+        go now joins `wants`."""
+        governed = [(d, n) for d, n in picks if self.valve.governed(d)]
+        plain = [(d, n) for d, n in picks if not self.valve.governed(d)]
+        until = now + self.lease + HOLD_AFTER_LEASE
+        for d, _ in governed:
+            tokens[d] = f"{self._name}.{next(self._seq)}"
+        checked, states = await asyncio.gather(
+            asyncio.gather(
+                *(self.valve.checkout(d, n, tokens[d], until, deadline) for d, n in governed)
+            ),
+            self._states([d for d, _ in plain], deadline),
+        )
+        for (d, _), g in zip(governed, checked, strict=True):
+            if not isinstance(g, Grant):  # the store stayed away past the deadline
+                self.next_try[d] = now + 0.05
+            elif g.drop:
+                drops.add(d)
+                wants.append(Want(d, self.batch))
+            elif g.slots:
+                grants[d] = g
+                wants.append(Want(d, len(g.slots)))
+            else:
+                self.next_try[d] = g.next_try
+                if not g.held:  # its rate, a pause or a window holds it back
+                    self._emit("defer", d)
+        for d, n in plain:
+            if states is None:
+                self.next_try[d] = now + 0.05
+                continue
+            until_d, drop = states.get(d, (0.0, False))
+            if drop:
+                drops.add(d)
+                wants.append(Want(d, self.batch))
+            elif until_d > now:
+                self.next_try[d] = until_d
+                self.directory.block(d, until_d)
+            else:
+                wants.append(Want(d, n))
 
     async def _states(
         self, destinations: Sequence[str], deadline: float | None

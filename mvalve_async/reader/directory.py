@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -111,7 +112,15 @@ class Directory:
                 self._full_every = max(FULL_EVERY, 20 * self._cost)
                 for destination in [d for d in self.entries if d not in scan.found]:
                     del self.entries[destination]
-            for destination, found in scan.found.items():
+            known = [d for d in scan.found if d in self.entries]
+            new = [d for d in scan.found if d not in self.entries]
+            # Processes scan the same destinations in the same (sorted) order: each
+            # takes them in its own order, or every reader of every process would
+            # go for the same destination at the same moment (one gets its hold,
+            # the others a wasted checkout), round after round.
+            random.shuffle(new)
+            for destination in known + new:
+                found = scan.found[destination]
                 self.put(destination, found.ready, found.rows)
             self._mark = scan.mark
             self.emergency = scan.emergency

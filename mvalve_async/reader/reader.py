@@ -343,13 +343,18 @@ class Reader:
         # busy (the last claim found rows): look for new rows often; else as when idle
         await self._refresh(now, SCAN_BUSY if self._busy_claims else self.idle_interval, deadline)
         for _ in range(ROUNDS):
-            # a destination that came back short leaves the line: try the next ones
+            # a destination that came back short leaves the line: try the next ones;
+            # slots granted a moment ahead leave room in the batch for others due now
             added = await self._claimer.round(now, deadline)
             self._busy_claims = added > 0
-            slot, _, _ = self._held.take(self.clock.now(), self.lease * 0.8)
-            if slot is not None or not self._claimer.short:
-                return slot
             now = self.clock.now()
+            slot, _, _ = self._held.take(now, self.lease * 0.8)
+            if slot is not None:
+                return slot
+            if not self._claimer.short and not added:
+                return None
+            if self._held.due(now + self.valve.lead) >= self.batch:
+                return None
         return None
 
     async def _idle(self, deadline: float | None, bound: float | None) -> bool:

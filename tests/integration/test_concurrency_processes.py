@@ -103,8 +103,11 @@ async def test_four_processes_never_exceed_two_in_flight_per_destination() -> No
         assert most_overlapping(items) == k, dest  # never 3, and 2 used
         took = max(e for _, e in items) - min(s for s, _ in items)
         rate = len(items) / took
-        # 2 in flight, 0.1 s each: 20/s at most; within 10 % of it
-        assert 18.0 <= rate <= 20.5, (dest, rate)
+        # 2 in flight, 0.1 s each: 20/s at most. A freed place is taken again at
+        # once (by the reader that freed it): a few ms of settle and claim per
+        # message on a loaded 2-core machine (16.7-19 measured). Found only by
+        # asking again (FULL_RETRY, 0.1 s) it would be about 13/s.
+        assert 16.0 <= rate <= 20.5, (dest, rate)
 
 
 @pytest.mark.slow
