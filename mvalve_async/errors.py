@@ -7,6 +7,7 @@ __all__ = [
     "ConfigError",
     "InvalidMessage",
     "MvalveError",
+    "QueueBusy",
     "QueueError",
     "QueueUnavailable",
     "ReaderBusy",
@@ -37,6 +38,12 @@ class QueueError(MvalveError):
 
 class QueueUnavailable(QueueError):
     """The queue server cannot be reached, or refused the credentials."""
+
+
+class QueueBusy(QueueError):
+    """The server rolled the work back (lock wait timeout, deadlock, a cluster's
+    certification) again and again, for longer than it is tried again: nothing of
+    it was done. Transient: `Reader.next()` waits it out like `QueueUnavailable`."""
 
 
 class SchemaError(QueueError):

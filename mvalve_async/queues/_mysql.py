@@ -29,7 +29,7 @@ import aiomysql
 import pymysql
 from pymysql.constants import CLIENT
 
-from ..errors import QueueError, QueueUnavailable, SchemaError
+from ..errors import QueueBusy, QueueError, QueueUnavailable, SchemaError
 from ..interfaces import Lane
 from ..urls import QueueSettings, Tables
 from ._common import DEAD_COLUMNS, dead_letter, table_names, tally
@@ -96,6 +96,8 @@ def translate(exc: BaseException, where: str) -> QueueError:
         return QueueUnavailable(f"cannot reach {where}: {type(exc).__name__} {code or ''}".strip())
     if code in _NOT_READY:
         return QueueUnavailable(f"{where}: node not ready ({exc.args[1]})")
+    if code in _ROLLED_BACK:
+        return QueueBusy(f"{where}: {exc.args[1]}")
     detail = exc.args[1] if len(getattr(exc, "args", ())) > 1 else exc
     return QueueError(f"{where}: {detail}")
 
@@ -253,14 +255,28 @@ class MySQLPool:
             if self._pool is not None:
                 return
             last: BaseException | None = None
-            for _ in range(len(self.nodes)):
+            until = deadline if deadline is not None else self._loop_time() + RETRY_WINDOW
+            tried = rolled = 0
+            while tried < len(self.nodes):
                 try:
                     await self._open(deadline)
                     return
                 except (TimeoutError, pymysql.err.MySQLError, OSError) as exc:
-                    if not self.failover or _code(exc) in _ACCESS or _code(exc) in _NO_TABLE:
+                    code = _code(exc)
+                    if code in _ROLLED_BACK or (code in _NOT_READY and not self.failover):
+                        # the first statement of the connection was rolled back (a
+                        # Galera node's aborted cached thread), or the node is not
+                        # ready yet: transient, as in `run`
+                        rolled += 1
+                        pause = random.uniform(0.0, min(0.05, 0.001 * 2 ** min(rolled, 6)))
+                        if self._loop_time() + pause < until:
+                            log.info("%s on %s; connecting again", exc.args[1], self.where)
+                            await asyncio.sleep(pause)
+                            continue
+                    if not self.failover or code in _ACCESS or code in _NO_TABLE:
                         raise translate(exc, self.where) from None
                     last = exc
+                    tried += 1
                     self._move_locked(self._node, exc)
             assert last is not None
             raise translate(last, self.where) from None

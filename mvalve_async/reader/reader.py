@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 
-from ..errors import QueueUnavailable, ReaderBusy
+from ..errors import QueueBusy, QueueUnavailable, ReaderBusy
 from ..events import Emitter, Observer
 from ..interfaces import Lease, Queue, Store
 from ..message import DEFAULT_MAX_DESTINATION, Message, validate_destination
@@ -157,9 +157,10 @@ class Reader:
                     msg = None if slot is None else await self._process(slot, bound)
                     if slot is None and not await self._idle(deadline, bound):
                         return None
-                except QueueUnavailable as exc:
-                    # The server went away (restart, network): wait and reconnect.
-                    # Leases held meanwhile expire or come back by themselves.
+                except (QueueUnavailable, QueueBusy) as exc:
+                    # The server went away (restart, network), or kept rolling the
+                    # work back (locks, a cluster's certification): wait and try
+                    # again. Leases held meanwhile expire or come back by themselves.
                     log.warning("queue unavailable (%s); retrying in %.2fs", exc, backoff)
                     if deadline is not None and loop.time() + backoff > deadline:
                         return None

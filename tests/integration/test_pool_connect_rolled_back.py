@@ -6,11 +6,10 @@ brute-force aborted fails the first statement of the next connection it serves w
 SET NAMES), with nothing in the error log: after five runs of 20,000 messages
 (tests/galera/readers.py), 151 of 600 new connections failed so, and pipe opens
 failed in 6 of 8 runs (tests/galera_proc.py now runs the nodes without a thread
-cache). `mvalve_async.open()` of a URL naming one node then raises `QueueError` from
-`MySQLPool._connect`, which sends nothing again; `MySQLPool.run` sends the same error
-(1205, 1213, 1047) again until its deadline, and so does a connection that
-`_acquire` opens later. Here the pool's first connection is refused with 1213, on
-the real server.
+cache). `MySQLPool._connect` tries such a connect again until its deadline (or the
+retry window), as `MySQLPool.run` does rolled-back work (1205, 1213, 1047); it used
+to raise at once, and `mvalve_async.open()` of a URL naming one node failed. Here the
+pool's first connection is refused with 1213, on the real server.
 """
 
 from __future__ import annotations
@@ -27,11 +26,6 @@ from mvalve_async.urls import QueueSettings
 from tests.services import MYSQL_URL, require_mysql
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug (issue 20): MySQLPool._connect raises rolled-back work (1213) at "
-    "once on a one-node URL instead of trying again until the deadline",
-)
 async def test_a_connect_the_server_rolled_back_is_tried_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -82,5 +82,7 @@ def test_without_matplotlib_the_error_says_what_to_install(
 
 
 def test_plot_needs_a_scenario_that_draws(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="--plot draws the fairness and peer and scale and throttle scenarios"):
+    with pytest.raises(
+        SystemExit, match="--plot draws the fairness and peer and scale and throttle scenarios"
+    ):
         bench_run.main(["--scenarios", "writer", "--plot", str(tmp_path / "p.png")])
