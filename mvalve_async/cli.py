@@ -44,7 +44,8 @@ from .errors import MvalveError, QueueError
 from .interfaces import Lane
 from .message import Message
 from .pipe import Pipe
-from .urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings, make_queue, make_store
+from .registry import make_queue, make_store
+from .urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings
 
 __all__ = [
     "COMMANDS", "PLUGINS", "STORE_UNREACHABLE", "Command", "Context", "UsageError",

@@ -48,8 +48,9 @@ from .errors import ConfigError
 from .interfaces import Lane
 from .message import Message
 from .pipe import Pipe
+from .registry import make_queue, make_store
 from .throttle import Rate
-from .urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings, make_queue, make_store
+from .urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings
 
 if TYPE_CHECKING:
     from .cli import Context

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 from .events import Observer
 from .interfaces import Queue, Store
 from .reader import Reader
+from .registry import make_queue, make_store
 from .throttle import EmergencyPolicy, Rate
-from .urls import QueueSettings, StoreSettings, make_queue, make_store
+from .urls import QueueSettings, StoreSettings
 from .writer import Writer
 
 if TYPE_CHECKING:

@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from mvalve_async.interfaces import Queue
-from mvalve_async.urls import QueueSettings, Tables, make_queue
+from mvalve_async.registry import make_queue
+from mvalve_async.urls import QueueSettings, Tables
 from tests import ci_skips
 from tests.ci_skips import (  # noqa: F401  (hooks: in CI a skip fails)
     pytest_runtest_makereport,

@@ -25,8 +25,8 @@ from mvalve_async import cli
 from mvalve_async.cli import main
 from mvalve_async.clock import LocalClock
 from mvalve_async.interfaces import Lease, Queue, Want
+from mvalve_async.registry import make_queue, make_store
 from mvalve_async.throttle import Rate, Valve
-from mvalve_async.urls import make_queue, make_store
 from tests.services import MEMCACHED_URL, MYSQL_URL, require_memcached, require_mysql
 
 ROOT = Path(mvalve_async.__file__).resolve().parents[1]
