@@ -7,18 +7,16 @@ import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .events import Observer
 from .interfaces import Queue, Store
 from .reader import Reader
 from .registry import make_queue, make_store
+from .serve import Handler, serve
 from .throttle import EmergencyPolicy, Rate
 from .urls import QueueSettings, StoreSettings
 from .writer import Writer
-
-if TYPE_CHECKING:
-    from .serve import Handler
 
 __all__ = ["Pipe", "open"]
 
@@ -92,6 +90,7 @@ class Pipe:
         concurrency: int = 1,
         retry_delay: float = 1.0,
         stop: asyncio.Event | None = None,
+        poll: float = 0.5,
         with_reader: bool = False,
         **reader_options: Any,
     ) -> None:
@@ -101,11 +100,11 @@ class Pipe:
         back); cancelling it returns the messages being handled to the queue.
         With `with_reader=True` the handler is called as `handler(msg, reader)`,
         to `await reader.pause(msg.destination, retry_after)` on a 429, or settle
-        the message itself (`reader.retry(msg, delay)`, `reject`, `ack`)."""
-        from .serve import serve
-
-        await serve(self, handler, concurrency=concurrency, retry_delay=retry_delay,
-                    stop=stop, with_reader=with_reader, **reader_options)  # fmt: skip
+        the message itself (`reader.retry(msg, delay)`, `reject`, `ack`). `poll`:
+        the seconds each worker's `next()` waits before it looks at `stop` again."""
+        await serve(lambda: self.reader(**reader_options), handler, concurrency=concurrency,
+                    retry_delay=retry_delay, stop=stop, poll=poll,
+                    with_reader=with_reader)  # fmt: skip
 
     async def close(self) -> None:
         for reader in self._readers:

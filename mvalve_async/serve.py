@@ -1,4 +1,8 @@
-"""`Pipe.serve`: N workers, each a reader, for background services."""
+"""`Pipe.serve`: N workers, each a reader, for background services.
+
+`serve` knows nothing of the pipe: it is given a function that makes a reader (the
+pipe's `reader` with the options the caller chose), so pipe.py imports this module
+and not the other way round."""
 
 from __future__ import annotations
 
@@ -6,13 +10,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import cast
 
 from .message import Message
 from .reader import Reader
-
-if TYPE_CHECKING:
-    from .pipe import Pipe
 
 __all__ = ["Handler", "serve"]
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 async def serve(
-    pipe: Pipe,
+    readers: Callable[[], Reader],
     handler: Handler,
     *,
     concurrency: int = 1,
@@ -32,15 +33,16 @@ async def serve(
     stop: asyncio.Event | None = None,
     poll: float = 0.5,
     with_reader: bool = False,
-    **reader_options: Any,
 ) -> None:
+    """Run `handler` on every message with `concurrency` workers, each with its own
+    reader made by `readers()` (see `Pipe.serve`)."""
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     stop = stop or asyncio.Event()
     call = cast("Callable[..., Awaitable[object]]", handler)
 
     async def worker(n: int) -> None:
-        reader = pipe.reader(**reader_options)
+        reader = readers()
         try:
             while not stop.is_set():
                 msg = await reader.next(timeout=poll)
