@@ -1,4 +1,4 @@
-"""`mvalve statslog`: the stats log table (`mvalve_async.statslog`) on the terminal.
+"""`mvalve statslog`: the stats log table (`mvalve_async.ops.statslog`) on the terminal.
 
     mvalve statslog                  messages handed out per minute and destination
     mvalve statslog --action ack     ... acknowledged (any action the readers and writers report)
@@ -23,7 +23,7 @@ from rich.text import Text
 
 from .cli import number
 from .events import ACTIONS
-from .statslog import DEFAULT_TABLE, StatsLog
+from .ops.statslog import DEFAULT_TABLE, StatsLog
 
 if TYPE_CHECKING:
     from .cli import Context

@@ -1,4 +1,4 @@
--- mvalve-async stats log for SQLite >= 3.24 (opt-in: mvalve_async.statslog).
+-- mvalve-async stats log for SQLite >= 3.24 (opt-in: mvalve_async.ops.statslog).
 -- One row per (destination, action, minute): `minute` is the epoch minute
 -- (floor(unix time / 60)), `count` how many events of that action the processes
 -- logging to this table saw in it. Writers add to it with

@@ -24,7 +24,7 @@ too high after a connection failure, never silently too low.
 
 `mvalve statslog` shows the table (messages handed out per minute and destination).
 The DDL is in `schema/statslog_<dialect>.sql`; the MySQL and SQLite backends (the
-connection and the dialect's upsert) in `_statslog_backends.py`.
+connection and the dialect's upsert) in `statslog_backends.py`.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._statslog_backends import Backend, CountRow, open_backend
-from .errors import ConfigError
-from .schema import sections
-from .urls import QueueSettings, parse_queue_url, validate_identifier
+from ..errors import ConfigError
+from ..schema import sections
+from ..urls import QueueSettings, parse_queue_url, validate_identifier
+from .statslog_backends import Backend, CountRow, open_backend
 
 if TYPE_CHECKING:
-    from .interfaces import Queue
+    from ..interfaces import Queue
 
 __all__ = ["DEFAULT_TABLE", "StatsLog"]
 
