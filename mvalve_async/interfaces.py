@@ -11,9 +11,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .clock import Clock
+
+if TYPE_CHECKING:  # urls.py imports Lane from here: for the annotation only
+    from .urls import QueueSettings
 
 __all__ = [
     "Found",
@@ -138,6 +141,10 @@ class Queue(Protocol):
     """
 
     name: str  # dialect name: "innodb", "q4m", "sqlite", "memory", "sharded"
+    # What the queue was made from (its URL's): tables, max_destination, the server
+    # (a sharded queue: the multi-host URL's). Pipes, the stats log and the shards'
+    # labels read it.
+    settings: QueueSettings
 
     @property
     def traits(self) -> QueueTraits: ...

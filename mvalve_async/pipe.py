@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from .events import Observer
+from .events import Lifecycle, Observer
 from .interfaces import Queue, Store
 from .reader import Reader
 from .registry import make_queue, make_store
@@ -48,16 +48,13 @@ class Pipe:
             if self._create:
                 await self.queue.create_schema()
             for observer in self.observers:  # e.g. a StatsLog: its flush loop
-                start = getattr(observer, "start", None)
-                if start is not None:
-                    await start()
+                if isinstance(observer, Lifecycle):
+                    await observer.start()
             self._connected = True
         return self
 
     def _defaults(self, options: dict[str, Any]) -> dict[str, Any]:
-        settings = getattr(self.queue, "settings", None)  # the URL's max_destination
-        if settings is not None:
-            options.setdefault("max_destination", settings.max_destination)
+        options.setdefault("max_destination", self.queue.settings.max_destination)  # the URL's
         options.setdefault("observers", self.observers)
         return options
 
@@ -112,10 +109,9 @@ class Pipe:
                 await reader.close()
         self._readers.clear()
         for observer in self.observers:  # after the readers: their last acks count
-            stop = getattr(observer, "close", None)
-            if stop is not None:
+            if isinstance(observer, Lifecycle):
                 with contextlib.suppress(Exception):
-                    await stop()
+                    await observer.close()
         await self.queue.close()
         await self.store.close()
         self._connected = False

@@ -38,7 +38,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from .. import __version__
-from ..errors import MvalveError, QueueError
+from ..errors import MvalveError
 from ..interfaces import Lane
 from ..message import Message
 from ..registry import make_queue
@@ -126,7 +126,7 @@ def _send_args(p: argparse.ArgumentParser) -> None:
 def _content(args: argparse.Namespace) -> Any:
     raw: str | bytes | None = args.content
     if raw == "-":
-        buffer = getattr(sys.stdin, "buffer", None)
+        buffer = getattr(sys.stdin, "buffer", None)  # a replaced stdin may be text only
         raw = buffer.read() if buffer is not None else sys.stdin.read().encode()
         if not args.json:
             return raw
@@ -224,10 +224,7 @@ def _peek_args(p: argparse.ArgumentParser) -> None:
 
 async def _peek(args: argparse.Namespace, ctx: Context) -> int:
     async with ctx.pipe(existing=True) as pipe:
-        peek = getattr(pipe.queue, "peek", None)
-        if peek is None:
-            raise QueueError(f"the {pipe.queue.name} dialect cannot peek yet")
-        rows = await peek(args.limit, Lane(args.lane) if args.lane else None)
+        rows = await pipe.queue.peek(args.limit, Lane(args.lane) if args.lane else None)
     now = time.time()
     items = [views.row_view(row, now) for row in rows]
     if args.json:
@@ -320,6 +317,7 @@ def _plugins() -> dict[str, Command]:
         except ImportError as exc:  # not written yet, or an optional dependency missing
             log.debug("no `mvalve %s`: %s", name, exc)
             continue
+        # URL_HELP and STORE_HELP are optional in a plugin module (module docstring)
         found[name] = Command(
             module.HELP, module.configure, module.run,
             getattr(module, "URL_HELP", None), getattr(module, "STORE_HELP", None),
@@ -396,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     except MvalveError as exc:
         return fail(f"mvalve: error: {' '.join(str(exc).split()) or type(exc).__name__}", 1)
     except KeyboardInterrupt:
-        return 0 if getattr(args, "watch", None) is not None else 130
+        return 0 if getattr(args, "watch", None) is not None else 130  # stats --watch
     except Exception as exc:  # a bug: the traceback with -v, one line otherwise
         if args.verbose:
             fail("".join(traceback.format_exception(exc)).rstrip(), 1)

@@ -75,6 +75,7 @@ Statement = str | tuple[str, Any]
 
 
 def _code(exc: BaseException) -> int | None:
+    """The MySQL error code a driver error carries first in its args, if any."""
     args = getattr(exc, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
 
@@ -384,6 +385,7 @@ class MySQLPool:
                 # cancellation.
                 async with asyncio.timeout_at(when):
                     conn = await pool.acquire()
+            # our mark on the driver's connection object: its node was found Synced
             if self.failover and not getattr(conn, "_mvalve_ready", False):
                 try:  # a new connection: is its node Synced?
                     async with asyncio.timeout_at(when), conn.cursor() as cur:

@@ -87,10 +87,10 @@ class Shard:
 
 
 def _label(queue: Queue, index: int) -> str:
-    settings = getattr(queue, "settings", None)
-    host, port = getattr(settings, "host", None), getattr(settings, "port", None)
-    if host is None or settings is None or settings.dialect in ("sqlite", "memory"):
+    settings = queue.settings
+    if settings.dialect in ("sqlite", "memory"):
         return f"shard{index}"
+    host, port = settings.host, settings.port
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 

@@ -387,6 +387,7 @@ class MemcachedStore:
                 client = server.checkout()
                 op.sent = True
                 try:
+                    # the aiomcache method the op names (get, gets, cas, ...): dispatch
                     result = await getattr(client, op.name)(*op.args)
                 except BaseException:
                     # Timed out or failed in mid-command: the connection's state is
