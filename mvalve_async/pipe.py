@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Unpack
 
 from .events import Lifecycle, Observer
 from .interfaces import Queue, Store
-from .reader import Reader
+from .reader import Reader, ReaderOptions
 from .registry import make_queue, make_store
 from .serve import Handler, serve
-from .throttle import EmergencyPolicy, Rate
 from .urls import QueueSettings, StoreSettings
-from .writer import Writer
+from .writer import Writer, WriterOptions
 
 __all__ = ["Pipe", "open"]
 
@@ -53,29 +52,23 @@ class Pipe:
             self._connected = True
         return self
 
-    def _defaults(self, options: dict[str, Any]) -> dict[str, Any]:
-        options.setdefault("max_destination", self.queue.settings.max_destination)  # the URL's
+    def writer(self, **options: Unpack[WriterOptions]) -> Writer:
+        """A `Writer` on the pipe's queue; `options` are `Writer`'s (the URL's
+        `max_destination` and the pipe's observers unless given)."""
+        options.setdefault("max_destination", self.queue.settings.max_destination)
         options.setdefault("observers", self.observers)
-        return options
+        return Writer(self.queue, **options)
 
-    def writer(self, **options: Any) -> Writer:
-        return Writer(self.queue, **self._defaults(options))
-
-    def reader(
-        self,
-        *,
-        rate: Rate | None = None,
-        rates: Mapping[str, Rate | None] | None = None,
-        emergency_policy: EmergencyPolicy | str = EmergencyPolicy.DROP,
-        **options: Any,
-    ) -> Reader:
+    def reader(self, **options: Unpack[ReaderOptions]) -> Reader:
+        """A `Reader` on the pipe's queue and store; `options` are `Reader`'s (`rate`,
+        `rates`, `emergency_policy`, `lease`, `batch`, ...; the URL's
+        `max_destination` and the pipe's observers unless given)."""
         if self._store_note is not None:  # writers need no store: say it to readers only
             log.info(self._store_note)
             self._store_note = None
-        reader = Reader(
-            self.queue, self.store, rate=rate, rates=rates,
-            emergency_policy=emergency_policy, **self._defaults(options),
-        )  # fmt: skip
+        options.setdefault("max_destination", self.queue.settings.max_destination)
+        options.setdefault("observers", self.observers)
+        reader = Reader(self.queue, self.store, **options)
         self._readers = [r for r in self._readers if not r.closed]  # no leak of old ones
         self._readers.append(reader)
         return reader
@@ -89,7 +82,7 @@ class Pipe:
         stop: asyncio.Event | None = None,
         poll: float = 0.5,
         with_reader: bool = False,
-        **reader_options: Any,
+        **reader_options: Unpack[ReaderOptions],
     ) -> None:
         """Run `handler` on every message with `concurrency` workers, each with its
         own reader. A handler that raises gets its message retried after

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
+from typing import TypedDict
 
 from ..errors import QueueUnavailable, ReaderBusy
 from ..events import Emitter, Observer
@@ -34,7 +35,7 @@ from .directory import directory_for
 from .handout import Handout
 from .held import Held, Slot
 
-__all__ = ["Reader"]
+__all__ = ["Reader", "ReaderOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,29 @@ GRACE = 0.3
 # Claim rounds one `next` tries while the destinations it picks come back empty
 # (their rows were taken by other readers meanwhile) before it waits.
 ROUNDS = 8
+
+
+class ReaderOptions(TypedDict, total=False):
+    """`Reader`'s keyword options, for what passes them on (`Pipe.reader`,
+    `Pipe.serve`) with their types checked: those not given take `Reader`'s
+    defaults. Keep in step with `Reader.__init__` (tests/unit/test_pipe_signatures.py
+    compares them)."""
+
+    rate: Rate | None
+    rates: Mapping[str, Rate | None] | None
+    emergency_policy: EmergencyPolicy | str
+    lease: float
+    batch: int
+    ack_batch: int
+    max_deliveries: int
+    max_destination: int
+    idle_interval: float
+    observers: Sequence[Observer]
+    margin: float | None
+    fallback_store: Store | None
+    concurrency_limit: int | None
+    concurrency_limits: Mapping[str, int | None] | None
+    record_margin: float
 
 
 class Reader:
