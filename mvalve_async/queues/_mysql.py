@@ -31,7 +31,7 @@ from pymysql.constants import CLIENT
 
 from ..errors import QueueError, QueueUnavailable, SchemaError
 from ..interfaces import Lane
-from ..urls import QueueSettings, Tables
+from ..urls import QueueSettings, Tables, hostport
 from ._common import DEAD_COLUMNS, dead_letter, table_names, tally
 
 __all__ = [
@@ -91,8 +91,8 @@ def translate(exc: BaseException, where: str) -> QueueError:
     if isinstance(exc, TimeoutError):
         return QueueUnavailable(f"{where} did not answer in time")
     if code == 2003 and isinstance(exc.__cause__, ConnectionRefusedError):  # aiomysql's 2003
-        hostport = where.partition("://")[2].partition("/")[0].rpartition("@")[2]
-        return QueueUnavailable(f"cannot reach {where}: nothing listens on {hostport}")
+        address = where.partition("://")[2].partition("/")[0].rpartition("@")[2]
+        return QueueUnavailable(f"cannot reach {where}: nothing listens on {address}")
     if code in _CONNECTION_LOST or isinstance(exc, OSError):
         return QueueUnavailable(f"cannot reach {where}: {type(exc).__name__} {code or ''}".strip())
     if code in _NOT_READY:
@@ -236,8 +236,7 @@ class MySQLPool:
         return self.nodes[self._node]
 
     def _node_name(self, index: int) -> str:
-        host, port = self.nodes[index]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return hostport(*self.nodes[index])
 
     async def connect(self, deadline: float | None = None) -> None:
         """Open the pool on the current node (failover: on the first node, from the

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from ..errors import QueueError, QueueUnavailable
 from ..interfaces import Lease, Queue
+from ..urls import hostport
 
 __all__ = ["BACKOFF", "HashRing", "Shard", "ShardSet"]
 
@@ -90,8 +91,7 @@ def _label(queue: Queue, index: int) -> str:
     settings = queue.settings
     if settings.dialect in ("sqlite", "memory"):
         return f"shard{index}"
-    host, port = settings.host, settings.port
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return hostport(settings.host, settings.port)
 
 
 class ShardSet:

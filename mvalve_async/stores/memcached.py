@@ -72,6 +72,7 @@ from aiomcache.pool import Connection
 
 from mvalve_async.errors import ConfigError, StoreError
 from mvalve_async.interfaces import StoreHealth
+from mvalve_async.urls import hostport
 
 __all__ = ["MAX_TTL", "MemcachedStore"]
 
@@ -113,7 +114,7 @@ class _Server:
     def __init__(self, host: str, port: int, pool_size: int) -> None:
         self.host = host
         self.port = port
-        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.label = hostport(host, port)
         self.slots = asyncio.Semaphore(pool_size)
         self._idle: list[_Client] = []
         self.health: _Reading | None = None  # the newest reading done
