@@ -31,11 +31,11 @@ from pymysql.constants import CLIENT
 
 from ..errors import QueueError, QueueUnavailable, SchemaError
 from ..interfaces import Lane
+from ..tuning import IDLE_KEEP, RETRY_WINDOW
 from ..urls import QueueSettings, Tables, hostport
 from ._common import DEAD_COLUMNS, dead_letter, table_names, tally
 
 __all__ = [
-    "RETRY_WINDOW",
     "MySQLPool",
     "Result",
     "Statement",
@@ -62,9 +62,6 @@ _ROLLED_BACK = {1205, 1213}
 # Galera: "WSREP has not yet prepared node for application use": the node is not in
 # the primary component, or not synced. The statement did not run.
 _NOT_READY = {1047}
-# A call without a deadline resends rolled-back work for this long (seconds).
-RETRY_WINDOW = 10.0
-IDLE_KEEP = 30.0  # seconds a connection stays out of aiomysql's pool unused
 _ACCESS = {1044, 1045, 1698}
 _NO_TABLE = {1146}
 _SYNCED = "4"  # wsrep_local_state of a Synced Galera node

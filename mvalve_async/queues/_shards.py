@@ -23,14 +23,13 @@ from typing import TypeVar
 
 from ..errors import QueueError, QueueUnavailable
 from ..interfaces import Lease, Queue
+from ..tuning import SHARD_BACKOFF
 from ..urls import hostport
 
-__all__ = ["BACKOFF", "HashRing", "Shard", "ShardSet"]
+__all__ = ["HashRing", "Shard", "ShardSet"]
 
 log = logging.getLogger("mvalve_async.queues.sharded")  # the sharded queue's logger
 T = TypeVar("T")
-
-BACKOFF = (1.0, 1.0, 2.0, 2.0, 3.0, 4.0, 5.0)  # seconds between probes of a down shard
 
 
 def _md5(text: str) -> bytes:
@@ -124,7 +123,7 @@ class ShardSet:
         ]
         self.ring = HashRing(list(keys))
         self.timeout = timeout
-        self.backoff = tuple(backoff) or BACKOFF
+        self.backoff = tuple(backoff) or SHARD_BACKOFF
 
     # -- outages --------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from typing import Any
 from ..clock import ServerClock
 from ..interfaces import Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..schema import render
+from ..tuning import INNODB_SCAN_CHUNK as _CHUNK
+from ..tuning import INNODB_SCAN_SLACK as _SLACK
 from ..urls import QueueSettings
 from ._common import US, peek_item, row_args, schema_sql, tally, to_us
 from ._mysql import (
@@ -37,9 +39,6 @@ from ._mysql import (
 from ._sql import MYSQL, NEVER, Statements
 
 __all__ = ["InnoDBQueue"]
-
-_SLACK = 256  # ids an incremental scan reads again: inserts that committed out of order
-_CHUNK = 100_000  # ids an incremental scan reads at most
 
 
 def _id_list(ids: Iterable[int]) -> str:

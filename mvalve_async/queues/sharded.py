@@ -75,8 +75,9 @@ from typing import Any
 from ..clock import Clock
 from ..errors import QueueError, QueueUnavailable
 from ..interfaces import Found, Lane, Lease, Queue, QueueStats, QueueTraits, Row, Scan, Want
+from ..tuning import SHARD_BACKOFF
 from ..urls import QueueSettings
-from ._shards import BACKOFF, HashRing, Shard, ShardSet
+from ._shards import HashRing, Shard, ShardSet
 
 __all__ = ["HashRing", "ShardedQueue"]
 
@@ -109,7 +110,7 @@ class ShardedQueue:
         *,
         keys: Sequence[str] | None = None,
         timeout: float = 10.0,
-        backoff: Sequence[float] = BACKOFF,
+        backoff: Sequence[float] = SHARD_BACKOFF,
         settings: QueueSettings | None = None,
     ) -> None:
         if not queues:

@@ -20,6 +20,7 @@ from ..clock import LocalClock
 from ..errors import SchemaError
 from ..interfaces import Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..schema import render
+from ..tuning import SQLITE_SCAN_SLACK as _SLACK
 from ..urls import QueueSettings
 from ._common import (
     DEAD_COLUMNS,
@@ -49,7 +50,6 @@ _GUARD = "WHERE id = ? AND lease_token = ? AND lease_token <> 0"  # still held b
 
 
 _us = to_us
-_SLACK = 64  # ids re-read by an incremental scan: inserts that committed out of order
 
 
 def _skip_scan(table: str) -> str:

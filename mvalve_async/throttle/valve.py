@@ -57,6 +57,15 @@ from ..clock import Clock
 from ..errors import CodecError, ConfigError, StoreError
 from ..interfaces import Store, StoreHealth
 from ..stores.memory import MemoryStore
+from ..tuning import (
+    BACKSTOP,
+    CALL_TIMEOUT,
+    LEAD,
+    MAX_LEAD,
+    PACED_SLOTS,
+    RECORD_MARGIN,
+    UPTIME_SLACK,
+)
 from . import schedule
 from .rate import EmergencyPolicy, Rate
 from .schedule import Grant, Record
@@ -65,23 +74,6 @@ __all__ = ["Valve", "key_for"]
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
-
-# How far ahead of now a slot is granted (the holder keeps the row aside until then):
-# a moment, so that a row is at hand when its slot comes, not so long that rows
-# and holds sit idle (a burst's next window is a whole period away). A paced rate
-# gets up to PACED_SLOTS of its slots at once (at most MAX_LEAD ahead).
-LEAD = 0.05
-PACED_SLOTS = 4
-MAX_LEAD = 1.0
-# One store call (with its optimistic retries) may take this long at most.
-CALL_TIMEOUT = 2.0
-# A store that ignored its `deadline=` is cut off this much after it (a backstop).
-BACKSTOP = 0.05
-# memcached reports `uptime` from 2 s before it started, counted on a clock that
-# ticks once a second (`uptime = current_time - ITEM_UPDATE_INTERVAL`; measured on
-# 1.6.18: 2 right after the start), so a server that reports `u` started at least
-# `u - 3` seconds ago, on any version that counts so; one more second to spare.
-UPTIME_SLACK = 4.0
 
 
 def key_for(destination: str) -> str:
@@ -110,7 +102,7 @@ class Valve:
         lead: float = LEAD,
         retry_max: float = 2.0,
         fallback: Store | None = None,
-        record_margin: float = schedule.RECORD_MARGIN,
+        record_margin: float = RECORD_MARGIN,
         concurrency: int | None = None,
         concurrencies: Mapping[str, int | None] | None = None,
     ) -> None:
