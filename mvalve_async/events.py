@@ -19,6 +19,8 @@ __all__ = ["ACTIONS", "Emitter", "Lifecycle", "Observer"]
 
 log = logging.getLogger(__name__)
 
+# Compatibility surface: the stats log stores these names (its `action` column, read
+# by `mvalve statslog --action`); renaming one needs a migration of its rows.
 ACTIONS = ("enqueue", "dequeue", "defer", "drop", "dead", "ack", "abort")
 
 

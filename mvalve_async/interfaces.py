@@ -36,7 +36,10 @@ R = TypeVar("R")
 
 
 class Lane(enum.StrEnum):
-    """Readers serve emergency first, then timed rows that are due, then normal."""
+    """Readers serve emergency first, then timed rows that are due, then normal.
+
+    Compatibility surface: the values are stored (a dead letter's `lane` column says
+    where `requeue` puts it back); renaming one needs a migration of those rows."""
 
     EMERGENCY = "emergency"
     TIMED = "timed"

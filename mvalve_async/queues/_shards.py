@@ -37,7 +37,12 @@ def _md5(text: str) -> bytes:
 
 
 class HashRing:
-    """Ketama-style consistent hashing: 40 MD5 digests x 4 points per key."""
+    """Ketama-style consistent hashing: 40 MD5 digests x 4 points per key.
+
+    Compatibility surface: every writer and reader process, of every version running
+    at once, must put a destination on the same shard (its rows and its order live
+    there); changing the hash, the points or the keys (``host:port``) moves
+    destinations, and needs a version bump and a drained queue."""
 
     def __init__(self, keys: Sequence[str], replicas: int = 40) -> None:
         if not keys:

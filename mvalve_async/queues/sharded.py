@@ -398,6 +398,9 @@ class ShardedQueue:
                 row["table"] = f"{row['table']}@{shard.label}"
         return list(heapq.merge(*parts, key=key))[:limit]
 
+    # Compatibility surface: dead-letter ids are `id * N + shard` (N shards, in the
+    # URL's order), printed by `mvalve dead list` and taken back by `dead requeue` and
+    # `requeue_dead`; changing the encoding needs a version bump.
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         parts = await self._set.everywhere(lambda q: q.dead_letters(limit))
         n = len(self.shards)

@@ -3,6 +3,8 @@
 -- (floor(unix time / 60)), `count` how many events of that action the processes
 -- logging to this table saw in it. Writers add to it with
 -- INSERT ... ON DUPLICATE KEY UPDATE, one statement per flush.
+-- Compatibility surface: every process and version reads and writes these columns;
+-- changing them needs a migration (and a note in the README's upgrade section).
 
 -- section: statslog
 CREATE TABLE IF NOT EXISTS `{table}` (

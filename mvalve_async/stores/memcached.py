@@ -278,7 +278,10 @@ class MemcachedStore:
     # -- keys and servers ----------------------------------------------------
 
     def key_for(self, key: str) -> bytes:
-        """The memcached key that stores `key`."""
+        """The memcached key that stores `key`. Compatibility surface, with the ring
+        (uhashring's ketama over ``host:port`` names): every process, of every
+        version running at once, must find a record under the same key on the same
+        server; changing either needs a version bump."""
         if not isinstance(key, str):
             raise TypeError(f"store keys are str, got {type(key).__name__}")
         full = f"{self.namespace}:{key}"

@@ -70,8 +70,9 @@ __all__ = [
     "state",
 ]
 
-# Store records are shared across processes and versions: bump VERSION when the
-# layout changes, and keep reading the old ones (`Record.loads`).
+# Compatibility surface: store records are shared across processes and versions
+# (`Record.dumps`: a JSON list led by VERSION, then the fields in that order).
+# Changing the layout needs a VERSION bump, and `Record.loads` reading the old ones.
 VERSION = 4
 
 

@@ -77,6 +77,9 @@ R = TypeVar("R")
 
 
 def key_for(destination: str) -> str:
+    """The store key of a destination's record. Compatibility surface: every reader
+    process, of every version running at once, must find the record under this key;
+    changing it needs a version bump (old and new readers would keep two records)."""
     return "d:" + destination
 
 
