@@ -304,6 +304,10 @@ class Store(Protocol):
     name: str
     ops: int  # round trips to the server(s) so far (for metrics and benchmarks)
     max_ttl: float  # the longest ttl the store honours, seconds (math.inf: unlimited)
+    # Whether a record may be lost before its ttl (memcached: a restart, an eviction,
+    # a flush). False (the memory store: records live as long as the process): the
+    # valve trusts a missing record and never asks `health`.
+    may_lose_records: bool
 
     async def get(self, key: str, *, deadline: float | None = None) -> bytes | None:
         """The record's value, or None when it is missing (or expired)."""

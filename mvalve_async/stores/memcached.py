@@ -223,6 +223,7 @@ class MemcachedStore:
 
     name = "memcached"
     max_ttl = float(MAX_TTL - 1)
+    may_lose_records = True  # a restart, an eviction, a flush_all
 
     def __init__(
         self,

@@ -56,7 +56,6 @@ from typing import TypeVar
 from ..clock import Clock
 from ..errors import CodecError, ConfigError, StoreError
 from ..interfaces import Store, StoreHealth
-from ..stores.memory import MemoryStore
 from ..tuning import (
     BACKSTOP,
     CALL_TIMEOUT,
@@ -413,7 +412,7 @@ class Valve:
         async def update(store: Store, ends: float | None) -> tuple[bool, R | None]:
             # Each attempt judges its own read: a loss check made for an earlier
             # attempt says nothing about a record found missing later.
-            start[:] = [] if rate is not None and _may_lose(store) else [0.0]
+            start[:] = [] if rate is not None and store.may_lose_records else [0.0]
             done, result = await store.update(key, fn, ttl=lifetime, deadline=ends)
             if not done:
                 # Let the other misses of this claim round (their replies came back
@@ -526,12 +525,6 @@ class Valve:
                 )  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max)
-
-
-def _may_lose(store: Store) -> bool:
-    """Can the store lose a record before its ttl? The memory store cannot: its
-    records live as long as the process that made them (a local fallback too)."""
-    return not isinstance(store, MemoryStore)
 
 
 @dataclass(slots=True)
