@@ -1,4 +1,6 @@
-"""The package's modules import each other without cycles, deferred or not.
+"""The package's modules import each other without cycles, deferred or not, and
+each layer (a root module, or a subpackage) imports only the layers `ALLOWED` lists
+(the README's "Architecture" section).
 
 The graph is read from the source (the AST), not from an import: every `import` and
 `from ... import` of a module of the package counts, at the top or inside a
@@ -141,3 +143,65 @@ def test_the_registry_is_seen_importing_the_dialects() -> None:
     edges = graph()
     assert "mvalve_async.queues.innodb" in edges["mvalve_async.registry"]
     assert "mvalve_async.registry" not in edges["mvalve_async.queues.innodb"]
+
+
+# Who may import whom, by layer (a module of the root, or a subpackage "x/"): the
+# README's "Architecture" map. Anything not listed here is a new dependency between
+# layers: add it here deliberately, or find it a better place.
+# fmt: off
+ALLOWED: dict[str, set[str]] = {
+    # leaves and the contract
+    "errors": set(),
+    "clock": set(),
+    "tuning": set(),
+    "events": set(),
+    "notify": set(),
+    "interfaces": {"clock"},
+    "message": {"errors"},
+    "urls": {"errors", "interfaces"},
+    "schema/": {"interfaces", "urls"},
+    # the engine: the contract only, never a backend
+    "throttle/": {"clock", "errors", "interfaces", "tuning"},
+    "reader/": {
+        "clock", "errors", "events", "interfaces", "message", "notify", "throttle/", "tuning"
+    },
+    # backends: the contract and the settings, never the engine
+    "queues/": {"clock", "errors", "interfaces", "schema/", "tuning", "urls"},
+    "stores/": {"errors", "interfaces", "urls"},
+    # the registry names the backends; the public face binds engine and registry
+    "registry": {"interfaces", "queues/", "stores/", "urls"},
+    "writer": {"events", "interfaces", "message", "notify"},
+    "serve": {"message", "reader/"},
+    "pipe": {"events", "interfaces", "reader/", "registry", "serve", "urls", "writer"},
+    "__init__": {
+        "errors", "interfaces", "message", "pipe", "reader/", "registry", "throttle/", "urls",
+        "writer"
+    },
+    # on top: nothing below imports them
+    "ops/": {"errors", "events", "interfaces", "queues/", "schema/", "throttle/", "urls"},
+    "cli/": {
+        "__init__", "errors", "events", "interfaces", "message", "ops/", "pipe", "registry",
+        "throttle/", "urls"
+    },
+}
+# fmt: on
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "__init__"
+    return parts[1] + "/" if (ROOT / parts[1]).is_dir() else parts[1]
+
+
+def test_layers_import_only_what_the_architecture_allows() -> None:
+    unexpected = sorted(
+        f"{a} -> {b} ({layer(a)} -> {layer(b)})"
+        for a, targets in graph().items()
+        for b in targets
+        if layer(a) != layer(b) and layer(b) not in ALLOWED.get(layer(a), set())
+    )
+    assert not unexpected, "imports across layers that ALLOWED does not list:\n" + "\n".join(
+        unexpected
+    )
+    assert set(ALLOWED) == {layer(m) for m in modules()}  # every layer is listed
