@@ -1,13 +1,12 @@
 """The engine's tuning constants, in one place: what each trades, and what measured it.
 
-Everything here is a choice that could be made otherwise without breaking a
-promise: a value changes how fast, how often or how eagerly, never whether a
-destination stays within its rate (that is the record's and the valve's
-business, and a few values below are also part of the margins they keep). The
-modules that use a value import it from here. Values that are formats shared
-across processes and versions are not here: they are marked "compatibility
-surface" where they are defined (throttle/schedule.py, message.py, schema/*.sql,
-queues/sharded.py, queues/_q4m_rows.py, stores/memcached.py).
+Each value trades speed, latency, load or memory against another; the modules that
+use it import it from here. Two are also safety margins and say so (UPTIME_SLACK,
+HOLD_AFTER_LEASE): they may grow, not shrink; GRACE is a bound the README states.
+None is a format shared across processes and versions: those
+are marked "compatibility surface" where they are defined (throttle/schedule.py,
+message.py, schema/*.sql, queues/sharded.py, queues/_q4m_rows.py,
+stores/memcached.py).
 
 Measurements cited are of this repository's benchmarks and tests on the
 development machines (2 shared cores, MariaDB 10.11, memcached 1.6); commits
@@ -68,7 +67,8 @@ BACKSTOP = 0.05
 # ticks once a second (`uptime = current_time - ITEM_UPDATE_INTERVAL`; measured on
 # 1.6.18: 2 right after the start), so a server that reports `u` started at least
 # `u - 3` seconds ago, on any version that counts so; one more second to spare.
-# Larger holds destinations longer after a restart; smaller could miss a restart.
+# A safety margin: larger holds destinations longer after a restart; below 3 a
+# record lost in a restart could go unnoticed (and a slot be granted twice).
 UPTIME_SLACK = 4.0
 
 # Another reader holds the destination (it is leasing and handing out its messages):
@@ -105,7 +105,8 @@ GROUP_SPAN = 0.05
 # A reader holding a destination's rows keeps the hold this long after its leases
 # end, so that a dead holder's rows have come back (and go first) when it ends.
 # A dead reader's destination waits its lease plus this (README: "the lease plus
-# 1 s").
+# 1 s"). A safety margin of the order guarantee: shorter, and another reader could
+# take the destination's newer rows before the dead holder's have come back.
 HOLD_AFTER_LEASE = 1.0
 
 # While busy, the reader's process scans the queue for new rows at most this often
@@ -116,8 +117,8 @@ SCAN_BUSY = 0.01
 
 # `next(timeout)` returns by its deadline plus this: the store and queue calls it
 # makes are bounded by it (a store or node that does not answer cannot hold it).
-# Measured (issue 19): memcached black-holed for 4 s at Rate(5, 1), the slowest
-# next(timeout=1) returned after 1.30 s.
+# The README states this bound. Measured (issue 19): memcached black-holed for 4 s
+# at Rate(5, 1), the slowest next(timeout=1) returned after 1.30 s.
 GRACE = 0.3
 
 # Claim rounds one `next` tries while the destinations it picks come back empty
