@@ -1,8 +1,8 @@
 """What every `mvalve` command shares, built-in or plugin: the `Command` record,
 the `Context` a command runs in, the errors that end it with a status, and the
-`number` argument type. The plugins (demo.py, statslog.py, the repository's
-bench/run.py) import this module; commands.py imports the plugins by name when it
-builds the parser, so nothing here imports a command.
+`number` argument type. The plugins (demo.py, statslog.py) import this module;
+commands.py imports the plugins by name when it builds the parser (the repository's
+bench/run.py too), so nothing here imports a command.
 """
 
 from __future__ import annotations
