@@ -34,8 +34,8 @@ from typing import Any
 
 from mvalve_async import Message
 from mvalve_async.pipe import Pipe
+from mvalve_async.registry import make_queue
 from mvalve_async.stores.memory import MemoryStore
-from mvalve_async.urls import make_queue
 
 from . import throttle
 from .harness import US, Bench, Result, max_in_window, percentile, read_json_line, spawn

@@ -29,8 +29,9 @@ from mvalve_async import Message
 from mvalve_async.message import decode, encode
 from mvalve_async.pipe import Pipe
 from mvalve_async.reader import Reader
+from mvalve_async.registry import make_queue
 from mvalve_async.stores.memory import MemoryStore
-from mvalve_async.urls import QueueSettings, make_queue
+from mvalve_async.urls import QueueSettings
 
 from .harness import Bench, QueryCounter, Result, percentile, spawn
 

@@ -23,8 +23,8 @@ import pymysql
 from mvalve_async.message import encode
 from mvalve_async.pipe import Pipe
 from mvalve_async.reader import Reader
+from mvalve_async.registry import make_queue
 from mvalve_async.stores.memory import MemoryStore
-from mvalve_async.urls import make_queue
 
 from .harness import US, Bench, QueryCounter, Result, clock
 from .writer import messages

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from mvalve_async.message import encode
 from mvalve_async.pipe import Pipe
+from mvalve_async.registry import make_queue
 from mvalve_async.stores.memory import MemoryStore
-from mvalve_async.urls import QueueSettings, make_queue
+from mvalve_async.urls import QueueSettings
 
 from .harness import US, Bench, Result, clock
 from .writer import messages

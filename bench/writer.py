@@ -14,8 +14,8 @@ from typing import Any
 from mvalve_async import Message
 from mvalve_async.message import encode
 from mvalve_async.pipe import Pipe
+from mvalve_async.registry import make_queue
 from mvalve_async.stores.memory import MemoryStore
-from mvalve_async.urls import make_queue
 
 from .harness import US, Bench, QueryCounter, Result, clock
 

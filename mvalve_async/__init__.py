@@ -20,8 +20,9 @@ from .interfaces import Lane, Queue, Store
 from .message import Headers, Message
 from .pipe import Pipe, open
 from .reader import Reader
+from .registry import make_queue, make_store
 from .throttle import EmergencyPolicy, Rate
-from .urls import QueueSettings, StoreSettings, Tables, make_queue, make_store
+from .urls import QueueSettings, StoreSettings, Tables
 from .writer import Writer
 
 __version__ = "0.1.0"

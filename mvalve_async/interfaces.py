@@ -11,9 +11,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .clock import Clock
+
+if TYPE_CHECKING:  # urls.py imports Lane from here: for the annotation only
+    from .urls import QueueSettings
 
 __all__ = [
     "Found",
@@ -33,7 +36,10 @@ R = TypeVar("R")
 
 
 class Lane(enum.StrEnum):
-    """Readers serve emergency first, then timed rows that are due, then normal."""
+    """Readers serve emergency first, then timed rows that are due, then normal.
+
+    Compatibility surface: the values are stored (a dead letter's `lane` column says
+    where `requeue` puts it back); renaming one needs a migration of those rows."""
 
     EMERGENCY = "emergency"
     TIMED = "timed"
@@ -138,6 +144,10 @@ class Queue(Protocol):
     """
 
     name: str  # dialect name: "innodb", "q4m", "sqlite", "memory", "sharded"
+    # What the queue was made from (its URL's): tables, max_destination, the server
+    # (a sharded queue: the multi-host URL's). Pipes, the stats log and the shards'
+    # labels read it.
+    settings: QueueSettings
 
     @property
     def traits(self) -> QueueTraits: ...
@@ -294,6 +304,10 @@ class Store(Protocol):
     name: str
     ops: int  # round trips to the server(s) so far (for metrics and benchmarks)
     max_ttl: float  # the longest ttl the store honours, seconds (math.inf: unlimited)
+    # Whether a record may be lost before its ttl (memcached: a restart, an eviction,
+    # a flush). False (the memory store: records live as long as the process): the
+    # valve trusts a missing record and never asks `health`.
+    may_lose_records: bool
 
     async def get(self, key: str, *, deadline: float | None = None) -> bytes | None:
         """The record's value, or None when it is missing (or expired)."""

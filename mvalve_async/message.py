@@ -7,6 +7,11 @@ Envelope (version 1), bytes-safe and cheap to parse:
 
 No pickle: a blob read from the queue can only ever become a `Message` or a
 `CodecError`.
+
+Compatibility surface: the envelope (its prefix, flags and the header's keys `i`,
+`d`, `t`, `h`, `e`, `u`) is written by one version and read by the next, and by
+readers of either during an upgrade; changing it needs a VERSION bump, with
+`decode` still reading the old envelope.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ __all__ = [
     "validate_destination",
 ]
 
-VERSION = 1
+VERSION = 1  # of the envelope: compatibility surface (see the module docstring)
 DEFAULT_MAX_SIZE = 1 << 20  # bytes of an encoded message
 DEFAULT_MAX_DESTINATION = 40  # characters, the original column width
 _PREFIX = struct.Struct(">BBI")

@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Unpack
 
-from .events import Observer
+from .events import Lifecycle, Observer
 from .interfaces import Queue, Store
-from .reader import Reader
-from .throttle import EmergencyPolicy, Rate
-from .urls import QueueSettings, StoreSettings, make_queue, make_store
-from .writer import Writer
-
-if TYPE_CHECKING:
-    from .serve import Handler
+from .reader import Reader, ReaderOptions
+from .registry import make_queue, make_store
+from .serve import Handler, serve
+from .urls import QueueSettings, StoreSettings
+from .writer import Writer, WriterOptions
 
 __all__ = ["Pipe", "open"]
 
@@ -49,37 +47,28 @@ class Pipe:
             if self._create:
                 await self.queue.create_schema()
             for observer in self.observers:  # e.g. a StatsLog: its flush loop
-                start = getattr(observer, "start", None)
-                if start is not None:
-                    await start()
+                if isinstance(observer, Lifecycle):
+                    await observer.start()
             self._connected = True
         return self
 
-    def _defaults(self, options: dict[str, Any]) -> dict[str, Any]:
-        settings = getattr(self.queue, "settings", None)  # the URL's max_destination
-        if settings is not None:
-            options.setdefault("max_destination", settings.max_destination)
+    def writer(self, **options: Unpack[WriterOptions]) -> Writer:
+        """A `Writer` on the pipe's queue; `options` are `Writer`'s (the URL's
+        `max_destination` and the pipe's observers unless given)."""
+        options.setdefault("max_destination", self.queue.settings.max_destination)
         options.setdefault("observers", self.observers)
-        return options
+        return Writer(self.queue, **options)
 
-    def writer(self, **options: Any) -> Writer:
-        return Writer(self.queue, **self._defaults(options))
-
-    def reader(
-        self,
-        *,
-        rate: Rate | None = None,
-        rates: Mapping[str, Rate | None] | None = None,
-        emergency_policy: EmergencyPolicy | str = EmergencyPolicy.DROP,
-        **options: Any,
-    ) -> Reader:
+    def reader(self, **options: Unpack[ReaderOptions]) -> Reader:
+        """A `Reader` on the pipe's queue and store; `options` are `Reader`'s (`rate`,
+        `rates`, `emergency_policy`, `lease`, `batch`, ...; the URL's
+        `max_destination` and the pipe's observers unless given)."""
         if self._store_note is not None:  # writers need no store: say it to readers only
             log.info(self._store_note)
             self._store_note = None
-        reader = Reader(
-            self.queue, self.store, rate=rate, rates=rates,
-            emergency_policy=emergency_policy, **self._defaults(options),
-        )  # fmt: skip
+        options.setdefault("max_destination", self.queue.settings.max_destination)
+        options.setdefault("observers", self.observers)
+        reader = Reader(self.queue, self.store, **options)
         self._readers = [r for r in self._readers if not r.closed]  # no leak of old ones
         self._readers.append(reader)
         return reader
@@ -91,8 +80,9 @@ class Pipe:
         concurrency: int = 1,
         retry_delay: float = 1.0,
         stop: asyncio.Event | None = None,
+        poll: float = 0.5,
         with_reader: bool = False,
-        **reader_options: Any,
+        **reader_options: Unpack[ReaderOptions],
     ) -> None:
         """Run `handler` on every message with `concurrency` workers, each with its
         own reader. A handler that raises gets its message retried after
@@ -100,11 +90,11 @@ class Pipe:
         back); cancelling it returns the messages being handled to the queue.
         With `with_reader=True` the handler is called as `handler(msg, reader)`,
         to `await reader.pause(msg.destination, retry_after)` on a 429, or settle
-        the message itself (`reader.retry(msg, delay)`, `reject`, `ack`)."""
-        from .serve import serve
-
-        await serve(self, handler, concurrency=concurrency, retry_delay=retry_delay,
-                    stop=stop, with_reader=with_reader, **reader_options)  # fmt: skip
+        the message itself (`reader.retry(msg, delay)`, `reject`, `ack`). `poll`:
+        the seconds each worker's `next()` waits before it looks at `stop` again."""
+        await serve(lambda: self.reader(**reader_options), handler, concurrency=concurrency,
+                    retry_delay=retry_delay, stop=stop, poll=poll,
+                    with_reader=with_reader)  # fmt: skip
 
     async def close(self) -> None:
         for reader in self._readers:
@@ -112,10 +102,9 @@ class Pipe:
                 await reader.close()
         self._readers.clear()
         for observer in self.observers:  # after the readers: their last acks count
-            stop = getattr(observer, "close", None)
-            if stop is not None:
+            if isinstance(observer, Lifecycle):
                 with contextlib.suppress(Exception):
-                    await stop()
+                    await observer.close()
         await self.queue.close()
         await self.store.close()
         self._connected = False

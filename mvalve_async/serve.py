@@ -8,7 +8,10 @@ by the next call that succeeds). Nothing is lost by it: acks that failed are kep
 by the reader and sent again; a message whose retry failed stays leased and comes
 back when its lease ends. A `SchemaError` (the tables are missing) and any other
 exception (a bug) end `serve()`.
-"""
+
+`serve` knows nothing of the pipe: it is given a function that makes a reader (the
+pipe's `reader` with the options the caller chose), so pipe.py imports this module
+and not the other way round."""
 
 from __future__ import annotations
 
@@ -16,14 +19,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import cast
 
 from .errors import QueueError, SchemaError
 from .message import Message
 from .reader import Reader
-
-if TYPE_CHECKING:
-    from .pipe import Pipe
 
 __all__ = ["Handler", "serve"]
 
@@ -38,7 +38,7 @@ BACKOFF_MAX = 2.0
 
 
 async def serve(
-    pipe: Pipe,
+    readers: Callable[[], Reader],
     handler: Handler,
     *,
     concurrency: int = 1,
@@ -46,8 +46,9 @@ async def serve(
     stop: asyncio.Event | None = None,
     poll: float = 0.5,
     with_reader: bool = False,
-    **reader_options: Any,
 ) -> None:
+    """Run `handler` on every message with `concurrency` workers, each with its own
+    reader made by `readers()` (see `Pipe.serve`)."""
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     stop = stop or asyncio.Event()
@@ -65,7 +66,7 @@ async def serve(
         return min(backoff * 2, BACKOFF_MAX)
 
     async def worker(n: int) -> None:
-        reader = pipe.reader(**reader_options)
+        reader = readers()
         backoff = BACKOFF
         try:
             while not stop.is_set():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from typing import TypedDict
 
 from .events import Emitter, Observer
 from .interfaces import Lane, Queue, Row
@@ -11,9 +12,18 @@ from .message import DEFAULT_MAX_DESTINATION, DEFAULT_MAX_SIZE, Message, encode
 from .message import validate_destination as _validate_destination
 from .notify import news_for
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "WriterOptions"]
 
 log = logging.getLogger(__name__)
+
+
+class WriterOptions(TypedDict, total=False):
+    """`Writer`'s keyword options, for `Pipe.writer` (types checked; those not given
+    take `Writer`'s defaults). Keep in step with `Writer.__init__`."""
+
+    max_size: int
+    max_destination: int
+    observers: Sequence[Observer]
 
 
 class Writer:

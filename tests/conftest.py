@@ -8,13 +8,14 @@ from dataclasses import replace
 import pytest
 
 from mvalve_async.interfaces import Queue
-from mvalve_async.urls import QueueSettings, Tables, make_queue
+from mvalve_async.registry import make_queue
+from mvalve_async.urls import QueueSettings, Tables
 from tests import ci_skips
 from tests.ci_skips import (  # noqa: F401  (hooks: in CI a skip fails)
     pytest_runtest_makereport,
     pytest_sessionfinish,
 )
-from tests.q4m_fixtures import q4m_server  # noqa: F401  (a fixture the q4m params use)
+from tests.q4m.fixtures import q4m_server  # noqa: F401  (a fixture the q4m params use)
 from tests.services import MYSQL_URL, require_mysql
 
 DIALECTS = ["memory", "innodb", "sqlite", "q4m", "sharded"]

@@ -31,11 +31,11 @@ from pymysql.constants import CLIENT
 
 from ..errors import QueueBusy, QueueError, QueueUnavailable, SchemaError
 from ..interfaces import Lane
-from ..urls import QueueSettings, Tables
+from ..tuning import IDLE_KEEP, RETRY_WINDOW
+from ..urls import QueueSettings, Tables, hostport
 from ._common import DEAD_COLUMNS, dead_letter, table_names, tally
 
 __all__ = [
-    "RETRY_WINDOW",
     "MySQLPool",
     "Result",
     "Statement",
@@ -62,9 +62,6 @@ _ROLLED_BACK = {1205, 1213}
 # Galera: "WSREP has not yet prepared node for application use": the node is not in
 # the primary component, or not synced. The statement did not run.
 _NOT_READY = {1047}
-# A call without a deadline resends rolled-back work for this long (seconds).
-RETRY_WINDOW = 10.0
-IDLE_KEEP = 30.0  # seconds a connection stays out of aiomysql's pool unused
 _ACCESS = {1044, 1045, 1698}
 _NO_TABLE = {1146}
 _SYNCED = "4"  # wsrep_local_state of a Synced Galera node
@@ -75,6 +72,7 @@ Statement = str | tuple[str, Any]
 
 
 def _code(exc: BaseException) -> int | None:
+    """The MySQL error code a driver error carries first in its args, if any."""
     args = getattr(exc, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
 
@@ -90,8 +88,8 @@ def translate(exc: BaseException, where: str) -> QueueError:
     if isinstance(exc, TimeoutError):
         return QueueUnavailable(f"{where} did not answer in time")
     if code == 2003 and isinstance(exc.__cause__, ConnectionRefusedError):  # aiomysql's 2003
-        hostport = where.partition("://")[2].partition("/")[0].rpartition("@")[2]
-        return QueueUnavailable(f"cannot reach {where}: nothing listens on {hostport}")
+        address = where.partition("://")[2].partition("/")[0].rpartition("@")[2]
+        return QueueUnavailable(f"cannot reach {where}: nothing listens on {address}")
     if code in _CONNECTION_LOST or isinstance(exc, OSError):
         return QueueUnavailable(f"cannot reach {where}: {type(exc).__name__} {code or ''}".strip())
     if code in _NOT_READY:
@@ -237,8 +235,7 @@ class MySQLPool:
         return self.nodes[self._node]
 
     def _node_name(self, index: int) -> str:
-        host, port = self.nodes[index]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return hostport(*self.nodes[index])
 
     async def connect(self, deadline: float | None = None) -> None:
         """Open the pool on the current node (failover: on the first node, from the
@@ -400,6 +397,7 @@ class MySQLPool:
                 # cancellation.
                 async with asyncio.timeout_at(when):
                     conn = await pool.acquire()
+            # our mark on the driver's connection object: its node was found Synced
             if self.failover and not getattr(conn, "_mvalve_ready", False):
                 try:  # a new connection: is its node Synced?
                     async with asyncio.timeout_at(when), conn.cursor() as cur:

@@ -47,7 +47,11 @@ class Ids:
 def dkey(destination: str) -> int:
     """The destination's key: what a conditional `queue_wait` can test (Q4M's
     conditions see integer columns only). 62 bits of BLAKE2b, never 0 (the default
-    of rows written before the column existed)."""
+    of rows written before the column existed).
+
+    Compatibility surface: stored in every q4m row's `dkey` column by writers and
+    tested by every reader's claims; changing the hash needs a version bump and a
+    migration of the rows' keys."""
     digest = hashlib.blake2b(destination.encode("utf-8", "surrogatepass"), digest_size=8)
     return (int.from_bytes(digest.digest(), "big") >> 2) or 1
 

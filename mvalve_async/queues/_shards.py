@@ -23,13 +23,13 @@ from typing import TypeVar
 
 from ..errors import QueueError, QueueUnavailable
 from ..interfaces import Lease, Queue
+from ..tuning import SHARD_BACKOFF
+from ..urls import hostport
 
-__all__ = ["BACKOFF", "HashRing", "Shard", "ShardSet"]
+__all__ = ["HashRing", "Shard", "ShardSet"]
 
 log = logging.getLogger("mvalve_async.queues.sharded")  # the sharded queue's logger
 T = TypeVar("T")
-
-BACKOFF = (1.0, 1.0, 2.0, 2.0, 3.0, 4.0, 5.0)  # seconds between probes of a down shard
 
 
 def _md5(text: str) -> bytes:
@@ -37,7 +37,12 @@ def _md5(text: str) -> bytes:
 
 
 class HashRing:
-    """Ketama-style consistent hashing: 40 MD5 digests x 4 points per key."""
+    """Ketama-style consistent hashing: 40 MD5 digests x 4 points per key.
+
+    Compatibility surface: every writer and reader process, of every version running
+    at once, must put a destination on the same shard (its rows and its order live
+    there); changing the hash, the points or the keys (``host:port``) moves
+    destinations, and needs a version bump and a drained queue."""
 
     def __init__(self, keys: Sequence[str], replicas: int = 40) -> None:
         if not keys:
@@ -87,11 +92,10 @@ class Shard:
 
 
 def _label(queue: Queue, index: int) -> str:
-    settings = getattr(queue, "settings", None)
-    host, port = getattr(settings, "host", None), getattr(settings, "port", None)
-    if host is None or settings is None or settings.dialect in ("sqlite", "memory"):
+    settings = queue.settings
+    if settings.dialect in ("sqlite", "memory"):
         return f"shard{index}"
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return hostport(settings.host, settings.port)
 
 
 class ShardSet:
@@ -124,7 +128,7 @@ class ShardSet:
         ]
         self.ring = HashRing(list(keys))
         self.timeout = timeout
-        self.backoff = tuple(backoff) or BACKOFF
+        self.backoff = tuple(backoff) or SHARD_BACKOFF
 
     # -- outages --------------------------------------------------------------
 

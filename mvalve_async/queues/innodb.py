@@ -25,21 +25,20 @@ from typing import Any
 from ..clock import ServerClock
 from ..interfaces import Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..schema import render
+from ..tuning import INNODB_SCAN_CHUNK as _CHUNK
+from ..tuning import INNODB_SCAN_SLACK as _SLACK
 from ..urls import QueueSettings
 from ._common import US, peek_item, row_args, schema_sql, tally, to_us
 from ._mysql import (
     MySQLPool,
     Transaction,
-    count_dead,
     drop_tables,
     purge_lanes,
     read_dead_letters,
 )
+from ._sql import MYSQL, NEVER, Statements
 
 __all__ = ["InnoDBQueue"]
-
-_SLACK = 256  # ids an incremental scan reads again: inserts that committed out of order
-_CHUNK = 100_000  # ids an incremental scan reads at most
 
 
 def _id_list(ids: Iterable[int]) -> str:
@@ -69,17 +68,6 @@ def _by_table(leases: Iterable[Lease]) -> dict[str, list[Lease]]:
 def _deletes(leases: Iterable[Lease]) -> list[str]:
     """The acks of `leases`: one DELETE per table."""
     return [f"DELETE FROM `{t}` WHERE {_held(items)}" for t, items in _by_table(leases).items()]
-
-
-_NEVER = 9_000_000_000_000_000_000  # µs: "no timed row in the future"
-
-
-def _next_due(timed: Sequence[str]) -> str:
-    """SQL for the earliest future `ready` of the timed tables (_NEVER: none)."""
-    mins = ", ".join(
-        f"IFNULL((SELECT MIN(ready) FROM `{t}` WHERE ready > %(now)s), {_NEVER})" for t in timed
-    )
-    return f"LEAST({mins}, {_NEVER})"
 
 
 def _keep(
@@ -117,6 +105,8 @@ class InnoDBQueue:
         self._lane_of = {table: lane for lane, table in self.tables.all()}
         self._lanes = self.tables.all()
         self._rank = [list(Lane).index(lane) for lane, _ in self._lanes]  # per table
+        self._sql = Statements(MYSQL, self.tables)
+        self._next_due_sql = f"SELECT {self._sql.next_due}"
         self._scan_full = self._scan_sql(full=True)
         self._scan_more = self._scan_sql(full=False)
 
@@ -151,14 +141,7 @@ class InnoDBQueue:
         if not rows:
             return
         table = random.choice(self.tables.lane(lane))
-        if lane is Lane.TIMED:
-            sql = (
-                f"INSERT INTO `{table}` (destination, ready, message, created) "
-                "VALUES (%s, %s, %s, %s)"
-            )
-        else:
-            sql = f"INSERT INTO `{table}` (destination, message, created) VALUES (%s, %s, %s)"
-        await self.db.insert(sql, row_args(lane, rows, self.clock.now()))
+        await self.db.insert(self._sql.insert[table], row_args(lane, rows, self.clock.now()))
 
     # -- scanning -------------------------------------------------------------
 
@@ -169,11 +152,7 @@ class InnoDBQueue:
         destinations (one index dive per destination, however many rows each has).
         Incremental: rows above the marks (by primary key, at most `_CHUNK` ids),
         and timed rows come due since the last scan (by KEY ready)."""
-        emerg = " OR ".join(
-            f"EXISTS(SELECT 1 FROM `{t}` WHERE lease_until <= %(now)s)"
-            for t in self.tables.emergency
-        )
-        parts = [f"SELECT 'x', NULL, {emerg}, {_next_due(self.tables.timed)}"]
+        parts = [f"SELECT 'x', NULL, {self._sql.emergency_due}, {self._sql.next_due}"]
         for k, t in enumerate((*self.tables.normal, *self.tables.timed)):
             parts.append(f"SELECT 'm', {k}, IFNULL(MAX(id), 0), NULL FROM `{t}`")
         for k, t in enumerate(self.tables.normal):
@@ -214,7 +193,7 @@ class InnoDBQueue:
         tops = [0] * len(tables)
         for kind, key, a, _b in rows:
             if kind == "x":
-                emergency, due = bool(a), (int(_b) / US if _b < _NEVER else None)
+                emergency, due = bool(a), (int(_b) / US if _b < NEVER else None)
             elif kind == "m":
                 tops[int(key)] = int(a)
             else:
@@ -362,9 +341,7 @@ class InnoDBQueue:
         for table, items in groups.items():
             held = _held(items)
             statements += [
-                (f"INSERT INTO `{self.tables.dead}` (lane, destination, message, reason, "
-                 f"deliveries, died_at) SELECT %s, destination, message, %s, deliveries, %s "
-                 f"FROM `{table}` WHERE {held}",
+                (f"{self._sql.dead_copy[table]} WHERE {held}",
                  (str(self._lane_of[table]), reason[:255], died)),
                 (f"DELETE FROM `{table}` WHERE {held}", None),
             ]  # fmt: skip
@@ -373,30 +350,24 @@ class InnoDBQueue:
     # -- looking --------------------------------------------------------------
 
     async def stats(self, now: float) -> QueueStats:
-        now_us = to_us(now)
+        args = {"now": to_us(now)}
         queued = {lane: 0 for lane in Lane}
         leased = {lane: 0 for lane in Lane}
         by_dest: dict[str, dict[str, int]] = {}
-        for lane, table in self.tables.all():
-            rows = await self.db.fetch(
-                "SELECT destination, SUM(lease_until > %s AND lease_token <> 0), COUNT(*) "
-                f"FROM `{table}` GROUP BY destination",
-                (now_us,),
-            )
-            for dest, n_leased, total in rows:
-                n_leased, total = int(n_leased or 0), int(total)
-                leased[lane] += n_leased
-                queued[lane] += total - n_leased
-                tally(by_dest, dest, str(lane), total - n_leased)
-                tally(by_dest, dest, "leased", n_leased)
-        dead = await count_dead(self.db, self.tables.dead, by_dest)
-        mins = ", ".join(
-            f"(SELECT MIN(ready) FROM `{t}` WHERE ready > %s)" for t in self.tables.timed
-        )
-        ((due,),) = await self.db.fetch(
-            f"SELECT LEAST({mins}, 9e18)", [now_us] * len(self.tables.timed)
-        )
-        next_due = int(due) / US if due is not None and due < 9e18 else None
+        dead = 0
+        for kind, dest, n_leased, total in await self.db.fetch(self._sql.counts, args):
+            n_leased, total = int(n_leased or 0), int(total)
+            if kind == "dead":
+                dead += total
+                tally(by_dest, dest, "dead", total)
+                continue
+            lane = Lane(kind)
+            leased[lane] += n_leased
+            queued[lane] += total - n_leased
+            tally(by_dest, dest, str(lane), total - n_leased)
+            tally(by_dest, dest, "leased", n_leased)
+        ((due,),) = await self.db.fetch(self._next_due_sql, args)
+        next_due = int(due) / US if due < NEVER else None
         return QueueStats(queued, leased, dead, by_dest, next_due)
 
     async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:

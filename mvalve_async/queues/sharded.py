@@ -69,13 +69,15 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..clock import Clock
 from ..errors import QueueError, QueueUnavailable
 from ..interfaces import Found, Lane, Lease, Queue, QueueStats, QueueTraits, Row, Scan, Want
-from ._shards import BACKOFF, HashRing, Shard, ShardSet
+from ..tuning import SHARD_BACKOFF
+from ..urls import QueueSettings
+from ._shards import HashRing, Shard, ShardSet
 
 __all__ = ["HashRing", "ShardedQueue"]
 
@@ -87,17 +89,6 @@ def _order(lease: Lease) -> tuple[int, float, int]:
     (`Lease.created`, wall-clock µs; 0 when unknown: ties keep the shard order)."""
     ready = (lease.ready or 0.0) if lease.lane is Lane.TIMED else 0.0
     return (_RANK[lease.lane], ready, lease.created)
-
-
-def _call(method: str, *args: Any) -> Callable[[Queue], Awaitable[Any]]:
-    """`child.method(*args)` as a function of the child (binds args now, unlike a
-    lambda in a loop)."""
-
-    def run(q: Queue) -> Awaitable[Any]:
-        result: Awaitable[Any] = getattr(q, method)(*args)
-        return result
-
-    return run
 
 
 class ShardedQueue:
@@ -119,8 +110,8 @@ class ShardedQueue:
         *,
         keys: Sequence[str] | None = None,
         timeout: float = 10.0,
-        backoff: Sequence[float] = BACKOFF,
-        settings: Any = None,
+        backoff: Sequence[float] = SHARD_BACKOFF,
+        settings: QueueSettings | None = None,
     ) -> None:
         if not queues:
             raise ValueError("a sharded queue needs at least one child queue")
@@ -131,8 +122,8 @@ class ShardedQueue:
         self._set = ShardSet(queues, keys, timeout, backoff)
         self.shards = self._set.shards
         self.ring = self._set.ring
-        self.settings = settings if settings is not None else getattr(queues[0], "settings", None)
-        self.tables = getattr(queues[0], "tables", None)
+        self.settings = settings if settings is not None else queues[0].settings
+        self.tables = queues[0].settings.tables
         first = queues[0].traits
         # what every shard does; claims per destination go to one shard, so exact
         # heads hold if they hold on each
@@ -221,9 +212,11 @@ class ShardedQueue:
             await self._set.on(self.shards[index], lambda q: q.insert(lane, group))
             return
 
+        async def write(index: int, rows: list[Row]) -> None:
+            await self._set.on(self.shards[index], lambda q: q.insert(lane, rows))
+
         results = await asyncio.gather(
-            *(self._set.on(self.shards[i], _call("insert", lane, g)) for i, g in groups.items()),
-            return_exceptions=True,
+            *(write(i, g) for i, g in groups.items()), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException):
@@ -367,15 +360,15 @@ class ShardedQueue:
         groups: dict[int, list[Lease]] = {}
         for lease in leases:
             groups.setdefault(lease.shard, []).append(lease)
-        for index, items in groups.items():
-            await self._set.on(self.shards[index], _call("give_back", items))
+        for index, items in groups.items():  # each lambda is awaited in its own iteration
+            await self._set.on(self.shards[index], lambda q: q.give_back(items))  # noqa: B023
 
     async def dead(self, leases: Sequence[Lease], reason: str) -> None:
         groups: dict[int, list[Lease]] = {}
         for lease in leases:
             groups.setdefault(lease.shard, []).append(lease)
-        for index, items in groups.items():
-            await self._set.on(self.shards[index], _call("dead", items, reason))
+        for index, items in groups.items():  # each lambda is awaited in its own iteration
+            await self._set.on(self.shards[index], lambda q: q.dead(items, reason))  # noqa: B023
 
     # -- looking --------------------------------------------------------------
 
@@ -405,6 +398,9 @@ class ShardedQueue:
                 row["table"] = f"{row['table']}@{shard.label}"
         return list(heapq.merge(*parts, key=key))[:limit]
 
+    # Compatibility surface: dead-letter ids are `id * N + shard` (N shards, in the
+    # URL's order), printed by `mvalve dead list` and taken back by `dead requeue` and
+    # `requeue_dead`; changing the encoding needs a version bump.
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         parts = await self._set.everywhere(lambda q: q.dead_letters(limit))
         n = len(self.shards)
@@ -425,8 +421,8 @@ class ShardedQueue:
         for i in ids:
             groups.setdefault(int(i) % n, []).append(int(i) // n)
         total = 0
-        for index, local in groups.items():
-            total += await self._set.on(self.shards[index], _call("requeue_dead", local))
+        for index, local in groups.items():  # each lambda is awaited in its own iteration
+            total += await self._set.on(self.shards[index], lambda q: q.requeue_dead(local))  # noqa: B023
         return total
 
     async def purge(self, lane: Lane | None = None, destination: str | None = None) -> int:

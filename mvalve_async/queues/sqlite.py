@@ -20,6 +20,7 @@ from ..clock import LocalClock
 from ..errors import SchemaError
 from ..interfaces import Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..schema import render
+from ..tuning import SQLITE_SCAN_SLACK as _SLACK
 from ..urls import QueueSettings
 from ._common import (
     DEAD_COLUMNS,
@@ -32,6 +33,7 @@ from ._common import (
     tally,
     to_us,
 )
+from ._sql import NEVER, SQLITE, Statements
 from ._sqlite_conn import SQLiteConnection
 
 __all__ = ["SQLiteQueue"]
@@ -48,7 +50,6 @@ _GUARD = "WHERE id = ? AND lease_token = ? AND lease_token <> 0"  # still held b
 
 
 _us = to_us
-_SLACK = 64  # ids re-read by an incremental scan: inserts that committed out of order
 
 
 def _skip_scan(table: str) -> str:
@@ -109,7 +110,9 @@ class SQLiteQueue:
         self.tables = settings.tables
         self._lane_of = {table: lane for lane, table in self.tables.all()}
         self._conn = SQLiteConnection(settings, busy_timeout)
-        self._poll_sql = self._build_poll()
+        self._sql = Statements(SQLITE, self.tables)
+        self._poll_sql = f"SELECT {self._sql.emergency_due}, {self._sql.next_due}"
+        self._next_due_sql = f"SELECT {self._sql.next_due}"
         self.clock = LocalClock()
 
     def __repr__(self) -> str:
@@ -174,11 +177,7 @@ class SQLiteQueue:
     async def insert(self, lane: Lane, rows: Sequence[Row]) -> None:
         if not rows:
             return
-        table = random.choice(self.tables.lane(lane))
-        if lane is Lane.TIMED:
-            sql = f"INSERT INTO {table} (destination, ready, message, created) VALUES (?, ?, ?, ?)"
-        else:
-            sql = f"INSERT INTO {table} (destination, message, created) VALUES (?, ?, ?)"
+        sql = self._sql.insert[random.choice(self.tables.lane(lane))]
         args = row_args(lane, rows, self.clock.now())
         if len(args) == 1:
             await self._conn.run([(sql, args[0])])
@@ -236,17 +235,8 @@ class SQLiteQueue:
         for f in found.values():
             if f.ready <= now:
                 f.ready = 0.0
-        return Scan(found, bool(emergency), due / US if due is not None else None,
+        return Scan(found, bool(emergency), due / US if due < NEVER else None,
                     (marks, now_us), mark is None)  # fmt: skip
-
-    def _build_poll(self) -> str:
-        exists = " OR ".join(
-            f"EXISTS(SELECT 1 FROM {t} WHERE lease_until <= :now)" for t in self.tables.emergency
-        )
-        mins = " UNION ALL ".join(
-            f"SELECT MIN(ready) AS m FROM {t} WHERE ready > :now" for t in self.tables.timed
-        )
-        return f"SELECT {exists}, (SELECT MIN(m) FROM ({mins}))"
 
     # -- claiming ---------------------------------------------------------------
 
@@ -350,9 +340,7 @@ class SQLiteQueue:
                 for marks, part in _chunks(ids):
                     guard = f"WHERE lease_token = ? AND id IN ({marks})"
                     await db.execute(
-                        f"INSERT INTO {self.tables.dead} (lane, destination, message, reason, "
-                        "deliveries, died_at) SELECT ?, destination, message, ?, deliveries, ? "
-                        f"FROM {table} {guard} ORDER BY id",
+                        f"{self._sql.dead_copy[table]} {guard} ORDER BY id",
                         [str(self._lane_of[table]), reason, died, token, *part],
                     )
                     await db.execute(f"DELETE FROM {table} {guard}", [token, *part])
@@ -360,30 +348,26 @@ class SQLiteQueue:
     # -- looking ----------------------------------------------------------------
 
     async def stats(self, now: float) -> QueueStats:
-        parts = [
-            f"SELECT '{lane}', destination, lease_until > :now AND lease_token <> 0, "
-            f"COUNT(*) FROM {t} GROUP BY 2, 3"
-            for lane, t in self.tables.all()
-        ]
-        parts.append(f"SELECT 'dead', destination, 0, COUNT(*) FROM {self.tables.dead} GROUP BY 2")
-        rows = await self._conn.fetch(" UNION ALL ".join(parts), {"now": _us(now)})
+        args = {"now": _us(now)}
+        rows = await self._conn.fetch(self._sql.counts, args)
         queued = {lane: 0 for lane in Lane}
         leased = {lane: 0 for lane in Lane}
         dead = 0
         by_dest: dict[str, dict[str, int]] = {}
-        for kind, dest, is_leased, count in rows:
+        for kind, dest, n_leased, total in rows:
             if kind == "dead":
-                key, dead = "dead", dead + count
-            else:
-                key = "leased" if is_leased else kind
-                (leased if is_leased else queued)[Lane(kind)] += count
-            tally(by_dest, dest, key, count)
-        ((due,),) = await self._conn.fetch(
-            "SELECT MIN(m) FROM (" + " UNION ALL ".join(
-                f"SELECT MIN(ready) AS m FROM {t} WHERE ready > ?" for t in self.tables.timed
-            ) + ")", [_us(now)] * len(self.tables.timed),
-        )  # fmt: skip
-        return QueueStats(queued, leased, dead, by_dest, due / US if due is not None else None)
+                dead += total
+                tally(by_dest, dest, "dead", total)
+                continue
+            lane = Lane(kind)
+            queued[lane] += total - n_leased
+            leased[lane] += n_leased
+            if total - n_leased:  # a key for what there is only (innodb: zeros too)
+                tally(by_dest, dest, kind, total - n_leased)
+            if n_leased:
+                tally(by_dest, dest, "leased", n_leased)
+        ((due,),) = await self._conn.fetch(self._next_due_sql, args)
+        return QueueStats(queued, leased, dead, by_dest, due / US if due < NEVER else None)
 
     async def peek(self, limit: int = 20, lane: Lane | None = None) -> list[dict[str, Any]]:
         """One read-only statement (a consistent snapshot): no write lock, no lease change."""

@@ -3,6 +3,6 @@ the directory of destinations with rows (directory.py), claim rounds that ask th
 valve before leasing (claims.py), held leases and their groups (held.py), what
 becomes of one when its turn comes (handout.py), and batched acks (acks.py)."""
 
-from .reader import Reader
+from .reader import Reader, ReaderOptions
 
-__all__ = ["Reader"]
+__all__ = ["Reader", "ReaderOptions"]

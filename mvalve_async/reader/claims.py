@@ -36,26 +36,14 @@ from ..events import Emitter
 from ..interfaces import Lane, Lease, Queue, Want
 from ..message import decode
 from ..throttle import Grant, Valve
+from ..tuning import GROUP_SPAN, HOLD_AFTER_LEASE, MAX_DESTINATIONS, WAVES
 from .acks import Acks
 from .directory import Directory
 from .held import Group, Held, Slot
 
-__all__ = ["GROUP_SPAN", "MAX_DESTINATIONS", "Claimer"]
+__all__ = ["Claimer"]
 
 log = logging.getLogger(__name__)
-
-# At most this many destinations per claim (their share of the batch each).
-MAX_DESTINATIONS = 16
-# A round asks the valve in at most this many waves before its claim: when the
-# destinations picked first may send fewer than the batch (their rate), the next
-# ones in line fill it (one store round trip per wave, one claim per round).
-WAVES = 3
-# A destination with a rate is held while its group is handed out: a reader takes
-# no more of its rows than its consumer gets through in about this long.
-GROUP_SPAN = 0.05
-# A reader holding a destination's rows keeps the hold this long after its leases
-# end, so that a dead holder's rows have come back (and go first) when it ends.
-HOLD_AFTER_LEASE = 1.0
 
 
 def _unused(slot: Slot) -> None:

@@ -32,15 +32,11 @@ from typing import Any
 
 from ..interfaces import Found, Queue
 from ..notify import Notifier, news_for
+from ..tuning import FULL_EVERY, SCAN_COST_FACTOR
 
-__all__ = ["FULL_EVERY", "Directory", "directory_for"]
+__all__ = ["Directory", "directory_for"]
 
 log = logging.getLogger(__name__)
-
-FULL_EVERY = 5.0
-# Scans are spaced at least this many times their own cost: a dialect whose scans
-# read every row (q4m) scans less often as its backlog grows.
-SCAN_COST_FACTOR = 10.0
 
 
 class Directory:

@@ -21,31 +21,46 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
+from typing import TypedDict
 
 from ..errors import QueueBusy, QueueUnavailable, ReaderBusy
 from ..events import Emitter, Observer
 from ..interfaces import Lease, Queue, Store
 from ..message import DEFAULT_MAX_DESTINATION, Message, validate_destination
 from ..throttle import EmergencyPolicy, Rate, Valve
-from ..throttle.schedule import RECORD_MARGIN
+from ..tuning import GRACE, RECORD_MARGIN, ROUNDS, SCAN_BUSY
 from .acks import Acks
 from .claims import Claimer
 from .directory import directory_for
 from .handout import Handout
 from .held import Held, Slot
 
-__all__ = ["Reader"]
+__all__ = ["Reader", "ReaderOptions"]
 
 log = logging.getLogger(__name__)
 
-# While busy, the reader's process scans the queue for new rows at most this often.
-SCAN_BUSY = 0.01
-# `next(timeout)` returns by its deadline plus this: the store and queue calls it
-# makes are bounded by it (a store or node that does not answer cannot hold it).
-GRACE = 0.3
-# Claim rounds one `next` tries while the destinations it picks come back empty
-# (their rows were taken by other readers meanwhile) before it waits.
-ROUNDS = 8
+
+class ReaderOptions(TypedDict, total=False):
+    """`Reader`'s keyword options, for what passes them on (`Pipe.reader`,
+    `Pipe.serve`) with their types checked: those not given take `Reader`'s
+    defaults. Keep in step with `Reader.__init__` (tests/unit/test_pipe_signatures.py
+    compares them)."""
+
+    rate: Rate | None
+    rates: Mapping[str, Rate | None] | None
+    emergency_policy: EmergencyPolicy | str
+    lease: float
+    batch: int
+    ack_batch: int
+    max_deliveries: int
+    max_destination: int
+    idle_interval: float
+    observers: Sequence[Observer]
+    margin: float | None
+    fallback_store: Store | None
+    concurrency_limit: int | None
+    concurrency_limits: Mapping[str, int | None] | None
+    record_margin: float
 
 
 class Reader:
@@ -321,7 +336,7 @@ class Reader:
     def _measure_pace(self) -> None:
         """The consumer's time per message (between a return of next() and the next
         call), averaged: a reader takes no more of a throttled destination's rows
-        than its consumer gets through in a moment (claims.GROUP_SPAN)."""
+        than its consumer gets through in a moment (tuning.GROUP_SPAN)."""
         if self._current is not None and self._returned:
             spent = time.monotonic() - self._returned
             pace = self._claimer.pace

@@ -1,6 +1,8 @@
 -- mvalve-async schema for MySQL >= 8.0 / MariaDB >= 10.6 (InnoDB, SKIP LOCKED leases).
 -- Times are integer microseconds since the epoch. `mvalve create --print` shows
 -- this file rendered with your table names.
+-- Compatibility surface: every process and version reads and writes these columns;
+-- changing them needs a migration (and a note in the README's upgrade section).
 
 -- section: lane
 -- KEY destination is (destination, id) in InnoDB: a destination's claim order.

@@ -14,6 +14,8 @@
 --               give the rows already there their key), and their timed tables
 --               keep a `reserved` column this version does not use.
 -- `mvalve create --print` shows this file rendered with your table names.
+-- Compatibility surface: every process and version reads and writes these columns;
+-- changing them needs a migration (and a note in the README's upgrade section).
 
 -- section: lane
 CREATE TABLE IF NOT EXISTS `{table}` (

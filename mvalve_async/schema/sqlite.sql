@@ -3,6 +3,8 @@
 -- Times are integer microseconds since the epoch. `mvalve create --print` shows
 -- this file rendered with your table names. AUTOINCREMENT keeps ids from being
 -- reused after the newest row is deleted.
+-- Compatibility surface: every process and version reads and writes these columns;
+-- changing them needs a migration (and a note in the README's upgrade section).
 
 -- section: lane
 CREATE TABLE IF NOT EXISTS {table} (

@@ -1,8 +1,10 @@
--- mvalve-async stats log for MySQL >= 8.0 / MariaDB >= 10.6 (opt-in: mvalve_async.statslog).
+-- mvalve-async stats log for MySQL >= 8.0 / MariaDB >= 10.6 (opt-in: mvalve_async.ops.statslog).
 -- One row per (destination, action, minute): `minute` is the epoch minute
 -- (floor(unix time / 60)), `count` how many events of that action the processes
 -- logging to this table saw in it. Writers add to it with
 -- INSERT ... ON DUPLICATE KEY UPDATE, one statement per flush.
+-- Compatibility surface: every process and version reads and writes these columns;
+-- changing them needs a migration (and a note in the README's upgrade section).
 
 -- section: statslog
 CREATE TABLE IF NOT EXISTS `{table}` (

@@ -72,6 +72,7 @@ from aiomcache.pool import Connection
 
 from mvalve_async.errors import ConfigError, StoreError
 from mvalve_async.interfaces import StoreHealth
+from mvalve_async.urls import hostport
 
 __all__ = ["MAX_TTL", "MemcachedStore"]
 
@@ -113,7 +114,7 @@ class _Server:
     def __init__(self, host: str, port: int, pool_size: int) -> None:
         self.host = host
         self.port = port
-        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.label = hostport(host, port)
         self.slots = asyncio.Semaphore(pool_size)
         self._idle: list[_Client] = []
         self.health: _Reading | None = None  # the newest reading done
@@ -222,6 +223,7 @@ class MemcachedStore:
 
     name = "memcached"
     max_ttl = float(MAX_TTL - 1)
+    may_lose_records = True  # a restart, an eviction, a flush_all
 
     def __init__(
         self,
@@ -277,7 +279,10 @@ class MemcachedStore:
     # -- keys and servers ----------------------------------------------------
 
     def key_for(self, key: str) -> bytes:
-        """The memcached key that stores `key`."""
+        """The memcached key that stores `key`. Compatibility surface, with the ring
+        (uhashring's ketama over ``host:port`` names): every process, of every
+        version running at once, must find a record under the same key on the same
+        server; changing either needs a version bump."""
         if not isinstance(key, str):
             raise TypeError(f"store keys are str, got {type(key).__name__}")
         full = f"{self.namespace}:{key}"
@@ -387,6 +392,7 @@ class MemcachedStore:
                 client = server.checkout()
                 op.sent = True
                 try:
+                    # the aiomcache method the op names (get, gets, cas, ...): dispatch
                     result = await getattr(client, op.name)(*op.args)
                 except BaseException:
                     # Timed out or failed in mid-command: the connection's state is

@@ -41,6 +41,7 @@ class MemoryStore:
 
     name = "memory"
     max_ttl = math.inf
+    may_lose_records = False  # they live as long as the process
 
     def __init__(self) -> None:
         self.ops = 0

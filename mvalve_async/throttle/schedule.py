@@ -53,10 +53,10 @@ from dataclasses import dataclass, field
 import orjson
 
 from ..errors import CodecError
+from ..tuning import FULL_RETRY, HELD_RETRY, RECORD_MARGIN
 from .rate import EmergencyPolicy, Rate
 
 __all__ = [
-    "HELD_RETRY",
     "VERSION",
     "Grant",
     "Record",
@@ -70,17 +70,10 @@ __all__ = [
     "state",
 ]
 
-# Store records are shared across processes and versions: bump VERSION when the
-# layout changes, and keep reading the old ones (`Record.loads`).
+# Compatibility surface: store records are shared across processes and versions
+# (`Record.dumps`: a JSON list led by VERSION, then the fields in that order).
+# Changing the layout needs a VERSION bump, and `Record.loads` reading the old ones.
 VERSION = 4
-# Another reader holds the destination (it is leasing and handing out its messages):
-# ask again this much later. Holders check in as soon as their last one is out.
-HELD_RETRY = 0.02
-# Every place in flight is taken: ask again this much later (or when one lapses);
-# a reader of the same process that frees one tells the others at once.
-FULL_RETRY = 0.1
-# A record outlives what it remembers by this much (seconds).
-RECORD_MARGIN = 60.0
 
 
 def _r(t: float) -> float:

@@ -56,7 +56,15 @@ from typing import TypeVar
 from ..clock import Clock
 from ..errors import CodecError, ConfigError, StoreError
 from ..interfaces import Store, StoreHealth
-from ..stores.memory import MemoryStore
+from ..tuning import (
+    BACKSTOP,
+    CALL_TIMEOUT,
+    LEAD,
+    MAX_LEAD,
+    PACED_SLOTS,
+    RECORD_MARGIN,
+    UPTIME_SLACK,
+)
 from . import schedule
 from .rate import EmergencyPolicy, Rate
 from .schedule import Grant, Record
@@ -66,25 +74,11 @@ __all__ = ["Valve", "key_for"]
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-# How far ahead of now a slot is granted (the holder keeps the row aside until then):
-# a moment, so that a row is at hand when its slot comes, not so long that rows
-# and holds sit idle (a burst's next window is a whole period away). A paced rate
-# gets up to PACED_SLOTS of its slots at once (at most MAX_LEAD ahead).
-LEAD = 0.05
-PACED_SLOTS = 4
-MAX_LEAD = 1.0
-# One store call (with its optimistic retries) may take this long at most.
-CALL_TIMEOUT = 2.0
-# A store that ignored its `deadline=` is cut off this much after it (a backstop).
-BACKSTOP = 0.05
-# memcached reports `uptime` from 2 s before it started, counted on a clock that
-# ticks once a second (`uptime = current_time - ITEM_UPDATE_INTERVAL`; measured on
-# 1.6.18: 2 right after the start), so a server that reports `u` started at least
-# `u - 3` seconds ago, on any version that counts so; one more second to spare.
-UPTIME_SLACK = 4.0
-
 
 def key_for(destination: str) -> str:
+    """The store key of a destination's record. Compatibility surface: every reader
+    process, of every version running at once, must find the record under this key;
+    changing it needs a version bump (old and new readers would keep two records)."""
     return "d:" + destination
 
 
@@ -110,7 +104,7 @@ class Valve:
         lead: float = LEAD,
         retry_max: float = 2.0,
         fallback: Store | None = None,
-        record_margin: float = schedule.RECORD_MARGIN,
+        record_margin: float = RECORD_MARGIN,
         concurrency: int | None = None,
         concurrencies: Mapping[str, int | None] | None = None,
     ) -> None:
@@ -418,7 +412,7 @@ class Valve:
         async def update(store: Store, ends: float | None) -> tuple[bool, R | None]:
             # Each attempt judges its own read: a loss check made for an earlier
             # attempt says nothing about a record found missing later.
-            start[:] = [] if rate is not None and _may_lose(store) else [0.0]
+            start[:] = [] if rate is not None and store.may_lose_records else [0.0]
             done, result = await store.update(key, fn, ttl=lifetime, deadline=ends)
             if not done:
                 # Let the other misses of this claim round (their replies came back
@@ -531,12 +525,6 @@ class Valve:
                 )  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max)
-
-
-def _may_lose(store: Store) -> bool:
-    """Can the store lose a record before its ttl? The memory store cannot: its
-    records live as long as the process that made them (a local fallback too)."""
-    return not isinstance(store, MemoryStore)
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import mvalve_async
-from mvalve_async.demo import demo_file, max_in_window, plan
+from mvalve_async.cli.demo import demo_file, max_in_window, plan
 from tests.services import MEMCACHED_URL, MYSQL_URL, require_memcached, require_mysql
 
 REPO = Path(__file__).resolve().parents[2]

@@ -161,6 +161,13 @@ def test_max_ttl() -> None:
     assert isinstance(MemcachedStore.max_ttl, float)
 
 
+def test_which_stores_may_lose_records() -> None:
+    """Declared, for the valve: a missing record of a store that may lose records is
+    checked against the store's health before it is trusted."""
+    assert MemoryStore.may_lose_records is False
+    assert MemcachedStore.may_lose_records is True
+
+
 async def test_ttl_zero_and_max_ttl_keep_the_record(store: Store) -> None:
     await store.update("forever", put(b"x"))
     await store.update("longest", put(b"y"), ttl=min(store.max_ttl, 10 * 365 * 86400))

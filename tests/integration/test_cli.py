@@ -21,12 +21,11 @@ from typing import Any, TypeVar
 import pytest
 
 import mvalve_async
-from mvalve_async import cli
-from mvalve_async.cli import main
+from mvalve_async.cli import commands, common, main
 from mvalve_async.clock import LocalClock
 from mvalve_async.interfaces import Lease, Queue, Want
+from mvalve_async.registry import make_queue, make_store
 from mvalve_async.throttle import Rate, Valve
-from mvalve_async.urls import make_queue, make_store
 from tests.services import MEMCACHED_URL, MYSQL_URL, require_memcached, require_mysql
 
 ROOT = Path(mvalve_async.__file__).resolve().parents[1]
@@ -246,7 +245,7 @@ def test_stats_with_the_store_down_prints_the_queue_and_exits_3(
     assert run(capsys, "--url", url, "create")[0] == 0
     # no destination to look up: the store is asked anyway
     code, out, err = run(capsys, "--url", url, "--store", down, "stats")
-    assert (code, err) == (cli.STORE_UNREACHABLE, "") and cli.STORE_UNREACHABLE == 3
+    assert (code, err) == (commands.STORE_UNREACHABLE, "") and commands.STORE_UNREACHABLE == 3
     assert "normal" in out and "state store: memcached 127.0.0.1:1" in " ".join(out.split())
     assert run(capsys, "--url", url, "send", "d", "x")[0] == 0
     code, out, _ = run(capsys, "--url", url, "--store", down, "stats", "--json")
@@ -497,13 +496,13 @@ def test_a_plugin_module_adds_a_subcommand(
     plugin.HELP = "say hello"
     plugin.configure = lambda p: p.add_argument("name")
 
-    async def hello(args: Any, ctx: cli.Context) -> int:
+    async def hello(args: Any, ctx: common.Context) -> int:
         ctx.say(f"hello {args.name} on {ctx.settings.safe_url()}")
         return 0
 
     plugin.run = hello
     monkeypatch.setitem(sys.modules, "mvalve_test_plugin", plugin)
-    monkeypatch.setattr(cli, "PLUGINS", {"hello": "mvalve_test_plugin", "gone": "no_such_mod"})
+    monkeypatch.setattr(commands, "PLUGINS", {"hello": "mvalve_test_plugin", "gone": "no_such_mod"})
     code, out, err = run(capsys, "--url", "memory://", "hello", "world")
     assert (code, out.strip()) == (0, "hello world on memory://"), err
     assert run(capsys, "gone")[0] == 2  # a missing plugin module is simply not there

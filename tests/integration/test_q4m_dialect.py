@@ -1,4 +1,4 @@
-"""What only the q4m dialect must show, against the Q4M emulator (tests/q4m_emulator.py):
+"""What only the q4m dialect must show, against the Q4M emulator (tests/q4m/emulator.py):
 ownership ends with the connection (a reader process killed with SIGKILL, an owner
 connection KILLed from another session), a claim's order through queue_wait's
 argument order, a want taking its destination's rows by their key (`dkey`) and
@@ -27,8 +27,8 @@ from mvalve_async.queues.q4m import Q4MQueue
 from mvalve_async.stores.memory import MemoryStore
 from mvalve_async.urls import QueueSettings, Tables
 from tests.conftest import unique_tables
-from tests.q4m_emulator import Q4MServer
-from tests.q4m_fixtures import q4m_server  # noqa: F401  (fixture)
+from tests.q4m.emulator import Q4MServer
+from tests.q4m.fixtures import q4m_server  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 LEASE = 30.0

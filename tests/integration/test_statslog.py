@@ -23,7 +23,7 @@ import mvalve_async
 from mvalve_async import Message
 from mvalve_async.cli import main
 from mvalve_async.errors import ConfigError, QueueUnavailable, SchemaError
-from mvalve_async.statslog import StatsLog
+from mvalve_async.ops.statslog import StatsLog
 from mvalve_async.urls import QueueSettings
 from tests.services import MYSQL_URL, require_mysql
 
@@ -186,7 +186,7 @@ async def test_failed_flush_keeps_counts_and_the_loop_retries(
         await stats.drop()  # the table goes away mid-run
         stats.event("enqueue", "a", 3)
         stats.event("dequeue", "b", 2)
-        with caplog.at_level(logging.WARNING, "mvalve_async.statslog"):
+        with caplog.at_level(logging.WARNING, "mvalve_async.ops.statslog"):
             with pytest.raises(SchemaError):
                 await stats.flush()
         assert "flush failed" in caplog.text and "keeping 5 events" in caplog.text
@@ -225,7 +225,7 @@ async def test_dead_server_keeps_counts_and_caps_memory(caplog: pytest.LogCaptur
     settings = QueueSettings("innodb", port=_dead_port(), connect_timeout=1.0)
     stats = StatsLog(settings, table="q_statslog", flush_interval=3600, max_keys=3)
     await stats.start()
-    with caplog.at_level(logging.WARNING, "mvalve_async.statslog"):
+    with caplog.at_level(logging.WARNING, "mvalve_async.ops.statslog"):
         for dest in "abc":
             stats.event("dequeue", dest, 2)
         for attempt in (1, 2):
@@ -255,7 +255,7 @@ async def test_counts_arriving_during_a_failing_flush_stay_within_the_cap(
     backend.upsert = failing
     stats.event("dequeue", "old-1", 5)
     stats.event("dequeue", "old-2", 1)
-    with caplog.at_level(logging.WARNING, "mvalve_async.statslog"), pytest.raises(SchemaError):
+    with caplog.at_level(logging.WARNING, "mvalve_async.ops.statslog"), pytest.raises(SchemaError):
         await stats.flush()
     assert len(stats._pending) == 2 and stats.pending + stats.dropped == 8
     assert stats.dropped == 6  # the batch could not go back: the newer counters hold the cap
@@ -356,7 +356,7 @@ def test_cli_shows_per_minute_counts(
 
 
 async def test_pipe_starts_and_closes_its_observers(tmp_path: Path) -> None:
-    from mvalve_async.statslog import StatsLog
+    from mvalve_async.ops.statslog import StatsLog
 
     url = f"sqlite:///{tmp_path}/q.db"
     stats = StatsLog(url, flush_interval=60)

@@ -14,9 +14,10 @@ import pytest
 
 from mvalve_async import Message, Pipe, Rate
 from mvalve_async.message import encode
+from mvalve_async.registry import make_queue
 from mvalve_async.stores.memory import MemoryStore
 from mvalve_async.throttle import key_for
-from mvalve_async.urls import QueueSettings, make_queue
+from mvalve_async.urls import QueueSettings
 from tests.conftest import unique_tables
 from tests.ledger import max_in_window
 from tests.services import MYSQL_URL, require_mysql

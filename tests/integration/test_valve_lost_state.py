@@ -26,8 +26,7 @@ from mvalve_async.reader import Reader
 from mvalve_async.stores.memcached import MemcachedStore
 from mvalve_async.stores.memory import MemoryStore
 from mvalve_async.throttle import Grant, Rate, Valve, key_for
-from mvalve_async.throttle.schedule import RECORD_MARGIN
-from mvalve_async.throttle.valve import UPTIME_SLACK
+from mvalve_async.tuning import RECORD_MARGIN, UPTIME_SLACK
 from tests.memcached_proc import HOST, MemcachedProcess, _unavailable
 from tests.memcached_proxy import BlackholeProxy
 

@@ -100,7 +100,7 @@ async def test_memcached_restart_mid_run_never_exceeds_and_loses_nothing(
     """memcached restarts inside a rate window: the schedule is lost, yet the
     window that held the forgotten deliveries must not get more (the restarted
     server's young uptime holds the records made afresh for a window)."""
-    from mvalve_async.throttle.valve import UPTIME_SLACK
+    from mvalve_async.tuning import UPTIME_SLACK
     from tests.memcached_proc import MemcachedProcess
 
     require_mysql()

@@ -23,7 +23,7 @@ except ImportError:  # the optional extra; CI installs it (.ci/run), so it must 
         raise
     pytest.skip("needs pip install 'mvalve-async[prometheus]'", allow_module_level=True)
 
-from mvalve_async.metrics import (
+from mvalve_async.ops.metrics import (
     OTHER,
     LaneDepthCollector,
     PrometheusObserver,
@@ -63,7 +63,7 @@ async def test_counters_after_a_run_on_memory() -> None:
 def test_prefix_and_the_destination_cap(caplog: pytest.LogCaptureFixture) -> None:
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry, prefix="sms", max_destinations=2)
-    with caplog.at_level(logging.WARNING, "mvalve_async.metrics"):
+    with caplog.at_level(logging.WARNING, "mvalve_async.ops.metrics"):
         for dest in ("a", "b", "c", "d", "a"):
             observer.event("enqueue", dest, 2)
     assert value(registry, "sms_messages_total", destination="a", action="enqueue") == 4
@@ -144,7 +144,7 @@ async def test_collector_loop_updates_and_survives_errors(
     registry = CollectorRegistry()
     queue = FlakyQueue()
     collector = LaneDepthCollector(queue, registry=registry, interval=0.01)  # type: ignore[arg-type]
-    with caplog.at_level(logging.WARNING, "mvalve_async.metrics"):
+    with caplog.at_level(logging.WARNING, "mvalve_async.ops.metrics"):
         async with collector:
             for _ in range(200):
                 if queue.calls >= 4:
@@ -177,7 +177,7 @@ def test_http_server_passthrough() -> None:
 
 def test_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
-    import mvalve_async.metrics as metrics  # the module itself imports without it
+    import mvalve_async.ops.metrics as metrics  # the module itself imports without it
 
     for build in (
         lambda: metrics.PrometheusObserver(),
@@ -192,7 +192,8 @@ def test_core_library_does_not_import_prometheus() -> None:
     import subprocess
 
     code = (
-        "import sys, mvalve_async, mvalve_async.metrics, mvalve_async.statslog; "
+        "import sys, mvalve_async, mvalve_async.ops, mvalve_async.ops.metrics, "
+        "mvalve_async.ops.statslog; "
         "assert 'prometheus_client' not in sys.modules, 'imported eagerly'"
     )
     root = Path(mvalve_async.__file__).resolve().parents[1]

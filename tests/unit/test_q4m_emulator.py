@@ -12,10 +12,10 @@ import pymysql
 import pytest
 import pytest_asyncio
 
-from tests.q4m_cond import compile_condition
-from tests.q4m_emulator import Q4MServer
-from tests.q4m_fixtures import q4m_server  # noqa: F401  (fixture)
-from tests.q4m_sql import SqlError
+from tests.q4m.cond import compile_condition
+from tests.q4m.emulator import Q4MServer
+from tests.q4m.fixtures import q4m_server  # noqa: F401  (fixture)
+from tests.q4m.sql import SqlError
 
 Connect = Callable[[], Awaitable[aiomysql.Connection]]
 QUEUE = (

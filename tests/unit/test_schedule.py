@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from mvalve_async.errors import CodecError, ConfigError
 from mvalve_async.throttle import MAX_EXACT_LOG, EmergencyPolicy, Rate, Record
 from mvalve_async.throttle import schedule as sch
+from mvalve_async.tuning import HELD_RETRY, RECORD_MARGIN
 from tests.ledger import max_in_window as _max_in_window
 
 T0 = 1_700_000_000.0
@@ -207,7 +208,7 @@ def test_another_readers_hold_refuses_until_checkin_or_its_end() -> None:
     g = sch.grant(rec, T0, rate, want=2, token="a.1", until=T0 + 10)
     assert len(g.slots) == 2 and rec.hold == "a.1"
     refused = sch.grant(rec, T0 + 0.1, rate, want=2, token="b.1", until=T0 + 10)
-    assert refused.slots == () and refused.next_try == pytest.approx(T0 + 0.1 + sch.HELD_RETRY)
+    assert refused.slots == () and refused.next_try == pytest.approx(T0 + 0.1 + HELD_RETRY)
     sch.checkin(rec, "a.1", rate, unused=g.entries[1:])
     assert rec.hold == "" and len(rec.sent) == 1  # the unused slot left the log
     g2 = sch.grant(rec, T0 + 0.1, rate, want=9, token="b.1", until=T0 + 10, lead=0.0)
@@ -292,7 +293,7 @@ def test_lifetime_covers_what_the_record_remembers() -> None:
     assert sch.lifetime(rec, T0, rate) >= 7 * 86400
     sch.pause(rec, T0, 40 * 86400)
     assert sch.lifetime(rec, T0, None) >= 40 * 86400
-    assert sch.lifetime(Record(), T0, Rate(1, 1.0)) == sch.RECORD_MARGIN
+    assert sch.lifetime(Record(), T0, Rate(1, 1.0)) == RECORD_MARGIN
 
 
 def test_the_record_stays_small() -> None:

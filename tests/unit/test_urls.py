@@ -9,16 +9,15 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mvalve_async import urls
+from mvalve_async import registry
 from mvalve_async.errors import ConfigError
 from mvalve_async.queues.memory import MemoryQueue
+from mvalve_async.registry import make_queue, make_store
 from mvalve_async.urls import (
     DEFAULT_SQLITE_PATH,
     QueueSettings,
     StoreSettings,
     Tables,
-    make_queue,
-    make_store,
     parse_queue_url,
     parse_store_url,
     validate_identifier,
@@ -282,7 +281,7 @@ def test_make_queue_honours_mvalve_url(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_make_queue_defaults_to_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[QueueSettings] = []
-    monkeypatch.setitem(urls.QUEUES, "sqlite", made.append)
+    monkeypatch.setitem(registry.QUEUES, "sqlite", made.append)
     for env in (None, ""):
         if env is None:
             monkeypatch.delenv("MVALVE_URL", raising=False)
@@ -296,7 +295,7 @@ def test_make_queue_takes_a_url_or_settings_before_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     made: list[QueueSettings] = []
-    monkeypatch.setitem(urls.QUEUES, "innodb", made.append)
+    monkeypatch.setitem(registry.QUEUES, "innodb", made.append)
     monkeypatch.setenv("MVALVE_URL", "memory://")
     make_queue(f"mysql+innodb://u:{PASSWORD}@h/db")
     settings = QueueSettings("innodb", host="other")
@@ -309,8 +308,8 @@ def test_make_queue_takes_a_url_or_settings_before_the_environment(
 
 def test_make_store_honours_mvalve_store_url(monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[StoreSettings] = []
-    monkeypatch.setitem(urls.STORES, "memcached", made.append)
-    monkeypatch.setitem(urls.STORES, "memory", made.append)
+    monkeypatch.setitem(registry.STORES, "memcached", made.append)
+    monkeypatch.setitem(registry.STORES, "memory", made.append)
     monkeypatch.setenv("MVALVE_STORE_URL", "memcached://a:1,b:2?namespace=ns")
     make_store()
     monkeypatch.delenv("MVALVE_STORE_URL")

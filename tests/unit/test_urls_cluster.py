@@ -6,7 +6,8 @@ import pytest
 
 from mvalve_async.errors import ConfigError
 from mvalve_async.queues.innodb import InnoDBQueue
-from mvalve_async.urls import QueueSettings, Tables, make_queue, parse_queue_url
+from mvalve_async.registry import make_queue
+from mvalve_async.urls import QueueSettings, Tables, parse_queue_url
 
 PASSWORD = "Hunter2-s3cret"
 NODES = (("127.0.0.1", 3311), ("127.0.0.1", 3312), ("127.0.0.1", 3313))

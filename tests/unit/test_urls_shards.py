@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mvalve_async import urls
+from mvalve_async import registry
 from mvalve_async.errors import ConfigError
 from mvalve_async.queues.sharded import ShardedQueue
-from mvalve_async.urls import QueueSettings, Tables, make_queue, parse_queue_url
+from mvalve_async.registry import make_queue
+from mvalve_async.urls import QueueSettings, Tables, parse_queue_url
 
 PASSWORD = "Hunter2-s3cret"
 
@@ -98,7 +99,7 @@ def test_make_queue_builds_a_sharded_queue_of_one_child_per_host(
 
         return MemoryQueue(s)
 
-    monkeypatch.setitem(urls.QUEUES, "innodb", fake)
+    monkeypatch.setitem(registry.QUEUES, "innodb", fake)
     queue = make_queue("mysql+innodb://root@h1:3306,h2:3307/test?max_destination=50")
     assert isinstance(queue, ShardedQueue)
     assert [(s.host, s.port, s.shards) for s in made] == [("h1", 3306, ()), ("h2", 3307, ())]

@@ -1,8 +1,9 @@
 """The `mvalve` command: schema, send, stats, peek, purge and dead letters.
 
-Every subcommand is a `Command` in `COMMANDS`. Commands that live in their own
-module (`demo`, `bench`) are listed in `PLUGINS` and loaded when the module
-exists; such a module defines
+Every subcommand is a `Command` (common.py) in `COMMANDS`. Commands that live in
+their own module (`demo`, `statslog`, `bench`) are listed in `PLUGINS` and loaded by
+name when the parser is built, if the module exists; such a module imports what
+it needs from common.py (never this module) and defines
 
     HELP: str
     def configure(parser: argparse.ArgumentParser) -> None: ...
@@ -27,8 +28,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -36,15 +36,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.prompt import Confirm
 
-from . import __version__
-from . import cli_views as views
-from .errors import MvalveError, QueueError
-from .interfaces import Lane
-from .message import Message
-from .pipe import Pipe
-from .urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings, make_queue, make_store
+from .. import __version__
+from ..errors import MvalveError
+from ..interfaces import Lane
+from ..message import Message
+from ..registry import make_queue
+from ..urls import DEFAULT_SQLITE_PATH, QueueSettings
+from . import views
+from .common import Aborted, Command, Context, UsageError, number
 
 __all__ = [
     "COMMANDS", "PLUGINS", "STORE_UNREACHABLE", "Command", "Context", "UsageError",
@@ -56,91 +56,7 @@ log = logging.getLogger(__name__)
 STORE_UNREACHABLE = 3  # exit status of `stats` when the state store did not answer
 
 
-class UsageError(Exception):
-    """Bad command-line input: exit status 2."""
-
-
-class Aborted(Exception):
-    """The user answered no to a confirmation."""
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace, Context], int | Coroutine[Any, Any, int]]
-    url_help: str | None = None  # None: the usual defaults ($MVALVE_URL, ...)
-    store_help: str | None = None
-
-
-class Context:
-    """What a command gets besides its arguments: consoles and the backends' URLs."""
-
-    def __init__(self, console: Console, errors: Console, url: str, store_url: str) -> None:
-        self.console, self.errors = console, errors
-        self.url, self.store_url = url, store_url
-        self._settings: QueueSettings | None = None
-
-    @property
-    def settings(self) -> QueueSettings:
-        if self._settings is None:
-            self._settings = QueueSettings.from_url(self.url)
-        return self._settings
-
-    def existing(self) -> QueueSettings:
-        """The settings for a command that looks at or changes a queue that must exist:
-        a missing SQLite file is an error, not created (nor its directory)."""
-        return replace(self.settings, create_file=False)
-
-    @contextlib.asynccontextmanager
-    async def pipe(
-        self, *, create: bool | None = None, existing: bool = False
-    ) -> AsyncIterator[Pipe]:
-        """A connected pipe (tables created for the embedded dialects, as `open` does).
-        `existing`: on a queue that must be there already (`existing()`), no DDL run
-        on SQLite either."""
-        settings = self.settings
-        if existing:
-            settings = self.existing()
-            create = False if settings.dialect == "sqlite" else create
-        store = make_store(StoreSettings.from_url(self.store_url))
-        async with Pipe(make_queue(settings), store, create=create) as pipe:
-            yield pipe
-
-    def confirm(self, action: str, yes: bool) -> None:
-        """Ask "`action`?" on a terminal; refuse (exit 2) on no terminal without --yes."""
-        if yes:
-            return
-        if not sys.stdin.isatty():
-            raise UsageError(f"refusing to {action} without --yes (stdin is not a terminal)")
-        if not Confirm.ask(escape(action[0].upper() + action[1:] + "?"), console=self.errors):
-            raise Aborted
-
-    def print_json(self, data: Any, *, compact: bool = False) -> None:
-        text = json.dumps(data, ensure_ascii=False, default=str, indent=None if compact else 2)
-        self.console.out(text, highlight=False)
-
-    def say(self, text: str) -> None:
-        self.console.print(text, soft_wrap=True)
-
-
 # -- argument types -------------------------------------------------------------
-
-
-def number(convert: Callable[[str], Any], low: float, what: str) -> Callable[[str], Any]:
-    """An argparse type: `convert(text)`, at least `low`, finite (for plugins too)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    return parse
-
 
 _seconds = number(float, 0.0, "a non-negative number of seconds")
 _positive = number(int, 1, "a positive integer")
@@ -210,7 +126,7 @@ def _send_args(p: argparse.ArgumentParser) -> None:
 def _content(args: argparse.Namespace) -> Any:
     raw: str | bytes | None = args.content
     if raw == "-":
-        buffer = getattr(sys.stdin, "buffer", None)
+        buffer = getattr(sys.stdin, "buffer", None)  # a replaced stdin may be text only
         raw = buffer.read() if buffer is not None else sys.stdin.read().encode()
         if not args.json:
             return raw
@@ -308,10 +224,7 @@ def _peek_args(p: argparse.ArgumentParser) -> None:
 
 async def _peek(args: argparse.Namespace, ctx: Context) -> int:
     async with ctx.pipe(existing=True) as pipe:
-        peek = getattr(pipe.queue, "peek", None)
-        if peek is None:
-            raise QueueError(f"the {pipe.queue.name} dialect cannot peek yet")
-        rows = await peek(args.limit, Lane(args.lane) if args.lane else None)
+        rows = await pipe.queue.peek(args.limit, Lane(args.lane) if args.lane else None)
     now = time.time()
     items = [views.row_view(row, now) for row in rows]
     if args.json:
@@ -390,9 +303,9 @@ COMMANDS: dict[str, Command] = {
 # `bench` is the repository's harness (bench/run.py, not in the wheel): present when the
 # `bench` package is importable, i.e. `python -m mvalve_async.cli` run from a checkout.
 PLUGINS: dict[str, str] = {
-    "demo": "mvalve_async.demo",
+    "demo": "mvalve_async.cli.demo",
     "bench": "bench.run",
-    "statslog": "mvalve_async.statslog_cli",  # the opt-in StatsLog table, per minute
+    "statslog": "mvalve_async.cli.statslog",  # the opt-in StatsLog table, per minute
 }
 
 
@@ -404,6 +317,7 @@ def _plugins() -> dict[str, Command]:
         except ImportError as exc:  # not written yet, or an optional dependency missing
             log.debug("no `mvalve %s`: %s", name, exc)
             continue
+        # URL_HELP and STORE_HELP are optional in a plugin module (module docstring)
         found[name] = Command(
             module.HELP, module.configure, module.run,
             getattr(module, "URL_HELP", None), getattr(module, "STORE_HELP", None),
@@ -480,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     except MvalveError as exc:
         return fail(f"mvalve: error: {' '.join(str(exc).split()) or type(exc).__name__}", 1)
     except KeyboardInterrupt:
-        return 0 if getattr(args, "watch", None) is not None else 130
+        return 0 if getattr(args, "watch", None) is not None else 130  # stats --watch
     except Exception as exc:  # a bug: the traceback with -v, one line otherwise
         if args.verbose:
             fail("".join(traceback.format_exception(exc)).rstrip(), 1)
@@ -488,7 +402,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         package_log.removeHandler(handler)
         package_log.setLevel(level)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

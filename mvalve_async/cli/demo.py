@@ -16,7 +16,7 @@ where the queue is and the `mvalve` commands that look at it.
 
 This module is the CLI: it writes to the terminal through the command's rich
 Console (log records too, while the live view is up: above it). It is loaded by
-`mvalve_async.cli` through `PLUGINS`.
+`mvalve_async.cli.commands` through `PLUGINS`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console, Group, JustifyMethod, RenderableType
@@ -43,16 +42,14 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .cli import number
-from .errors import ConfigError
-from .interfaces import Lane
-from .message import Message
-from .pipe import Pipe
-from .throttle import Rate
-from .urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings, make_queue, make_store
-
-if TYPE_CHECKING:
-    from .cli import Context
+from ..errors import ConfigError
+from ..interfaces import Lane
+from ..message import Message
+from ..pipe import Pipe
+from ..registry import make_queue, make_store
+from ..throttle import Rate
+from ..urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings
+from .common import Context, number
 
 __all__ = [
     "DEMO_PATH", "HELP", "STORE_HELP", "URL_HELP", "Plan", "configure", "demo_file",

@@ -12,10 +12,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .errors import CodecError, MvalveError, StoreError
-from .interfaces import Lane, Queue, Store
-from .message import decode
-from .throttle import Valve
+from ..errors import CodecError, MvalveError, StoreError
+from ..interfaces import Lane, Queue, Store
+from ..message import decode
+from ..throttle import Valve
 
 __all__ = [
     "dead_table", "fmt_time", "peek_table", "row_view", "snapshot", "stats_view"]  # fmt: skip

@@ -1,5 +1,5 @@
 """Pytest fixtures for the Q4M emulator; import them into a conftest with
-``from tests.q4m_fixtures import q4m_server``."""
+``from tests.q4m.fixtures import q4m_server``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
-from tests.q4m_emulator import Q4MServer
+from tests.q4m.emulator import Q4MServer
 
 
 @pytest_asyncio.fixture

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-from .errors import ConfigError, QueueError, SchemaError
-from .urls import QueueSettings
+from ..errors import ConfigError, QueueError, SchemaError
+from ..urls import QueueSettings
 
 __all__ = ["Backend", "CountRow", "MySQLBackend", "SQLiteBackend", "open_backend"]
 
@@ -39,7 +39,7 @@ def open_backend(settings: QueueSettings, busy_timeout: float) -> Backend:
         return SQLiteBackend(settings, busy_timeout)
     raise ConfigError(
         f"the stats log needs a MySQL or SQLite database, not {settings.safe_url()} "
-        "(for memory://, use mvalve_async.metrics or an observer of your own)"
+        "(for memory://, use mvalve_async.ops.metrics or an observer of your own)"
     )
 
 
@@ -65,7 +65,7 @@ class MySQLBackend:
     max_rows = MYSQL_ROWS
 
     def __init__(self, settings: QueueSettings) -> None:
-        from .queues._mysql import MySQLPool
+        from ..queues._mysql import MySQLPool
 
         self.db = MySQLPool(replace(settings, pool_size=1))
         self.where = settings.safe_url()
@@ -149,7 +149,7 @@ class SQLiteBackend:
         self._lock = asyncio.Lock()
 
     async def connect(self) -> None:
-        from .queues._sqlite_conn import open_sqlite
+        from ..queues._sqlite_conn import open_sqlite
 
         async with self._lock:
             if self._db is not None:

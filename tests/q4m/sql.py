@@ -4,7 +4,7 @@ Everything here is pure (no I/O, no asyncio): a tokenizer that works on the
 query *as bytes* (the emulator decodes COM_QUERY as latin1, one char per
 byte, so ``_binary'...'`` payloads survive untouched), a recursive-descent
 parser for the few statements a q4m dialect sends, (the
-``'table:expr'`` conditions of queue_wait live in ``q4m_cond``).
+``'table:expr'`` conditions of queue_wait live in ``cond``).
 
 Parsing returns ``None`` for anything it does not own (``SET NAMES``,
 ``SELECT @@version`` ...): the caller hands those to mysql-mimic.

@@ -1,6 +1,6 @@
 """Prometheus metrics (optional extra: `pip install 'mvalve-async[prometheus]'`).
 
-    from mvalve_async.metrics import LaneDepthCollector, PrometheusObserver, start_http_server
+    from mvalve_async.ops.metrics import LaneDepthCollector, PrometheusObserver, start_http_server
 
     observer = PrometheusObserver()                    # mvalve_messages_total{destination,action}
     async with mvalve_async.open(url, observers=[observer]) as pipe, \\
@@ -26,9 +26,9 @@ import time
 from types import TracebackType
 from typing import Any
 
-from .errors import CodecError
-from .interfaces import Lane, Queue, QueueStats, Store
-from .throttle import Record, key_for
+from ..errors import CodecError
+from ..interfaces import Lane, Queue, QueueStats, Store
+from ..throttle import Record, key_for
 
 __all__ = ["OTHER", "LaneDepthCollector", "PrometheusObserver", "start_http_server"]
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 OTHER = "_other"  # the destination label once max_destinations labels exist
 _MISSING = (
-    "mvalve_async.metrics needs the prometheus-client package: "
+    "mvalve_async.ops.metrics needs the prometheus-client package: "
     "pip install 'mvalve-async[prometheus]'"
 )
 

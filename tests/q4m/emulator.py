@@ -25,7 +25,7 @@ What it does NOT reproduce: persistence, fsync and crash recovery, speed
 forwarding tools, real ``bytes_*`` figures (here: the sum of the stored
 values' lengths), databases (``db.tbl`` is accepted, the db ignored),
 collations (string comparisons are exact, i.e. binary), and SQL beyond the
-subset parsed in ``q4m_sql`` (no joins, ORDER BY or expressions; WHERE is
+subset parsed in ``sql`` (no joins, ORDER BY or expressions; WHERE is
 an AND of ``column op literal``). ``COUNT(*)`` counts what SELECT returns.
 Like MySQL, it notices a client that vanished *during* a queue_wait only
 when the wait ends; a row handed to it meanwhile goes back
@@ -47,8 +47,8 @@ from mysql_mimic.charset import CharacterSet
 from mysql_mimic.results import AllowedResult
 from mysql_mimic.variables import DEFAULT, GlobalVariables, SessionVariables
 
-from tests import q4m_sql as sql
-from tests.q4m_store import Predicate, Row, Store, Table, execute, mysql_error, result_column
+from tests.q4m import sql
+from tests.q4m.store import Predicate, Row, Store, Table, execute, mysql_error, result_column
 
 
 def _udf_error(func: str, msg: str) -> Exception:

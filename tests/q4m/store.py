@@ -19,8 +19,8 @@ from mysql_mimic.errors import MysqlError
 from mysql_mimic.results import AllowedResult
 from mysql_mimic.types import ColumnType
 
-from tests import q4m_sql as sql
-from tests.q4m_cond import compile_condition
+from tests.q4m import sql
+from tests.q4m.cond import compile_condition
 
 STAT_NAMES = (
     "rows_written rows_removed wait_immediate wait_delayed wait_timeout "

@@ -1,4 +1,4 @@
-"""`mvalve statslog`: the stats log table (`mvalve_async.statslog`) on the terminal.
+"""`mvalve statslog`: the stats log table (`mvalve_async.ops.statslog`) on the terminal.
 
     mvalve statslog                  messages handed out per minute and destination
     mvalve statslog --action ack     ... acknowledged (any action the readers and writers report)
@@ -6,7 +6,7 @@
     mvalve statslog prune --days 30  delete older rows
     mvalve statslog drop --yes
 
-Loaded by `mvalve_async.cli` through `PLUGINS`.
+Loaded by `mvalve_async.cli.commands` through `PLUGINS`.
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .cli import number
-from .events import ACTIONS
-from .statslog import DEFAULT_TABLE, StatsLog
-
-if TYPE_CHECKING:
-    from .cli import Context
+from ..events import ACTIONS
+from ..ops.statslog import DEFAULT_TABLE, StatsLog
+from .common import Context, number
 
 __all__ = ["HELP", "configure", "run", "snapshot", "view"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
-from tests.q4m_sql import REL_OPS, SqlError
+from tests.q4m.sql import REL_OPS, SqlError
 
 Value = int | None
 Expr = Callable[[Mapping[str, Value]], Value]

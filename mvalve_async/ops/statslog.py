@@ -24,7 +24,7 @@ too high after a connection failure, never silently too low.
 
 `mvalve statslog` shows the table (messages handed out per minute and destination).
 The DDL is in `schema/statslog_<dialect>.sql`; the MySQL and SQLite backends (the
-connection and the dialect's upsert) in `_statslog_backends.py`.
+connection and the dialect's upsert) in `statslog_backends.py`.
 """
 
 from __future__ import annotations
@@ -35,15 +35,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._statslog_backends import Backend, CountRow, open_backend
-from .errors import ConfigError
-from .schema import sections
-from .urls import QueueSettings, parse_queue_url, validate_identifier
-
-if TYPE_CHECKING:
-    from .interfaces import Queue
+from ..errors import ConfigError
+from ..interfaces import Queue
+from ..schema import sections
+from ..urls import QueueSettings, parse_queue_url, validate_identifier
+from .statslog_backends import Backend, CountRow, open_backend
 
 __all__ = ["DEFAULT_TABLE", "StatsLog"]
 
@@ -63,10 +61,9 @@ def _settings(target: str | QueueSettings | Queue) -> QueueSettings:
         return parse_queue_url(target)
     if isinstance(target, QueueSettings):
         return target
-    settings = getattr(target, "settings", None)
-    if not isinstance(settings, QueueSettings):
+    if not isinstance(target, Queue):
         raise ConfigError(f"cannot tell which database {target!r} uses: pass its URL")
-    return settings
+    return target.settings
 
 
 def _rows(counts: dict[Key, int]) -> list[CountRow]:
