@@ -1,6 +1,6 @@
 """Soak: 2 writers and 4 readers under random faults; the ledger must stay clean.
 
-MVALVE_SOAK_SECONDS sets the length (default 60)."""
+MVALVE_SOAK_SECONDS sets the length (default 30)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tests.ledger import Ledger, windows_over
 from tests.mariadb_proc import MariaDBProcess
 from tests.memcached_proc import MemcachedProcess
 
-SECONDS = float(os.environ.get("MVALVE_SOAK_SECONDS", "60"))
+SECONDS = float(os.environ.get("MVALVE_SOAK_SECONDS", "30"))
 RATE = Rate(20, per=1.0)
 
 
