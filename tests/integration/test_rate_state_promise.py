@@ -131,8 +131,8 @@ async def test_evictions_never_grant_the_slow_destination_a_second_message(
 ) -> None:
     """Another client fills an 8 MB memcached with items the size of a record while a
     reader keeps four destinations busy (their records warm): the slow destination's
-    record is evicted, and its next message still waits for its 15 s window."""
-    slow = Rate(1, per=15.0)
+    record is evicted, and its next message still waits for its 20 s window."""
+    slow = Rate(1, per=20.0)
     with memcached(tmp_path, "-m", "8") as server:
         store = f"memcached://{HOST}:{server.port}?namespace=ev"
         async with mvalve_async.open(f"sqlite:///{tmp_path}/q.db", store) as pipe:
