@@ -1,7 +1,9 @@
 """?cluster=failover on a real cluster: kill -9 the node the pool uses mid-workload.
 
-The pool must go on through another node within 10 s, every call given a deadline
-must return by it (+ 0.5 s), and every insert the pool reported done must be
+Writes wait for the cluster to evict the dead node (evs.suspect_timeout, 5 s by
+default; longer on a loaded host), whichever node takes them: that wait is measured
+apart, and the pool must write through another node within 2 s of it. Every call given
+a deadline must return by it (+ 0.5 s), and every insert the pool reported done must be
 there. The killed node then rejoins by IST."""
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ async def test_kill9_of_the_pools_node_moves_the_pool_to_another(
         await asyncio.wait_for(warm.wait(), 30)
         killed_at, killed_wall = loop.time(), time.time()
         await asyncio.to_thread(used.kill)
+        # The survivors' view without the dead node: when writes can commit again.
+        await asyncio.to_thread(galera.wait_size, 2, 30)
+        evicted = loop.time() - killed_at
         await asyncio.wait_for(settled.wait(), 30)
         stop.set()
         await asyncio.gather(*workers)
@@ -119,7 +124,8 @@ async def test_kill9_of_the_pools_node_moves_the_pool_to_another(
         line = (
             f"galera failover: kill -9 of {used.name}; moved after "
             f"{records[0].created - killed_wall:.2f} s, reads resumed after {min(reads):.2f} s, "
-            f"writes after {took:.2f} s (on {pool.node[0]}:{pool.node[1]}); {len(calls)} calls, "
+            f"cluster evicted it after {evicted:.2f} s, writes after {took:.2f} s "
+            f"(on {pool.node[0]}:{pool.node[1]}); {len(calls)} calls, "
             f"{len(failed)} failed ({sorted({c.kind for c in failed})}), none past its "
             f"deadline (latest return {max(c.end - c.deadline for c in calls):+.3f} s "
             f"from it, longest call {max(c.end - c.start for c in calls):.2f} s); "
@@ -127,7 +133,8 @@ async def test_kill9_of_the_pools_node_moves_the_pool_to_another(
         )
         LINES.append(line)
         print("\n" + line)
-        assert took < 10
+        assert evicted < 20  # the cluster's part
+        assert took < evicted + 2  # the pool's part
         assert not late, late[:3]
         assert pool.node != (used.host, used.port) and pool.moves >= 1
         assert 1 <= len(moves) <= 2 and f"{used.host}:{used.port} failed" in moves[0]
