@@ -21,6 +21,8 @@ from typing import Any
 
 from rich.console import Console
 
+from mvalve_async.cli.common import Command
+
 from . import plot
 from .harness import (
     DEFAULT_MEMCACHED_URL,
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None, *, args: argparse.Namespace | None = Non
 
 
 def run(args: argparse.Namespace, ctx: object) -> int:
-    """`mvalve bench` (the cli's plugin protocol: HELP, configure, run). An explicit
+    """`mvalve bench` (COMMAND, the cli's plugin protocol). An explicit
     `mvalve --url mysql+innodb://...` / `--store memcached://...` is used too."""
     url, store = getattr(args, "url", None), getattr(args, "store", None)
     if url:
@@ -192,6 +194,8 @@ def run(args: argparse.Namespace, ctx: object) -> int:
         args.memcached_url = store
     return main(args=args)
 
+
+COMMAND = Command(HELP, configure, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

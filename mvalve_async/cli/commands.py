@@ -3,12 +3,9 @@
 Every subcommand is a `Command` (common.py) in `COMMANDS`. Commands that live in
 their own module (`demo`, `statslog`, `bench`) are listed in `PLUGINS` and loaded by
 name when the parser is built, if the module exists; such a module imports what
-it needs from common.py (never this module) and defines
+it needs from common.py (never this module) and declares its command as
 
-    HELP: str
-    def configure(parser: argparse.ArgumentParser) -> None: ...
-    def run(args: argparse.Namespace, ctx: Context) -> int  # or async def ... -> int
-    URL_HELP, STORE_HELP: str  # optional: its own help for --url / --store
+    COMMAND: Command  # help, configure(parser), run(args, ctx), and its own --url help
 
 Exit status: 0 ok, 1 an error (one line on stderr, never a password), 2 bad usage,
 3 `stats` could not reach the state store (what the queue told is printed).
@@ -29,6 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -300,8 +298,8 @@ COMMANDS: dict[str, Command] = {
     "purge": Command("delete queued messages (not dead letters)", _purge_args, _purge),
     "dead": Command("dead letters: list, requeue, purge", _dead_args, _dead),
 }
-# `bench` is the repository's harness (bench/run.py, not in the wheel): present when the
-# `bench` package is importable, i.e. `python -m mvalve_async.cli` run from a checkout.
+# `bench` is the repository's harness (bench/run.py, not in the wheel): present when run
+# from a checkout (the current directory holds bench/run.py) or when `bench` is importable.
 PLUGINS: dict[str, str] = {
     "demo": "mvalve_async.cli.demo",
     "bench": "bench.run",
@@ -311,17 +309,21 @@ PLUGINS: dict[str, str] = {
 
 def _plugins() -> dict[str, Command]:
     found: dict[str, Command] = {}
+    with contextlib.suppress(OSError):  # a working directory removed under us: no checkout
+        checkout = os.getcwd()
+        if Path(checkout, "bench", "run.py").is_file() and checkout not in sys.path:
+            sys.path.append(checkout)  # the console script does not put "." on the path
     for name, module_name in PLUGINS.items():
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # not written yet, or an optional dependency missing
             log.debug("no `mvalve %s`: %s", name, exc)
             continue
-        # URL_HELP and STORE_HELP are optional in a plugin module (module docstring)
-        found[name] = Command(
-            module.HELP, module.configure, module.run,
-            getattr(module, "URL_HELP", None), getattr(module, "STORE_HELP", None),
-        )  # fmt: skip
+        command = vars(module).get("COMMAND")
+        if not isinstance(command, Command):  # another project's `bench`, say
+            log.debug("no `mvalve %s`: %s declares no COMMAND", name, module_name)
+            continue
+        found[name] = command
     return found
 
 

@@ -49,7 +49,7 @@ from ..pipe import Pipe
 from ..registry import make_queue, make_store
 from ..throttle import Rate
 from ..urls import DEFAULT_SQLITE_PATH, QueueSettings, StoreSettings
-from .common import Context, number
+from .common import Command, Context, number
 
 __all__ = [
     "DEMO_PATH", "HELP", "STORE_HELP", "URL_HELP", "Plan", "configure", "demo_file",
@@ -441,3 +441,6 @@ async def _tick(pipe: Pipe, demo: Demo, deadline: float) -> bool:
     await asyncio.sleep(TICK)
     await demo.refresh(pipe)
     return demo.done < demo.total and time.time() < deadline
+
+
+COMMAND = Command(HELP, configure, run, URL_HELP, STORE_HELP)

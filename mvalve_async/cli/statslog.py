@@ -23,7 +23,7 @@ from rich.text import Text
 
 from ..events import ACTIONS
 from ..ops.statslog import DEFAULT_TABLE, StatsLog
-from .common import Context, number
+from .common import Command, Context, number
 
 __all__ = ["HELP", "configure", "run", "snapshot", "view"]
 
@@ -126,3 +126,6 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
     finally:
         await stats.close()
     return 0
+
+
+COMMAND = Command(HELP, configure, run)

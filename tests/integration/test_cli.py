@@ -492,17 +492,32 @@ def test_subprocess_url_from_the_environment_and_watch_until_ctrl_c(
 def test_a_plugin_module_adds_a_subcommand(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    plugin: Any = types.ModuleType("mvalve_test_plugin")
-    plugin.HELP = "say hello"
-    plugin.configure = lambda p: p.add_argument("name")
-
     async def hello(args: Any, ctx: common.Context) -> int:
         ctx.say(f"hello {args.name} on {ctx.settings.safe_url()}")
         return 0
 
-    plugin.run = hello
+    plugin: Any = types.ModuleType("mvalve_test_plugin")
+    plugin.COMMAND = common.Command("say hello", lambda p: p.add_argument("name"), hello)
+    foreign: Any = types.ModuleType("another_projects_module")  # no COMMAND
     monkeypatch.setitem(sys.modules, "mvalve_test_plugin", plugin)
-    monkeypatch.setattr(commands, "PLUGINS", {"hello": "mvalve_test_plugin", "gone": "no_such_mod"})
+    monkeypatch.setitem(sys.modules, "another_projects_module", foreign)
+    plugins = {"hello": "mvalve_test_plugin", "gone": "no_such_mod", "x": "another_projects_module"}
+    monkeypatch.setattr(commands, "PLUGINS", plugins)
     code, out, err = run(capsys, "--url", "memory://", "hello", "world")
     assert (code, out.strip()) == (0, "hello world on memory://"), err
     assert run(capsys, "gone")[0] == 2  # a missing plugin module is simply not there
+    assert run(capsys, "x")[0] == 2  # nor is a module that declares no COMMAND
+
+
+def test_mvalve_bench_is_there_from_a_checkout_only(tmp_path: Path) -> None:
+    """The console script finds the repository's bench/ when run from the checkout."""
+    mvalve = Path(sys.executable).with_name("mvalve")
+    if not mvalve.exists():
+        pytest.fail(f"no mvalve console script beside {sys.executable}: pip install -e .")
+    checkout = Path(__file__).resolve().parents[2]
+    here = subprocess.run([mvalve, "bench", "--help"], cwd=checkout, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert here.returncode == 0 and "--scenarios" in here.stdout, here.stderr
+    elsewhere = subprocess.run([mvalve, "--help"], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+    assert elsewhere.returncode == 0 and " bench " not in elsewhere.stdout
