@@ -129,9 +129,7 @@ class QueueSettings:
         if self.nodes:
             hosts = ",".join(hostport(h, p) for h, p in self.nodes)
             return f"mysql+{self.dialect}://{auth}@{hosts}/{self.database}?cluster=failover"
-        # not hostport(): an IPv6 host is written without brackets here, as it always
-        # was (a change of what logs and errors show, left for its own change)
-        return f"mysql+{self.dialect}://{auth}@{self.host}:{self.port}/{self.database}"
+        return f"mysql+{self.dialect}://{auth}@{hostport(self.host, self.port)}/{self.database}"
 
     def shard_settings(self) -> list[QueueSettings]:
         """One single-server settings per shard (just `[self]` when not sharded)."""

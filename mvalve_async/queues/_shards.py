@@ -183,7 +183,7 @@ class ShardSet:
             raise
 
     async def bounded(self, shard: Shard, fn: Callable[[Queue], Awaitable[T]]) -> T:
-        """`on` within `timeout` (claims and polls: a hung server counts as down).
+        """`on` within `timeout` (claims and scans: a hung server counts as down).
         Cancelling a claim is safe by contract: its leases expire."""
         try:
             async with asyncio.timeout(self.timeout):

@@ -17,23 +17,23 @@ Placement: a consistent-hash ring, not `crc32(destination) % N`
     shared). Grow while the backlog is small, or let it drain. Since shards are named
     by host:port, listing the same servers in another order moves nothing.
 
-Reading: fair, and a dead shard does not stop the others
-    `claim(limit)` asks every live shard at once for its share of `limit` (the
-    starting shard rotates on each call, so the remainder of an uneven split goes
-    round), then tops up from shards that had more. The batch is merged lane by
-    lane (emergency, due timed rows by ready, normal), each shard's own order kept.
-    Lane priority is exact within a shard; across shards it holds within one
-    claim's batch, but a claim filled from one shard can return normal rows while
-    another shard holds an emergency row, which the next claim then gets.
-    Every lease is tagged with its shard (`Lease.shard`); ack, release, move, dead
-    go back to that shard, and `move` keeps the row on it.
+Reading: per destination, and a dead shard does not stop the others
+    The valve says which destinations may take how many rows (`Want`s); `claim`
+    sends each want to its destination's shard, the emergency lane's share to every
+    live shard, and the acks with their shard's claim, all at once. Emergency leases
+    come first (merged by insertion time, the surplus given back), then each want's
+    rows in its shard's order. `scan` asks every live shard and merges what each
+    destination has queued and when its next timed row is due.
+    Every lease is tagged with its shard (`Lease.shard`); ack, release, give_back
+    and dead go back to that shard.
 
-    A shard that raises `QueueUnavailable` (or does not answer `claim`/`poll`
+    A shard that raises `QueueUnavailable` (or does not answer `claim`/`scan`
     within `timeout` seconds) is marked down: one warning per outage, then claims
-    and polls skip it and serve the others, while a background probe (one `poll`
-    after 1, 1, 2, 2, 3, 4, 5, 5 ... s) waits for it to answer again; then it is served
-    again and one more line is logged. Only when *every* shard is down do `claim`
-    and `poll` raise `QueueUnavailable` (the reader then backs off as usual).
+    and scans skip it and serve the others (its destinations wait), while a
+    background probe (one `scan` after 1, 1, 2, 2, 3, 4, 5, 5 ... s) waits for it to
+    answer again; then it is served again and one more line is logged. Only when
+    *every* shard is down do `claim` and `scan` raise `QueueUnavailable` (the reader
+    then backs off as usual).
 
     An ack for a shard that cannot be reached is kept and sent when the shard
     answers again (it is guarded by the lease token, like every ack): the reader
@@ -52,14 +52,14 @@ Writing: destination-pinned, no re-routing
     written, when one of its shards is known to be down.
 
 Everything else
-    `shift` / `reschedule` go to the destination's shard. `poll` and `stats`
-    aggregate; `peek` merges like `claim` (its ``table`` reads ``name@host:port``,
-    ids are each shard's own). Dead letters: ids are encoded as ``id * N + shard``
-    so they are unique across shards, and `requeue_dead` decodes them (so they are
-    valid only as long as the shard list is the same; each dead letter also says
-    its ``shard``). `stats`, `peek`, the dead-letter calls, `purge`, and the schema
-    calls need every shard and raise `QueueUnavailable` naming the one missing:
-    a partial answer would be mistaken for a whole one.
+    `stats` aggregates; `peek` merges by lane and insertion time (its ``table``
+    reads ``name@host:port``, ids are each shard's own). Dead letters: ids are
+    encoded as ``id * N + shard`` so they are unique across shards, and
+    `requeue_dead` decodes them (so they are valid only as long as the shard list
+    is the same; each dead letter also says its ``shard``). `stats`, `peek`, the
+    dead-letter calls, `purge`, and the schema calls need every shard and raise
+    `QueueUnavailable` naming the one missing: a partial answer would be mistaken
+    for a whole one.
 
 Beside this module: `_shards` (the ring, and which shards are up: marking down,
 probing, the acks kept for a down shard). This one holds the `Queue` operations.
@@ -97,7 +97,7 @@ class ShardedQueue:
 
     `keys` name the shards on the ring (default: each child's ``host:port``, or
     ``shard<i>`` when those are not distinct). `timeout` bounds one shard's claim
-    or poll: a shard slower than that counts as down. `backoff` are the seconds
+    or scan: a shard slower than that counts as down. `backoff` are the seconds
     between probes of a down shard (the last one repeats). `settings` (optional) are
     the multi-host URL's settings, for `Pipe` (max_destination) and reprs.
     """
@@ -154,7 +154,7 @@ class ShardedQueue:
 
     @property
     def timeout(self) -> float:
-        """Seconds one shard's claim or poll may take before it counts as down."""
+        """Seconds one shard's claim or scan may take before it counts as down."""
         return self._set.timeout
 
     @timeout.setter

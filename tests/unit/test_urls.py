@@ -191,6 +191,13 @@ def test_the_password_is_never_in_a_repr_or_safe_url(scheme: str) -> None:
     assert PASSWORD not in repr(QueueSettings("innodb", password=PASSWORD))
 
 
+def test_safe_url_writes_an_ipv6_host_in_brackets_so_it_parses_back() -> None:
+    settings = parse_queue_url(f"mysql+innodb://app:{PASSWORD}@[::1]:3307/prod")
+    assert settings.safe_url() == "mysql+innodb://app:***@[::1]:3307/prod"
+    again = parse_queue_url(settings.safe_url())
+    assert (again.host, again.port, again.database) == ("::1", 3307, "prod")
+
+
 @pytest.mark.parametrize(
     "url",
     [f"mysql+innodb://u:{PASSWORD}@h:port/db", f"mysql+innodb://u:{PASSWORD}@h:99999/db",
