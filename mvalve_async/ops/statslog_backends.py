@@ -65,7 +65,7 @@ class MySQLBackend:
     max_rows = MYSQL_ROWS
 
     def __init__(self, settings: QueueSettings) -> None:
-        from ..queues._mysql import MySQLPool
+        from ..queues.connections import MySQLPool
 
         self.db = MySQLPool(replace(settings, pool_size=1))
         self.where = settings.safe_url()
@@ -149,7 +149,7 @@ class SQLiteBackend:
         self._lock = asyncio.Lock()
 
     async def connect(self) -> None:
-        from ..queues._sqlite_conn import open_sqlite
+        from ..queues.connections import open_sqlite
 
         async with self._lock:
             if self._db is not None:

@@ -205,3 +205,14 @@ def test_layers_import_only_what_the_architecture_allows() -> None:
         unexpected
     )
     assert set(ALLOWED) == {layer(m) for m in modules()}  # every layer is listed
+
+
+def test_no_layer_imports_another_subpackages_private_modules() -> None:
+    """A subpackage's `_`-prefixed modules are its own: other layers use its face."""
+    private = sorted(
+        f"{a} -> {b}"
+        for a, targets in graph().items()
+        for b in targets
+        if layer(a) != layer(b) and b.rpartition(".")[2].startswith("_")
+    )
+    assert not private, "imports of another layer's private modules:\n" + "\n".join(private)
