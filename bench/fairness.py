@@ -24,7 +24,6 @@ slow part), reported beside ours.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -38,7 +37,7 @@ from mvalve_async.registry import make_queue
 from mvalve_async.stores.memory import MemoryStore
 
 from . import throttle
-from .harness import US, Bench, Result, max_in_window, percentile, read_json_line, spawn
+from .harness import US, Bench, Result, Workers, max_in_window, percentile, say
 from .plot import Timeline
 
 HOT, PEER_HOT, HOT_RATE = 1_000_000, 20_000, (50, 1.0)
@@ -95,15 +94,8 @@ async def _fill(pipe: Pipe, count: int) -> None:
 
 async def _phase(b: Bench, pipe: Pipe, cfg: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Start the readers, write the trickle for `seconds`, stop, collect."""
-    workers = [await spawn("bench.throttle", "worker", json.dumps(cfg)) for _ in range(PROCS)]
-    try:
-        for w in workers:
-            await read_json_line(w, 120)
-        t_go = time.time()
-        for w in workers:
-            assert w.stdin is not None
-            w.stdin.write(b"go\n")
-            await w.stdin.drain()
+    async with Workers("bench.throttle", cfg, PROCS) as workers:
+        t_go = await workers.go()
         writer, sent, rng = pipe.writer(), 0, random.Random(7)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
@@ -112,20 +104,7 @@ async def _phase(b: Bench, pipe: Pipe, cfg: dict[str, Any], seconds: float) -> d
             sent += 1
             await asyncio.sleep(rng.uniform(0.02, 0.06))
         await asyncio.sleep(1.0)  # the last ones' pick-up
-        for w in workers:
-            assert w.stdin is not None
-            w.stdin.write(b"stop\n")
-            await w.stdin.drain()
-        outs = [await read_json_line(w, 120) for w in workers]
-        for w in workers:
-            if await w.wait():
-                raise RuntimeError(f"reader process {w.pid} exited with {w.returncode}")
-    finally:
-        for w in workers:
-            if w.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    w.kill()
-                await w.wait()
+        outs = await workers.stop()
     rows = [r for o in outs for r in o["rows"]]
     trickle = [r for r in rows if r[0] != "hot"]
     if len({r[1] for r in trickle}) != sent:
@@ -197,14 +176,8 @@ async def _peer(b: Bench, res: Result, hot: int, seconds: float) -> None:
         broker, actor = _declare(cfg, None)
         try:
             await asyncio.to_thread(lambda: [actor.send("hot", i, 0.0) for i in range(hot)])
-            workers = [await spawn("bench.fairness", "worker", json.dumps(cfg))
-                       for _ in range(PROCS)]  # fmt: skip
-            try:
-                for w in workers:
-                    await read_json_line(w, 60)
-                for w in workers:
-                    w.stdin.write(b"go\n")  # type: ignore[union-attr]
-                    await w.stdin.drain()  # type: ignore[union-attr]
+            async with Workers("bench.fairness", cfg, PROCS) as workers:
+                await workers.go()
                 rng, sent = random.Random(7), 0
                 end = time.monotonic() + seconds
                 while time.monotonic() < end:
@@ -213,16 +186,7 @@ async def _peer(b: Bench, res: Result, hot: int, seconds: float) -> None:
                     sent += 1
                     await asyncio.sleep(rng.uniform(0.02, 0.06))
                 await asyncio.sleep(1.0)
-                for w in workers:
-                    w.stdin.write(b"stop\n")  # type: ignore[union-attr]
-                    await w.stdin.drain()  # type: ignore[union-attr]
-                outs = [await read_json_line(w, 120) for w in workers]
-            finally:
-                for w in workers:
-                    if w.returncode is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            w.kill()
-                        await w.wait()
+                outs = await workers.stop()
         finally:
             broker.close()
         rows = [x for o in outs for x in o["rows"]]  # [dest, seq, got (mono), sent]
@@ -295,14 +259,14 @@ def _worker(cfg: dict[str, Any]) -> None:
     broker, _ = _declare(cfg, rows, exceeded)
     broker.client.ping()
     worker = dramatiq.Worker(broker, worker_threads=8)
-    throttle._say({"ready": True})
+    say({"ready": True})
     if sys.stdin.readline().strip() != "go":
         return
     worker.start()
     sys.stdin.readline()
     worker.stop()
     broker.close()
-    throttle._say({"rows": rows, "exceeded": exceeded.n})
+    say({"rows": rows, "exceeded": exceeded.n})
 
 
 if __name__ == "__main__":

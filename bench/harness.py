@@ -11,6 +11,7 @@ cheaper than the baseline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -20,6 +21,7 @@ import platform
 import secrets
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -393,6 +395,93 @@ async def read_json_line(proc: asyncio.subprocess.Process, timeout: float) -> An
     if not line:
         raise RuntimeError(f"worker {proc.pid} exited (status {await proc.wait()})")
     return json.loads(line)
+
+
+class Workers:
+    """`count` worker processes of `python -m module worker CONFIG_JSON`, started
+    together. The protocol (the worker's side is `WorkerSide`): a worker says
+    {"ready": true} once imported and connected, starts on "go", and on "stop"
+    reports one JSON line and exits 0. Leaving the block kills the ones still running.
+
+        async with Workers("bench.throttle", cfg, 4) as workers:
+            t_go = await workers.go()
+            ...  # wait for the work to be done
+            outs = await workers.stop()
+    """
+
+    def __init__(self, module: str, cfg: dict[str, Any], count: int) -> None:
+        self.module, self.cfg, self.count = module, cfg, count
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def __aenter__(self) -> Workers:
+        try:
+            for _ in range(self.count):
+                self.procs.append(await spawn(self.module, "worker", json.dumps(self.cfg)))
+            for proc in self.procs:
+                await read_json_line(proc, 120)  # {"ready": true}
+        except BaseException:
+            await self._kill()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._kill()
+
+    async def _say(self, word: bytes) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(word + b"\n")
+            await proc.stdin.drain()
+
+    async def go(self) -> float:
+        """Start them all; the wall-clock time they were told to."""
+        started = time.time()
+        await self._say(b"go")
+        return started
+
+    async def stop(self, timeout: float = 120) -> list[dict[str, Any]]:
+        """Stop them all and return each one's report; raise if one did not exit 0."""
+        await self._say(b"stop")
+        outs = [await read_json_line(proc, timeout) for proc in self.procs]
+        for proc in self.procs:
+            if await proc.wait():
+                raise RuntimeError(f"{self.module} worker {proc.pid} exited {proc.returncode}")
+        return outs
+
+    async def _kill(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+class WorkerSide:
+    """A worker process's end of the `Workers` protocol: `ready()` says so and starts
+    listening on stdin; `go` and `stop` are set when the parent says "go" / "stop"
+    (`stop` too when stdin closes); `report()` writes the one JSON line."""
+
+    def __init__(self) -> None:
+        self.go, self.stop = asyncio.Event(), asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def ready(self) -> None:
+        threading.Thread(target=self._listen, daemon=True).start()
+        say({"ready": True})
+
+    def _listen(self) -> None:
+        for line in sys.stdin:
+            self._loop.call_soon_threadsafe((self.go if line.strip() == "go" else self.stop).set)
+        self._loop.call_soon_threadsafe(self.stop.set)
+
+    def report(self, obj: dict[str, Any]) -> None:
+        say(obj)
+
+
+def say(obj: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed (a worker's message to the parent)."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
 
 
 def clock() -> float:

@@ -28,7 +28,6 @@ ours / Dramatiq. Keys live under `mvb_<run id>_`, deleted at the end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ from mvalve_async.registry import make_queue
 from mvalve_async.stores.memory import MemoryStore
 
 from . import throttle
-from .harness import US, Bench, Result, max_in_window, read_json_line, spawn, windows_over
+from .harness import US, Bench, Result, Workers, max_in_window, say, windows_over
 from .plot import Timeline
 
 REDIS_URL = os.environ.get("MVALVE_BENCH_REDIS_URL") or "redis://127.0.0.1:6379/0"
@@ -161,15 +160,8 @@ async def _peer(b: Bench, r: Any, rep: int, total: int, procs: int,
         await asyncio.to_thread(
             lambda: [actor.send(f"dest-{i % DESTINATIONS}", i) for i in range(total)]
         )
-        workers = [await spawn("bench.peer", "worker", json.dumps(cfg)) for _ in range(procs)]
-        try:
+        async with Workers("bench.peer", cfg, procs) as workers:
             outs, t_go = await _drain(r, cfg, workers, timeout)
-        finally:
-            for w in workers:
-                if w.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        w.kill()
-                    await w.wait()
     finally:
         broker.close()
     rows = [(d, s, at) for o in outs for d, s, at, _ in o["rows"]]
@@ -187,14 +179,9 @@ async def _peer(b: Bench, r: Any, rep: int, total: int, procs: int,
     return f, drawn
 
 
-async def _drain(r: Any, cfg: dict[str, Any], workers: list[Any],
+async def _drain(r: Any, cfg: dict[str, Any], workers: Workers,
                  timeout: float) -> tuple[list[dict[str, Any]], float]:  # fmt: skip
-    for w in workers:
-        await read_json_line(w, 60)  # {"ready": true}: imported and connected
-    t_go = time.time()
-    for w in workers:
-        w.stdin.write(b"go\n")
-        await w.stdin.drain()
+    t_go = await workers.go()
     # A message stays in its queue's hash until acked, and a retry is enqueued on the
     # delay queue before the attempt is acked: both hashes empty (read in one MULTI)
     # means every message was delivered or dead-lettered.
@@ -208,14 +195,7 @@ async def _drain(r: Any, cfg: dict[str, Any], workers: list[Any],
         if time.monotonic() > deadline:
             raise TimeoutError(f"Dramatiq did not drain in {timeout:.0f} s ({left} left)")
         await asyncio.sleep(0.1)
-    for w in workers:
-        w.stdin.write(b"stop\n")
-        await w.stdin.drain()
-    outs = [await read_json_line(w, 120) for w in workers]
-    for w in workers:
-        if await w.wait():
-            raise RuntimeError(f"dramatiq worker {w.pid} exited with {w.returncode}")
-    return outs, t_go
+    return await workers.stop(), t_go
 
 
 def _account(res: Result, ours: dict[str, float], peer: dict[str, float], ideal: float) -> None:
@@ -328,7 +308,7 @@ def _worker(cfg: dict[str, Any]) -> None:
     broker, _ = _declare(cfg, rows, exceeded)
     broker.client.ping()
     worker = dramatiq.Worker(broker, worker_threads=THREADS)
-    throttle._say({"ready": True})
+    say({"ready": True})
     if sys.stdin.readline().strip() != "go":
         return
     cpu0, trips0 = time.process_time(), trips.n
@@ -337,7 +317,7 @@ def _worker(cfg: dict[str, Any]) -> None:
     worker.stop()
     cpu, n = time.process_time() - cpu0, trips.n - trips0
     broker.close()
-    throttle._say({"rows": rows, "exceeded": exceeded.n, "trips": n, "cpu": cpu})
+    say({"rows": rows, "exceeded": exceeded.n, "trips": n, "cpu": cpu})
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ all, consumed by P processes x 4 readers (batch 16): once with the memory store
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
-import threading
 import time
 from typing import Any
 
@@ -24,7 +22,7 @@ from mvalve_async.pipe import Pipe
 from mvalve_async.registry import make_queue
 from mvalve_async.stores.memory import MemoryStore
 
-from .harness import US, Bench, QueryCounter, Result, read_json_line, spawn
+from .harness import US, Bench, QueryCounter, Result, Workers, WorkerSide
 
 MESSAGES, READERS = 20_000, 4
 
@@ -64,31 +62,14 @@ async def run(b: Bench) -> Result:
 async def _drain(
     b: Bench, cfg: dict[str, Any], procs: int, lanes: list[str], total: int
 ) -> tuple[float, int, float]:
-    workers = [await spawn("bench.stores", "worker", json.dumps(cfg)) for _ in range(procs)]
-    try:
-        for w in workers:
-            await read_json_line(w, 60)
-        t_go = time.monotonic()
-        for w in workers:
-            assert w.stdin is not None
-            w.stdin.write(b"go\n")
-            await w.stdin.drain()
-        deadline = t_go + 300
+    async with Workers("bench.stores", cfg, procs) as workers:
+        await workers.go()
+        deadline = time.monotonic() + 300
         while await b.count_rows(lanes):
             if time.monotonic() > deadline:
                 raise TimeoutError("the queue did not drain in 300 s")
             await asyncio.sleep(0.05)
-        for w in workers:
-            assert w.stdin is not None
-            w.stdin.write(b"stop\n")
-            await w.stdin.drain()
-        outs = [await read_json_line(w, 60) for w in workers]
-    finally:
-        for w in workers:
-            if w.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    w.kill()
-            await w.wait()
+        outs = await workers.stop(60)
     got = sum(o["got"] for o in outs)
     if got != total:
         raise AssertionError(f"{got} deliveries of {total}")
@@ -98,27 +79,18 @@ async def _drain(
 
 async def _worker(cfg: dict[str, Any]) -> None:
     QueryCounter.install()
-    loop = asyncio.get_running_loop()
-    go, stop = asyncio.Event(), asyncio.Event()
-
-    def listen() -> None:
-        for line in sys.stdin:
-            loop.call_soon_threadsafe((go if line.strip() == "go" else stop).set)
-        loop.call_soon_threadsafe(stop.set)
-
+    side = WorkerSide()
     async with mvalve_async.open(cfg["url"], cfg["store"]) as pipe:
         readers = [pipe.reader() for _ in range(READERS)]
         await pipe.store.get("bench:warm-up")
         await pipe.queue.scan(pipe.queue.clock.now())
-        threading.Thread(target=listen, daemon=True).start()
-        sys.stdout.write(json.dumps({"ready": True}) + "\n")
-        sys.stdout.flush()
-        await go.wait()
+        side.ready()
+        await side.go.wait()
         cpu0, ops0 = time.process_time(), pipe.store.ops
         stamps: list[float] = []
 
         async def consume(reader: Any) -> None:
-            while not stop.is_set():
+            while not side.stop.is_set():
                 if await reader.next(timeout=0.2) is not None:
                     stamps.append(time.monotonic())
             await reader.close()
@@ -127,8 +99,7 @@ async def _worker(cfg: dict[str, Any]) -> None:
         out = {"got": len(stamps), "first": min(stamps, default=0.0),
                "last": max(stamps, default=0.0), "ops": pipe.store.ops - ops0,
                "cpu": time.process_time() - cpu0}  # fmt: skip
-    sys.stdout.write(json.dumps(out) + "\n")
-    sys.stdout.flush()
+    side.report(out)
 
 
 if __name__ == "__main__":

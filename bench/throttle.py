@@ -19,10 +19,8 @@ retries, Python CPU and SQL statements per message (summed over the processes).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
-import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -38,9 +36,9 @@ from .harness import (
     Bench,
     QueryCounter,
     Result,
+    Workers,
+    WorkerSide,
     max_in_window,
-    read_json_line,
-    spawn,
     windows_over,
 )
 from .plot import Timeline
@@ -87,35 +85,14 @@ async def run(b: Bench) -> Result:
 async def _drain(
     b: Bench, cfg: dict[str, Any], procs: int, lanes: list[str], timeout: float
 ) -> tuple[list[dict[str, Any]], float]:
-    workers = [await spawn("bench.throttle", "worker", json.dumps(cfg)) for _ in range(procs)]
-    try:
-        for w in workers:
-            await read_json_line(w, 60)  # {"ready": true}: imported and connected
-        t_go = time.time()
-        for w in workers:
-            assert w.stdin is not None
-            w.stdin.write(b"go\n")
-            await w.stdin.drain()
+    async with Workers("bench.throttle", cfg, procs) as workers:
+        t_go = await workers.go()
         deadline = time.monotonic() + timeout
         while await b.count_rows(lanes):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the queue did not drain in {timeout:.0f} s")
             await asyncio.sleep(0.1)
-        for w in workers:
-            assert w.stdin is not None
-            w.stdin.write(b"stop\n")
-            await w.stdin.drain()
-        outs = [await read_json_line(w, 60) for w in workers]
-        for w in workers:
-            if await w.wait():
-                raise RuntimeError(f"reader process {w.pid} exited with {w.returncode}")
-        return outs, t_go
-    finally:
-        for w in workers:
-            if w.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    w.kill()
-                await w.wait()
+        return await workers.stop(60), t_go
 
 
 def timeline(title: str, rows: list[tuple[str, float]], t_go: float) -> Timeline:
@@ -172,14 +149,7 @@ def _account(case: Any, outs: list[dict[str, Any]], t_go: float, total: int, ide
 async def _worker(cfg: dict[str, Any]) -> None:
     """One reader process: connect, say ready, wait for "go", read until "stop"."""
     QueryCounter.install()
-    loop = asyncio.get_running_loop()
-    go, stop = asyncio.Event(), asyncio.Event()
-
-    def listen() -> None:
-        for line in sys.stdin:
-            loop.call_soon_threadsafe((go if line.strip() == "go" else stop).set)
-        loop.call_soon_threadsafe(stop.set)
-
+    side = WorkerSide()
     async with mvalve_async.open(cfg["url"], cfg["store"]) as pipe:
         options = {"batch": cfg["batch"]} if cfg.get("batch") else {}
         rate = Rate(cfg["n"], per=cfg["per"]) if cfg.get("n") else None
@@ -187,13 +157,12 @@ async def _worker(cfg: dict[str, Any]) -> None:
         reader = pipe.reader(rate=rate, rates=rates, **options)
         await pipe.store.get("bench:warm-up")  # open a memcached connection
         await pipe.queue.scan(pipe.queue.clock.now())  # and a MySQL one
-        threading.Thread(target=listen, daemon=True).start()
-        _say({"ready": True})
-        await go.wait()
+        side.ready()
+        await side.go.wait()
         cpu0, ops0, q0 = time.process_time(), pipe.store.ops, QueryCounter.count
         retries0 = getattr(pipe.store, "retries", 0)
         rows: list[list[Any]] = []
-        while not stop.is_set():
+        while not side.stop.is_set():
             msg = await reader.next(timeout=0.2)
             if msg is not None:
                 # [destination, seq, delivered_at, returned (wall), returned (monotonic),
@@ -201,16 +170,11 @@ async def _worker(cfg: dict[str, Any]) -> None:
                 rows.append([msg.destination, msg.content["seq"], msg.delivered_at, time.time(),
                              time.monotonic(), msg.content.get("sent")])  # fmt: skip
         await reader.close()
-        _say({
+        side.report({
             "rows": rows, "cpu": time.process_time() - cpu0, "ops": pipe.store.ops - ops0,
             "retries": getattr(pipe.store, "retries", 0) - retries0,
             "statements": QueryCounter.count - q0,
         })  # fmt: skip
-
-
-def _say(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
