@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import secrets
 from collections.abc import Callable, Coroutine, Sequence
 
@@ -110,13 +109,9 @@ class Claimer:
 
         return skip
 
-    def not_before(self, destination: str) -> float:
-        """When this reader may pick `destination` again: not while it holds a group
-        of it (that group's end comes with a hand-out, which wakes it anyway)."""
-        if destination in self._groups:
-            return math.inf
-        block = self.directory.blocked(destination, 0.0)
-        return max(self.next_try.get(destination, 0.0), block[0] if block else 0.0)
+    def next_time(self, now: float) -> float | None:
+        """When this reader may next claim something (None: nothing is known)."""
+        return self.directory.next_time(now, self._groups, self.next_try)
 
     def _picks(self, now: float, left: int, tried: set[str]) -> list[tuple[str, int]]:
         """(destination, rows wanted) in turn, until `left` rows are spoken for."""

@@ -24,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import random
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from typing import Any
 
 from ..interfaces import Found, Queue
@@ -151,12 +152,34 @@ class Directory:
         if entry.rows > 0:
             entry.rows = max(1, entry.rows - claimed)
 
-    def next_time(self, now: float, not_before: Callable[[str], float]) -> float | None:
-        """The earliest time a destination becomes claimable (None: none known)."""
-        times = [max(e.ready, not_before(d)) for d, e in self.entries.items()]
-        if self.next_due is not None and self.next_due > now:  # else: found by a scan
-            times.append(self.next_due)
-        return min(times, default=None)
+    def next_time(
+        self, now: float, holding: Container[str], tries: Mapping[str, float]
+    ) -> float | None:
+        """The earliest time a destination becomes claimable by a reader that holds a
+        group of each of `holding` (their ends come with a hand-out, which wakes it
+        anyway) and may try `tries[d]` again from that time (None: none known).
+
+        Runs each time a reader waits, over every destination with rows: one loop
+        with no call per destination, that stops at the first claimable now."""
+        best = math.inf
+        blocks = self._blocks
+        for destination, entry in self.entries.items():
+            if destination in holding:
+                continue
+            at = entry.ready
+            again = tries.get(destination, 0.0)
+            if again > at:
+                at = again
+            block = blocks.get(destination)
+            if block is not None and block[0] > at:
+                at = block[0]
+            if at < best:
+                best = at
+                if at <= now:
+                    return at
+        if self.next_due is not None and now < self.next_due < best:  # else: by a scan
+            best = self.next_due
+        return None if best == math.inf else best
 
     def __repr__(self) -> str:
         return f"Directory({self.queue!r}, {len(self.entries)} destinations)"

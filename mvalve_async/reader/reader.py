@@ -383,7 +383,7 @@ class Reader:
         held = self._held.next_at()
         if held is not None:
             wake = min(wake, held)
-        nxt = self._directory.next_time(now, self._claimer.not_before)
+        nxt = self._claimer.next_time(now)
         if nxt is not None:
             wake = min(wake, max(nxt, now))
         wait = max(0.0, wake - now)
