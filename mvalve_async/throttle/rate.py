@@ -26,7 +26,8 @@ class Rate:
     """At most `n` deliveries in any window of `per` seconds, per destination.
 
     `pace=True` spaces deliveries `per / n` apart instead of allowing bursts
-    (same promise, constant-size state). Rates with `n > 256` are always paced.
+    (same promise, constant-size state; the valve spaces slots (per + margin + 2
+    clock errors) / n apart, schedule._floor). Rates with `n > 256` are always paced.
     """
 
     n: int

@@ -36,7 +36,9 @@ looser).
 Entries: slot t is recorded as t + slack (slack = margin + the clock's error bound),
 the latest true time at which it can be handed out; a slot is granted at t only if
 t - error >= log[-n] + per. So two recorded hand-outs with n - 1 others between
-them are at least `per` apart in true time, whichever readers made them.
+them are at least `per` apart in true time, whichever readers made them. A paced
+rate keeps only the last entry and spaces slots so that any n + 1 in a row span as
+much (`_floor`).
 
 Trimming: a grant trims the log to the last `keep` entries *before* appending its
 own, and only the holder's checkin trims after removing unused ones: removing a
@@ -176,12 +178,19 @@ class Grant:
     inflight: tuple[str, ...] = ()  # the in-flight ids taken, one per slot (a limit)
 
 
-def _floor(log: Sequence[float], rate: Rate | None, error: float) -> float:
-    """Earliest slot the log allows next (0: no constraint)."""
+def _floor(log: Sequence[float], rate: Rate | None, error: float, slack: float) -> float:
+    """Earliest slot the log allows next (0: no constraint).
+
+    Paced: slots (entry - slack) are spaced (per + slack + error) / n apart, so any
+    n + 1 consecutive hand-outs span at least per + slack + error between their
+    first slot and their last, of which a hand-out's lateness and two clocks' errors
+    (margin + 2 error = slack + error) take at most that much: per on true time. The
+    margin and the errors are paid once per window, as for a burst rate, not once per
+    slot (Rate(1000, 1) with a 10 ms margin: 990 per second, not 91)."""
     if rate is None or not log:
         return 0.0
     if rate.paced:
-        return _after(log[-1], rate.spacing + error)
+        return _after(log[-1], (rate.per + slack + error) / rate.n - slack)
     if len(log) >= rate.n:
         return _after(log[-rate.n], rate.per + error)
     return 0.0
@@ -230,7 +239,7 @@ def grant(
     entries: list[float] = []
     t = now
     while len(slots) < max(0, want):
-        t = _r(max(now, _floor(log, rate, error), rec.busy + error if rec.busy else 0.0))
+        t = _r(max(now, _floor(log, rate, error, slack), rec.busy + error if rec.busy else 0.0))
         if t > now + lead:
             break
         slots.append(t)

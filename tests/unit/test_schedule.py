@@ -237,11 +237,54 @@ def test_slots_come_at_most_lead_ahead_and_tell_when_to_ask_again() -> None:
 
 
 def test_paced_rates_space_every_slot() -> None:
+    """(per + slack + error) / n apart: at least per / n on the hand-out stamps; the
+    margin and the errors once per window, not once per slot."""
     rate, rec = Rate(4, 1.0, pace=True), Record()
-    g = sch.grant(rec, T0, rate, want=8, token="a", until=T0 + 30, lead=1.0, error=0.001)
+    g = sch.grant(rec, T0, rate, want=8, token="a", until=T0 + 30, lead=1.0,
+                  slack=0.011, error=0.001)  # fmt: skip
     assert len(g.slots) == 4
     gaps = [b - a for a, b in zip(g.slots, g.slots[1:], strict=False)]
-    assert all(gap == pytest.approx(0.251, abs=1e-6) for gap in gaps)
+    assert all(gap == pytest.approx(0.253, abs=1e-6) for gap in gaps)
+    sch.checkin(rec, "a", rate)
+    g2 = sch.grant(rec, g.slots[-1], rate, want=1, token="b", until=T0 + 30, lead=1.0,
+                   slack=0.011, error=0.001)  # fmt: skip
+    assert g2.slots == (pytest.approx(g.slots[-1] + 0.253, abs=1e-6),)  # across groups too
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 300])
+@pytest.mark.parametrize("late", [0, 1, 2])
+def test_paced_slots_keep_the_promise_when_one_goes_out_a_margin_late(n: int, late: int) -> None:
+    """The worst case of the paced spacing: in every group, slot `late` goes out a
+    whole margin after its slot, on a clock `error` behind, and the others on time on
+    a clock `error` ahead. Still at most n in any window of per on true time."""
+    rate, margin, error = Rate(n, 1.0, pace=True), 0.01, 0.0005
+    rec, now, true_times, token = Record(), T0, [], 0
+    while len(true_times) < 3 * n + 10:
+        token += 1
+        g = sch.grant(rec, now, rate, want=4, token=str(token), until=now + 30, lead=1.0,
+                      slack=margin + error, error=error)  # fmt: skip
+        for i, slot in enumerate(g.slots):
+            true_times.append(slot + margin + error if i == late else slot - error)
+        sch.checkin(rec, str(token), rate)
+        now = max(g.slots[-1] if g.slots else now, g.next_try)
+    assert max_in_window(true_times, rate.per) <= n
+
+
+def test_a_fast_paced_rate_gets_its_rate_not_one_per_margin() -> None:
+    """Rate(1000, 1) (paced: n > 256) with the default 10 ms margin, groups of 16
+    handed out on time: 990 per second, where spacing slots by the margin each gave
+    91. And never more than 1000 in a second of stamps."""
+    rate, rec, now, handed, token = Rate(1000, 1.0), Record(), T0, [], 0
+    while now < T0 + 3:
+        token += 1
+        g = sch.grant(rec, now, rate, want=16, token=str(token), until=now + 30, lead=0.05,
+                      slack=0.0102, error=0.0002)  # fmt: skip
+        handed += g.slots
+        sch.checkin(rec, str(token), rate)
+        now = max(g.slots[-1] if g.slots else now, g.next_try)
+    steady = [t for t in handed if T0 + 1 <= t < T0 + 2]
+    assert 985 <= len(steady) <= 1000
+    assert max_in_window(handed, 1.0) <= 1000
 
 
 @pytest.mark.parametrize("policy", [DROP, HOLD, IGNORE])
