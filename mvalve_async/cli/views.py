@@ -80,8 +80,6 @@ def peek_table(views: Sequence[Mapping[str, Any]], now: float, title: str) -> Ta
         table.add_column(name, no_wrap=name in ("lane", "id"))
     for v in views:
         ready = fmt_time(v["ready"], now) if v.get("ready") else "-"
-        if v.get("reserved"):
-            ready += " (reserved)"
         state = Text("leased", style="yellow") if v.get("leased") else Text("queued")
         table.add_row(
             v["lane"], str(v["id"]), Text(v["destination"]), ready, str(v["deliveries"]),
