@@ -47,6 +47,7 @@ async def main(queue_url: str, store_url: str, cfg: dict[str, float]) -> None:
             concurrency_limit=int(cfg["limit"]), lease=cfg["lease"],
         )  # fmt: skip
         waiter.cancel()
+        emit(["ops", pipe.store.ops])  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

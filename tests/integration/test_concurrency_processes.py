@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import statistics
 import sys
 import time
 import uuid
@@ -94,20 +95,41 @@ async def test_four_processes_never_exceed_two_in_flight_per_destination() -> No
             await asyncio.gather(*readers)
         await pipe.queue.drop_schema()
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for kind, dest, _content, *times in out.items:
+    for kind, *rest in out.items:
         if kind == "m":
+            dest, _content, *times = rest
             spans[str(dest)].append((float(times[0]), float(times[1])))  # type: ignore[arg-type]
+    ops = sum(int(x[1]) for x in out.items if x[0] == "ops")  # type: ignore[call-overload]
+    print(f"\nstore round trips per message: {ops / (per_dest * len(DESTS)):.2f}")
     for dest in DESTS:
         items = spans[dest]
         assert len(items) == per_dest
         assert most_overlapping(items) == k, dest  # never 3, and 2 used
         took = max(e for _, e in items) - min(s for s, _ in items)
         rate = len(items) / took
-        # 2 in flight, 0.1 s each: 20/s at most. A freed place is taken again at
-        # once (by the reader that freed it): a few ms of settle and claim per
-        # message on a loaded 2-core machine (16.7-19 measured). Found only by
-        # asking again (FULL_RETRY, 0.1 s) it would be about 13/s.
-        assert 16.0 <= rate <= 20.5, (dest, rate)
+        gaps = _refill_gaps(items)
+        gap = statistics.median(gaps)
+        print(f"{dest}: {rate:.1f}/s, a freed place taken again after {gap * 1000:.1f} ms "
+              f"(median), {sorted(gaps)[int(0.9 * len(gaps))] * 1000:.1f} ms (p90)")  # fmt: skip
+        # 2 in flight, 0.1 s each: 20/s at most. A freed place is mostly taken again
+        # at once by the reader that freed it: settle, checkout and claim, 5-12 ms
+        # (median) here, 15-18.4/s. Were it found only by asking again (FULL_RETRY,
+        # 0.1 s), the median would be about 50 ms and the rate about 13/s. Judged on
+        # the median (this machine's load moves the rate by 2/s from run to run).
+        assert gap < 0.03, (dest, gaps)
+        assert 12.0 <= rate <= 20.5, (dest, rate)
+
+
+def _refill_gaps(items: list[tuple[float, float]]) -> list[float]:
+    """For each message after the first k: how long after the latest end before its
+    start (the place it took was free that long)."""
+    ends = sorted(e for _, e in items)
+    gaps = []
+    for start, _ in sorted(items)[2:]:
+        freed = [e for e in ends if e <= start]
+        if freed:
+            gaps.append(start - freed[-1])
+    return gaps
 
 
 @pytest.mark.slow
