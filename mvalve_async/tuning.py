@@ -78,8 +78,11 @@ UPTIME_SLACK = 4.0
 HELD_RETRY = 0.02
 
 # Every place in flight (a concurrency limit) is taken: ask again this much later
-# (or when one lapses); a reader of the same process that frees one tells the
-# others at once. Shorter costs store round trips; longer, latency.
+# (or when one lapses). The reader that frees a place may take it again at once
+# itself; the others ask at this pace. Shorter costs store round trips; longer,
+# latency. Measured (4 processes x 4 workers, k = 2, 100 ms handlers): 16-18 store
+# round trips per message, 9 refused asks per granted one; doubling the wait at each
+# refusal (up to 1 s) cut that to 12-13 and the rate from 14-18.5/s to 15-16/s.
 FULL_RETRY = 0.1
 
 # A store record outlives what it remembers (its window, a duration, a pause, a
