@@ -24,6 +24,7 @@ from mvalve_async.interfaces import Lease, Want
 from mvalve_async.queues.memory import MemoryQueue
 from mvalve_async.stores.memory import MemoryStore
 from tests.conftest import unique_tables
+from tests.faults.test_innodb_faults import pool_thread_ids
 from tests.services import MYSQL_URL, require_mysql
 
 
@@ -188,9 +189,7 @@ async def test_serve_goes_on_while_its_connections_are_killed(
             )  # fmt: skip
             rng = random.Random(20)
             while not serving.done():
-                pool: Any = pipe.queue.db._pool  # type: ignore[attr-defined]
-                conns = [] if pool is None else [*pool._free, *pool._used]
-                ids = [c.server_thread_id[0] for c in conns if not c.closed and c.server_thread_id]
+                ids = pool_thread_ids(pipe)
                 if ids:
                     async with admin.cursor() as cur:
                         try:
