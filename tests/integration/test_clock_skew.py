@@ -36,6 +36,7 @@ import pytest
 import mvalve_async
 from mvalve_async import Message
 from tests.conftest import unique_tables
+from tests.integration.reader_proc import wall_minus_mono
 from tests.integration.test_valve_processes import url_with
 from tests.ledger import LINES, max_in_window, windows_over
 from tests.services import MEMCACHED_URL, require_memcached, require_mysql
@@ -164,7 +165,7 @@ async def run(
             inserted = await pipe.writer().insert_many(
                 [Message(d, i) for i in range(PER_DEST) for d in DESTS]
             )
-            result = Run(label, time.time() - time.monotonic(), inserted, [])
+            result = Run(label, wall_minus_mono(), inserted, [])
             await _drive(result, url, store, faked, on_progress)
             st = await pipe.queue.stats(pipe.queue.clock.now())
             result.left = sum(st.queued.values()) + sum(st.leased.values())
