@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # urls.py imports Lane from here: for the annotation only
     from .urls import QueueSettings
 
 __all__ = [
+    "Claimed",
     "Found",
     "Lane",
     "Lease",
@@ -78,6 +79,25 @@ class Want:
 
     destination: str
     n: int
+
+
+class Claimed(list[Lease]):
+    """What `Queue.claim` returns: the leases, in order, and `cut`, the destinations
+    whose wants the claim did not try to the end for want of *capacity*, not of rows
+    (q4m: no idle owner connection was left), with `cut_emergency` for the emergency
+    lane. A want that came back short and is not cut has no claimable row left."""
+
+    __slots__ = ("cut", "cut_emergency")
+
+    def __init__(
+        self,
+        leases: Iterable[Lease] = (),
+        cut: Iterable[str] = (),
+        cut_emergency: bool = False,
+    ) -> None:
+        super().__init__(leases)
+        self.cut = frozenset(cut)
+        self.cut_emergency = cut_emergency
 
 
 @dataclass(slots=True)
@@ -186,12 +206,14 @@ class Queue(Protocol):
         emergency: int = 0,
         acks: Sequence[Lease] = (),
         deadline: float | None = None,
-    ) -> list[Lease]:
+    ) -> Claimed:
         """Settle `acks` (as `ack`) and lease rows, in one transaction where the
         dialect can: up to `emergency` rows of the emergency lane (by insertion),
         then for each want up to `n` of its destination's oldest claimable rows,
         due timed rows first (by ready, then insertion), then normal rows (by
-        insertion). Returns the emergency leases, then each want's in that order.
+        insertion). Returns the emergency leases, then each want's in that order;
+        a want that gets fewer than `n` has no claimable row left, unless the claim
+        names it `cut` (it ran out of capacity first).
         Every claimed row's `deliveries` goes up by one. A dialect that waits on a
         server returns or raises `QueueUnavailable` by `deadline` (loop time)."""
 

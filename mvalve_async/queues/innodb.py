@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..clock import ServerClock
-from ..interfaces import Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
+from ..interfaces import Claimed, Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..schema import render
 from ..tuning import INNODB_SCAN_CHUNK as _CHUNK
 from ..tuning import INNODB_SCAN_SLACK as _SLACK
@@ -255,7 +255,7 @@ class InnoDBQueue:
         emergency: int = 0,
         acks: Sequence[Lease] = (),
         deadline: float | None = None,
-    ) -> list[Lease]:
+    ) -> Claimed:
         """The acks and the claim in one transaction (`MySQLPool.transact`): START
         TRANSACTION + the acks' DELETEs + the SELECT ... SKIP LOCKED, then the lease
         UPDATEs and COMMIT: two round trips on one server; on Galera every statement
@@ -302,7 +302,7 @@ class InnoDBQueue:
                 for nums, dest, blob in kept
             ]  # fmt: skip
 
-        return await self.db.transact(work, deadline=deadline)
+        return Claimed(await self.db.transact(work, deadline=deadline))
 
     # -- settling -------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..clock import LocalClock
-from ..interfaces import Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
+from ..interfaces import Claimed, Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..urls import QueueSettings
 
 __all__ = ["MemoryQueue"]
@@ -141,7 +141,7 @@ class MemoryQueue:
         emergency: int = 0,
         acks: Sequence[Lease] = (),
         deadline: float | None = None,
-    ) -> list[Lease]:
+    ) -> Claimed:
         await self.ack(acks)
         token = next(self._tokens)
         rows = self._claimable(self.tables.emergency, now, None)
@@ -154,7 +154,7 @@ class MemoryQueue:
             normal.sort(key=lambda r: (r.created, r.id))
             picked = (timed + normal)[: want.n]  # due timed rows first
             leases += self._lease(picked, now, lease_seconds, token)
-        return leases
+        return Claimed(leases)
 
     def _held(self, lease: Lease) -> _Row | None:
         r = self._rows[lease.table].get(lease.destination, {}).get(lease.id)

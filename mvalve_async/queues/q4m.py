@@ -19,7 +19,9 @@ FIFO place) or goes away (it goes back too). One connection owns one row, so:
   destination's oldest rows and nothing else, and leaves every other row where it
   is. A want stops at its first miss. **Rows per claim are capped by the idle
   owners**: when every owner is busy a claim returns [] at once (or, with
-  `owner_wait > 0`, waits that long for one, first come, first served). A
+  `owner_wait > 0`, waits that long for one, first come, first served), and
+  names the wants it did not finish `cut` (`Claimed`): they may have more rows,
+  and readers keep them in line instead of waiting for a scan to find them. A
   reader's acks are sent at once (`QueueTraits.leases_hold_connections`).
 - `ack` is `queue_end()`; `release(delay=0)` and `give_back` are `queue_abort()`
   (the row keeps its place). Q4M has no UPDATE, so `release(delay>0)` and `dead`
@@ -72,7 +74,7 @@ from typing import Any
 
 from ..clock import ServerClock
 from ..errors import SchemaError
-from ..interfaces import Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
+from ..interfaces import Claimed, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..schema import render
 from ..urls import QueueSettings
 from . import _q4m_look, _q4m_rows
@@ -208,11 +210,12 @@ class Q4MQueue:
         emergency: int = 0,
         acks: Sequence[Lease] = (),
         deadline: float | None = None,
-    ) -> list[Lease]:
+    ) -> Claimed:
         """The acks first (each `queue_end()` on its owner), then one row per idle
         owner connection (see the module docstring): the emergency lane's, then per
         want its destination's oldest due timed rows and then normal rows
-        (`dkey=K`), stopping a want at the first miss."""
+        (`dkey=K`), stopping a want at the first miss. When the owners run out, the
+        want being claimed and those after it are `cut`: they may have more rows."""
         await self.ack(acks)
         await self._owners.reap(now)
         now_us = to_us(now)
@@ -225,14 +228,16 @@ class Q4MQueue:
                           want.n))  # fmt: skip
         leases: list[Lease] = []
         try:
-            await self._claim_plans(plans, leases, now, lease_seconds)
+            stopped = await self._claim_plans(plans, leases, now, lease_seconds)
         except BaseException:
             for lease in leases:  # never handed out: close their owners, the rows go back
                 self._owners.discard(lease.handle)
             raise
         if self._legacy:  # on its own connection: owners being all busy does not stop it
             await self._rekey()
-        return self._sorted(leases)
+        cut = [d for _, d, _ in plans[stopped:] if d is not None]
+        emergency_cut = emergency > 0 and stopped == 0  # its plan is the first
+        return Claimed(self._sorted(leases), cut, emergency_cut)
 
     async def _claim_plans(
         self,
@@ -240,17 +245,18 @@ class Q4MQueue:
         leases: list[Lease],
         now: float,
         lease_seconds: float,
-    ) -> None:
+    ) -> int:
         """Claim each plan's rows into `leases`, one per idle owner connection; stops
-        when the owners run out."""
+        when the owners run out. Returns the index of the plan it stopped at (it and
+        those after it may have more rows), `len(plans)` when it did them all."""
         retries = self.max_owners + 1  # idle owners may all be dead (server restart)
-        for targets, destination, n in plans:
+        for index, (targets, destination, n) in enumerate(plans):
             sql, args = self._sql.wait_call(targets)
             got = 0
             while got < n:
                 owner = await self._owners.take(wait=not leases)
                 if owner is None:
-                    return
+                    return index
                 try:
                     lease = await self._claim_one(owner, sql, args, targets, now, lease_seconds)
                 except DRIVER_ERRORS as exc:
@@ -260,7 +266,7 @@ class Q4MQueue:
                         continue
                     if _lost(exc) and leases:
                         log.info("lost an owner connection to %s mid-claim", self.db.where)
-                        return
+                        return index
                     raise translate(exc, self.db.where) from None
                 except BaseException:
                     self._owners.discard(owner)
@@ -274,6 +280,7 @@ class Q4MQueue:
                     break
                 leases.append(lease)
                 got += 1
+        return len(plans)
 
     @staticmethod
     def _sorted(leases: list[Lease]) -> list[Lease]:

@@ -74,7 +74,18 @@ from typing import Any
 
 from ..clock import Clock
 from ..errors import QueueError, QueueUnavailable
-from ..interfaces import Found, Lane, Lease, Queue, QueueStats, QueueTraits, Row, Scan, Want
+from ..interfaces import (
+    Claimed,
+    Found,
+    Lane,
+    Lease,
+    Queue,
+    QueueStats,
+    QueueTraits,
+    Row,
+    Scan,
+    Want,
+)
 from ..tuning import SHARD_BACKOFF
 from ..urls import QueueSettings
 from ._shards import HashRing, Shard, ShardSet
@@ -271,7 +282,7 @@ class ShardedQueue:
         emergency: int = 0,
         acks: Sequence[Lease] = (),
         deadline: float | None = None,
-    ) -> list[Lease]:
+    ) -> Claimed:
         """Each want on its destination's shard, the emergency lane on every live
         shard, the acks with their shard's claim: concurrently. Emergency leases
         first (merged by insertion), then each want's. A shard that is down has its
@@ -288,7 +299,7 @@ class ShardedQueue:
         for index in [i for i in per_acks if i not in live]:
             self.shards[index].pending_acks.extend(per_acks.pop(index))
         asked = set(per_wants) | set(per_acks) | (live if emergency > 0 else set())
-        got: dict[int, list[Lease]] = {}
+        got: dict[int, Claimed] = {}
         errors: list[BaseException] = []
 
         async def take(index: int) -> None:
@@ -335,7 +346,8 @@ class ShardedQueue:
         extra = [x for x in all_leases if x.lane is Lane.EMERGENCY and x not in out]
         if extra:  # more emergency rows than asked, from several shards: back they go
             await self.give_back(extra)
-        return out
+        cut = [d for batch in got.values() for d in batch.cut]
+        return Claimed(out, cut, any(batch.cut_emergency for batch in got.values()))
 
     async def ack(self, leases: Sequence[Lease]) -> None:
         groups: dict[int, list[Lease]] = {}

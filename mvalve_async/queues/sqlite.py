@@ -18,7 +18,7 @@ from typing import Any
 
 from ..clock import LocalClock
 from ..errors import SchemaError
-from ..interfaces import Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
+from ..interfaces import Claimed, Found, Lane, Lease, QueueStats, QueueTraits, Row, Scan, Want
 from ..schema import render
 from ..tuning import SQLITE_SCAN_SLACK as _SLACK
 from ..urls import QueueSettings
@@ -249,7 +249,7 @@ class SQLiteQueue:
         emergency: int = 0,
         acks: Sequence[Lease] = (),
         deadline: float | None = None,
-    ) -> list[Lease]:
+    ) -> Claimed:
         """One BEGIN IMMEDIATE transaction: the acks' DELETEs, one SELECT of every
         candidate row (each part ordered and limited on its own), one UPDATE per
         table leasing the rows kept."""
@@ -288,7 +288,7 @@ class SQLiteQueue:
                         [ack_token, *part],
                     )
             if not parts:
-                return []
+                return Claimed()
             rows = list(await db.execute_fetchall(" UNION ALL ".join(parts), args))
             picked = _pick(rows, wants, emergency, self._lane_of)
             for table in {r[1] for r in picked}:
@@ -299,11 +299,11 @@ class SQLiteQueue:
                         f"deliveries = deliveries + 1 WHERE id IN ({marks})",
                         [until, token, *part],
                     )
-        return [
+        return Claimed(
             Lease(self._lane_of[t], t, int(rid), dest, bytes(blob), int(done) + 1,
                   ready / US if ready is not None else None, token, created=int(created))
             for _, t, rid, dest, blob, done, ready, created in picked
-        ]  # fmt: skip
+        )  # fmt: skip
 
     # -- settling ---------------------------------------------------------------
 

@@ -14,7 +14,10 @@ One claim round:
    along): rows of a destination without a free slot are never leased, never
    moved, and cost nothing;
 4. what came back becomes held slots, grouped per destination; unused slots are
-   given back to the valve at once.
+   given back to the valve at once. A destination that came back short has no
+   claimable row left and leaves the line (a scan brings it back), unless the
+   queue says it cut the want for want of capacity (`Claimed.cut`, q4m's owner
+   connections): then it stays, tried again a moment later (tuning.CUT_RETRY).
 
 A group's hold is checked in when its last lease is handed out or given up; a
 reader that dies holding one blocks that destination until the hold ends, one
@@ -32,10 +35,10 @@ from collections.abc import Callable, Coroutine, Sequence
 
 from ..errors import CodecError
 from ..events import Emitter
-from ..interfaces import Lane, Lease, Queue, Want
+from ..interfaces import Claimed, Lane, Lease, Queue, Want
 from ..message import decode
 from ..throttle import Grant, Valve
-from ..tuning import GROUP_SPAN, HOLD_AFTER_LEASE, MAX_DESTINATIONS, WAVES
+from ..tuning import CUT_RETRY, GROUP_SPAN, HOLD_AFTER_LEASE, MAX_DESTINATIONS, WAVES
 from .acks import Acks
 from .directory import Directory
 from .held import Group, Held, Slot
@@ -150,7 +153,7 @@ class Claimer:
                 )
             )
             self.short = False
-            if len(urgent) < self.batch:
+            if len(urgent) < self.batch and not urgent.cut_emergency:
                 self.directory.emergency = False
             if urgent:
                 self.held.add([Slot(x, now, None) for x in urgent])
@@ -243,14 +246,14 @@ class Claimer:
     async def _hold(
         self,
         now: float,
-        leases: list[Lease],
+        leases: Claimed,
         wants: list[Want],
         grants: dict[str, Grant],
         tokens: dict[str, str],
         drops: set[str],
     ) -> int:
         emergency = [x for x in leases if x.lane is Lane.EMERGENCY]
-        if len(emergency) >= self.batch:  # there may be more: the next round takes them
+        if len(emergency) >= self.batch or leases.cut_emergency:  # there may be more
             self.directory.emergency = True
         by_dest: dict[str, list[Lease]] = {}
         for lease in leases:
@@ -261,8 +264,13 @@ class Claimer:
         for want in wants:
             d = want.destination
             got = by_dest.get(d, [])
-            self.directory.served(d, len(got), want.n)
-            self.short = self.short or len(got) < want.n
+            if len(got) < want.n and d in leases.cut:
+                # the queue ran out of capacity, not of rows: it stays in line
+                self.directory.served(d, len(got), len(got))
+                self.next_try[d] = now + CUT_RETRY
+            else:
+                self.directory.served(d, len(got), want.n)
+                self.short = self.short or len(got) < want.n
             if d in drops:
                 dead += got
                 continue

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from mvalve_async.interfaces import Lane, Lease, Queue, Row, Want
+from mvalve_async.interfaces import Claimed, Lane, Lease, Queue, Row, Want
 
 LEASE = 30.0
 
@@ -70,7 +70,9 @@ async def test_a_want_takes_only_its_destinations_oldest_rows(queue: Queue) -> N
     await queue.insert(Lane.NORMAL, [row("hot", str(i).encode()) for i in range(50)])
     await queue.insert(Lane.NORMAL, [row("cold", b"c0"), row("hot", b"50"), row("cold", b"c1")])
     now = queue.clock.now()
-    assert blobs(await queue.claim([Want("cold", 5)], now, LEASE)) == [b"c0", b"c1"]
+    cold = await queue.claim([Want("cold", 5)], now, LEASE, emergency=5)
+    assert blobs(cold) == [b"c0", b"c1"]
+    assert isinstance(cold, Claimed) and cold.cut == set() and not cold.cut_emergency  # short
     first = await queue.claim([Want("hot", 4)], now, LEASE)
     assert blobs(first) == [b"0", b"1", b"2", b"3"]
     assert [x.deliveries for x in first] == [1] * 4

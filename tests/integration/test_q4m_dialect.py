@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from mvalve_async import Message, Pipe
-from mvalve_async.interfaces import Lane, Lease, Row, Want
+from mvalve_async.interfaces import Lane, Lease, Row, Scan, Want
 from mvalve_async.queues import _q4m_rows
 from mvalve_async.queues._q4m_rows import dkey
 from mvalve_async.queues.q4m import Q4MQueue
@@ -454,10 +454,12 @@ async def test_claims_are_capped_by_the_owner_connections(
     queue = await make_queue(q4m_server, tables, owners=3, owner_wait=0.2)
     try:
         await queue.insert(Lane.NORMAL, [Row("a", str(i).encode()) for i in range(5)])
-        first = await queue.claim(want("a"), time.time(), LEASE)
+        first = await queue.claim(want("a") + want("b"), time.time(), LEASE)
         assert [x.blob for x in first] == [b"0", b"1", b"2"]  # one row per owner connection
+        assert first.cut == {"a", "b"}  # not short of rows: of owners
         started = time.monotonic()
-        assert await queue.claim(want("a"), time.time(), LEASE) == []  # every owner is busy
+        busy = await queue.claim(want("a"), time.time(), LEASE, emergency=1)
+        assert busy == [] and busy.cut == {"a"} and busy.cut_emergency  # every owner is busy
         assert 0.15 <= time.monotonic() - started < 1.0  # waited owner_wait, no longer
         waiting = asyncio.create_task(queue.claim(want("a"), time.time(), LEASE))
         await until(lambda: len(queue._owners._waiters) == 1)  # it waits for an owner
@@ -465,9 +467,40 @@ async def test_claims_are_capped_by_the_owner_connections(
         second = await waiting
         assert [x.blob for x in second] == [b"3"]
         await queue.ack(first[1:] + second)
-        assert [x.blob for x in await queue.claim(want("a"), time.time(), LEASE)] == [b"4"]
+        last = await queue.claim(want("a") + want("b"), time.time(), LEASE, emergency=1)
+        assert [x.blob for x in last] == [b"4"]
+        assert last.cut == set() and not last.cut_emergency  # short of rows: none left
     finally:
         await queue.close()
+
+
+async def test_a_reader_keeps_a_destination_cut_by_busy_owners_in_line(
+    q4m_server: Q4MServer,  # noqa: F811
+    tables: Tables,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two owner connections, a batch of 8: every claim is cut by the owners, not by
+    the rows. Scans cost 0.1 s here (a q4m scan reads every row: a large backlog, or
+    a loaded host), so a reader scans at most once a second. The destination stays
+    in the reader's line and is claimed again as owners come free, without waiting
+    for a scan to find it (before: it left the line at every claim, and next()
+    waited for the next scan; under CPU load four readers each waited out
+    next(timeout=0.5) with a third of their rows queued)."""
+    queue = await make_queue(q4m_server, tables, owners=2)
+    real_scan = queue.scan
+
+    async def costly_scan(now: float, mark: object = None) -> Scan:
+        await asyncio.sleep(0.1)  # the scan's cost, not a synchronization
+        return await real_scan(now, mark)
+
+    monkeypatch.setattr(queue, "scan", costly_scan)
+    async with Pipe(queue, MemoryStore()) as pipe:
+        await pipe.writer().insert_many([Message("a", i) for i in range(40)])
+        async with pipe.reader(batch=8) as reader:
+            got = [await reader.next(timeout=0.5) for _ in range(40)]
+            scans = reader._directory.scans
+        assert [m.content if m else None for m in got] == list(range(40))
+        assert scans <= 4, scans  # one a second at most
 
 
 async def test_leases_expire_only_in_the_process_holding_them(

@@ -20,7 +20,7 @@ import pytest
 import mvalve_async
 from mvalve_async import Message, Pipe
 from mvalve_async.errors import QueueError, QueueUnavailable, SchemaError
-from mvalve_async.interfaces import Lease, Want
+from mvalve_async.interfaces import Claimed, Lease, Want
 from mvalve_async.queues.memory import MemoryQueue
 from mvalve_async.stores.memory import MemoryStore
 from tests.conftest import unique_tables
@@ -54,7 +54,7 @@ class FlakyQueue(MemoryQueue):
         emergency: int = 0,
         acks: Sequence[Lease] = (),
         deadline: float | None = None,
-    ) -> list[Lease]:
+    ) -> Claimed:
         self._maybe_fail("claim")
         return await super().claim(
             wants, now, lease_seconds, emergency=emergency, acks=acks, deadline=deadline

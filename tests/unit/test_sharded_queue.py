@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from mvalve_async.errors import QueueUnavailable
-from mvalve_async.interfaces import Lane, Lease, Queue, Row, Scan, Want
+from mvalve_async.interfaces import Claimed, Lane, Lease, Queue, Row, Scan, Want
 from mvalve_async.queues.memory import MemoryQueue
 from mvalve_async.queues.sharded import HashRing, ShardedQueue
 
@@ -414,13 +414,33 @@ async def test_every_shard_down_raises_and_connect_needs_just_one() -> None:
     await q.close()
 
 
+async def test_a_shards_cut_comes_through() -> None:
+    """A child that ran out of capacity (q4m's owners) names the wants it cut: the
+    sharded claim passes them on, so readers keep those destinations in line."""
+    q, children = make(2)
+    one, other = dests_on(q, 0, 1)[0], dests_on(q, 1, 1)[0]
+    await q.insert(Lane.NORMAL, [Row(one, b"a"), Row(other, b"b")])
+    real = children[0].inner.claim
+
+    async def capped(*args: Any, **kwargs: Any) -> Claimed:
+        got = await real(*args, **kwargs)
+        return Claimed(got, [w.destination for w in args[0]], cut_emergency=True)
+
+    children[0].inner.claim = capped  # type: ignore[method-assign]
+    got = await q.claim([Want(one, 5), Want(other, 5)], time.time(), LEASE, emergency=1)
+    assert blobs(got) == [b"a", b"b"]
+    assert got.cut == {one} and got.cut_emergency
+    again = await q.claim([Want(other, 5)], time.time(), LEASE)
+    assert again == [] and again.cut == set() and not again.cut_emergency
+
+
 async def test_a_hung_shard_counts_as_down_after_the_timeout() -> None:
     q, children = make(2, timeout=0.2)
     hang = asyncio.Event()
 
-    async def slow_claim(*args: Any, **kwargs: Any) -> list[Lease]:
+    async def slow_claim(*args: Any, **kwargs: Any) -> Claimed:
         await hang.wait()
-        return []
+        return Claimed()
 
     children[1].inner.claim = slow_claim  # type: ignore[method-assign]
     await q.insert(Lane.EMERGENCY, [Row(dests_on(q, 0, 1)[0], b"x")])
