@@ -459,12 +459,14 @@ class MySQLPool:
         - With a `deadline`, no wait goes past it: getting a connection and every
           statement are cut off there (the connection is then closed, and the
           server may still finish the statement: leases expire), and
-          `QueueUnavailable` is raised.
+          `QueueUnavailable` is raised; cut off while retrying rolled-back work,
+          the error is the last rollback's (`QueueBusy`) or not-ready answer's.
         """
         loop_time = self._loop_time
         until = deadline if deadline is not None else loop_time() + RETRY_WINDOW
         tries = attempts or self.settings.pool_size + 1
         lost = rolled = 0
+        refused: BaseException | None = None  # the last rollback or not-ready answer
         while True:
             index, sent = self._node, False
             try:
@@ -489,10 +491,13 @@ class MySQLPool:
                 code = _code(exc)
                 now = loop_time()
                 if isinstance(exc, TimeoutError) and deadline is not None and now >= deadline:
-                    raise translate(exc, self.where) from None
+                    # cut off while trying again: what kept failing says more than
+                    # the timeout (a node not ready, work rolled back)
+                    raise translate(refused or exc, self.where) from None
                 if code in _ROLLED_BACK or code in _NOT_READY:
                     if code in _NOT_READY:
                         self._move(index, exc)
+                    refused = exc
                     rolled += 1
                     pause = random.uniform(0.0, min(0.05, 0.001 * 2 ** min(rolled, 6)))
                     if now + pause >= until:
