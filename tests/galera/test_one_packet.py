@@ -96,6 +96,16 @@ async def setup(cluster: GaleraCluster) -> Tables:
         )
         await cur.execute(f"INSERT INTO `{t.hot}` VALUES (1, 0)")
     conn.close()
+    # every node has applied the tables and the row before any writer starts (in CI a
+    # writer on another node once found no table: 1146); wsrep_sync_wait makes a read
+    # wait until the node has applied what the cluster committed before it
+    for node in cluster.nodes:
+        conn = await connect(node.port)
+        async with conn.cursor() as cur:
+            await cur.execute("SET SESSION wsrep_sync_wait = 1")
+            await cur.execute(f"SELECT v FROM `{t.hot}` WHERE id = 1")
+            assert await cur.fetchall() == ((0,),)
+        conn.close()
     return t
 
 
