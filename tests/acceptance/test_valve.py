@@ -110,8 +110,10 @@ async def test_pause_holds_a_destination_then_resumes_in_order(pipe: Pipe) -> No
     await writer.insert(Message("other", "x"))
     first = await reader.next(timeout=5)
     assert first is not None and first.content == 0
+    # judged from before the call: the pause runs from a moment inside it, and under
+    # load the call (the store update, giving back held rows) takes more than the slack
+    paused_at = pipe.queue.clock.now()
     await reader.pause("api", 0.6)  # e.g. a 429 with Retry-After
-    paused_at = time.time()
     got = []
     while len(got) < 4:
         msg = await reader.next(timeout=5)
@@ -144,8 +146,8 @@ async def test_pause_during_a_reserved_backlog_keeps_fifo_and_spacing(pipe: Pipe
     first = await reader.next(timeout=5)
     assert first is not None and first.content == 0
     assert [await reader.next(timeout=0) for _ in range(5)] == [None] * 5  # all reserved
+    paused_at = pipe.queue.clock.now()  # from before the call, as above
     await reader.pause("api", 0.5)
-    paused_at = time.time()
     got = []
     while len(got) < 5:
         msg = await reader.next(timeout=5)
