@@ -271,15 +271,15 @@ class InnoDBQueue:
         until = to_us(now + lease_seconds)
         lanes, rank = self._lanes, self._rank
 
-        async def work(tx: Transaction) -> list[Lease]:
+        async def work(tx: Transaction) -> Claimed:
             token = secrets.randbits(62) + 1
             if not select:
                 await tx.run(deletes)
-                return []
+                return Claimed()
             results = await tx.run([*deletes, (select, args)])
             found = results[-1].rows
             if not found:
-                return []
+                return Claimed()
             # (k, w, id, deliveries, created, ready), destination, message
             rows = [([int(x) for x in nums.split()], dest, blob) for nums, dest, blob in found]
             kept = _keep(rows, wants, emergency, rank)
@@ -295,14 +295,14 @@ class InnoDBQueue:
                 ],
                 last=True,
             )
-            return [
+            return Claimed(
                 Lease(lanes[nums[0]][0], lanes[nums[0]][1], nums[2], dest, bytes(blob),
                       nums[3] + 1, nums[5] / US if lanes[nums[0]][0] is Lane.TIMED else None,
                       token, created=nums[4])
                 for nums, dest, blob in kept
-            ]  # fmt: skip
+            )  # fmt: skip
 
-        return Claimed(await self.db.transact(work, deadline=deadline))
+        return await self.db.transact(work, deadline=deadline)
 
     # -- settling -------------------------------------------------------------
 

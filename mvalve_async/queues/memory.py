@@ -146,7 +146,7 @@ class MemoryQueue:
         token = next(self._tokens)
         rows = self._claimable(self.tables.emergency, now, None)
         rows.sort(key=lambda r: (r.created, r.id))
-        leases = self._lease(rows[:emergency], now, lease_seconds, token)
+        leases = Claimed(self._lease(rows[:emergency], now, lease_seconds, token))
         for want in wants:
             timed = self._claimable(self.tables.timed, now, want.destination)
             timed.sort(key=lambda r: (r.ready or 0.0, r.created, r.id))
@@ -154,7 +154,7 @@ class MemoryQueue:
             normal.sort(key=lambda r: (r.created, r.id))
             picked = (timed + normal)[: want.n]  # due timed rows first
             leases += self._lease(picked, now, lease_seconds, token)
-        return Claimed(leases)
+        return leases
 
     def _held(self, lease: Lease) -> _Row | None:
         r = self._rows[lease.table].get(lease.destination, {}).get(lease.id)
